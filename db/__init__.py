@@ -1,0 +1,1 @@
+"""The database: SQLModel tables, engine and sessions, state transitions, Alembic migrations."""

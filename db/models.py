@@ -1,0 +1,105 @@
+"""SQLModel tables: the single source of truth for every image's state."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import BigInteger, Column, ForeignKey, Integer, String, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """Aware UTC; SQLModel's UTCDateTime stores it as UTC on every backend (SQLite keeps no zone)."""
+    return datetime.now(UTC)
+
+
+class PostState(StrEnum):
+    discovered = "discovered"  # listed by the API, download enqueued
+    downloaded = "downloaded"  # file stored and verified
+    detected = "detected"  # faces found (face pipeline)
+    done = "done"  # every face handled
+    failed = "failed"  # refused or retries exhausted; `reason` says why
+    skipped = "skipped"  # deliberately not processed (duplicate md5, filtered rating)
+
+
+TERMINAL_STATES = frozenset({PostState.downloaded, PostState.done, PostState.failed, PostState.skipped})
+
+
+class Character(SQLModel, table=True):
+    __tablename__ = "character"
+
+    id: int | None = Field(default=None, primary_key=True)
+    tag: str = Field(sa_column=Column(String(255), unique=True, nullable=False, index=True))
+    # extra search terms appended to the tag, e.g. "-animated -comic"
+    extra_terms: str = Field(default="", sa_column=Column(String(500), nullable=False, default=""))
+    # comma-separated ratings kept (e.g. "general,safe"); empty keeps every rating
+    ratings: str = Field(default="", sa_column=Column(String(100), nullable=False, default=""))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+    @property
+    def rating_set(self) -> frozenset[str]:
+        return frozenset(r.strip().lower() for r in self.ratings.split(",") if r.strip())
+
+
+class PostCharacter(SQLModel, table=True):
+    """Links a post to every tracked character whose tag it carries."""
+
+    __tablename__ = "post_character"
+
+    post_id: int = Field(
+        sa_column=Column(BigInteger, ForeignKey("post.id", ondelete="CASCADE"), primary_key=True)
+    )
+    character_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("character.id", ondelete="CASCADE"), primary_key=True)
+    )
+
+
+class Post(SQLModel, table=True):
+    __tablename__ = "post"
+
+    # safebooru's own post id: stable, and what makes the upsert idempotent
+    id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    md5: str = Field(sa_column=Column(String(32), nullable=False, index=True))
+    file_url: str = Field(sa_column=Column(Text, nullable=False))
+    image: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    directory: str = Field(default="", sa_column=Column(String(255), nullable=False, default=""))
+    width: int | None = None
+    height: int | None = None
+    rating: str = Field(default="", sa_column=Column(String(32), nullable=False, default=""))
+    score: int | None = None
+    tags: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    source: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    change: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+
+    state: str = Field(
+        default=PostState.discovered, sa_column=Column(String(16), nullable=False, index=True)
+    )
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    attempts: int = Field(default=0, nullable=False)
+    duplicate_of: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+
+    # filled by the download: bytes on disk, path relative to the data dir (named by content hash)
+    file_size: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    stored_path: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, nullable=False, index=True)
+
+    @property
+    def tag_set(self) -> frozenset[str]:
+        return frozenset(self.tags.split())
+
+
+class ScrapeCursor(SQLModel, table=True):
+    """How far one tag's polling has got: incremental polls ask only for ids above `newest_id`."""
+
+    __tablename__ = "scrape_cursor"
+
+    tag: str = Field(sa_column=Column(String(255), primary_key=True))
+    newest_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    oldest_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    backfill_done: bool = Field(default=False, nullable=False)
+    requests: int = Field(default=0, nullable=False)
+    last_poll_at: datetime | None = None
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

@@ -1,0 +1,315 @@
+"""A local aiohttp server that speaks safebooru's DAPI, with its quirks, serving real images.
+
+Quirks reproduced: JSON answers an empty body (not `[]`) when nothing matches; `file_url` has safebooru's
+double slash (`//images/...`); `score` is null; XML carries the total in `<posts count=...>`; `limit` is
+capped at 100; deep `pid` values are refused; metatags `id:>N`, `id:<N`, `-tag`, `rating:x`,
+`sort:id:asc` work. Faults can be injected per API request (`api_faults`) and per file (`FakePost.fault`).
+Every request is recorded with its arrival time (`requests`), so tests can check politeness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+from aiohttp import web
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("WAIFU_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
+RAW_DIR = SHARED_DIR / "data" / "transfer-learning-anime" / "raw"
+DEEP_PAGINATION_MESSAGE = "Too deep! Pull it back some. Holy fuck."
+
+# File faults a FakePost can carry:
+#   "html"          an HTML page served as the image (announced md5 is the page's own)
+#   "not_image"     random bytes under a .jpg name (announced md5 matches them)
+#   "md5_mismatch"  the real image, but the API announces another md5
+#   "truncated"     Content-Length says more than the body delivers
+#   "redirect_offsite"  302 to a host that is not on the allow-list
+#   "redirect_local"    302 to another path on the same host (allowed)
+#   "404"           the file is gone (post deleted after listing)
+#   "503_once"      the first request for the file answers 503, later ones succeed
+FILE_FAULTS = {
+    "html", "not_image", "md5_mismatch", "truncated", "redirect_offsite", "redirect_local", "404", "503_once",
+}
+
+
+@dataclass
+class FakePost:
+    id: int
+    tags: str
+    data: bytes
+    image: str
+    directory: str = "1000"
+    rating: str = "general"
+    width: int = 0
+    height: int = 0
+    fault: str | None = None
+    announced_md5: str | None = None  # overrides the md5 the API announces
+    change: int = 1700000000
+
+    @property
+    def md5(self) -> str:
+        return hashlib.md5(self.data).hexdigest()
+
+    def api_md5(self) -> str:
+        if self.announced_md5:
+            return self.announced_md5
+        if self.fault == "md5_mismatch":
+            return hashlib.md5(b"not-the-file" + self.data).hexdigest()
+        return self.md5
+
+
+@dataclass
+class RecordedRequest:
+    at: float
+    path: str
+    query: dict[str, str]
+
+
+@dataclass
+class FakeSafebooru:
+    posts: dict[int, FakePost] = field(default_factory=dict)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    # each API request pops one fault, if any: "429", "503", "empty", "malformed", "truncated"
+    api_faults: deque[str] = field(default_factory=deque)
+    retry_after: str = "1"
+    max_limit: int = 100
+    deep_offset: int = 20000  # pid * limit beyond this is refused, as on the real site
+    file_hits: dict[int, int] = field(default_factory=dict)
+    offsite_url: str = "http://evil.example.invalid/x.jpg"
+    _runner: web.AppRunner | None = None
+    base_url: str = ""
+
+    # ---------------------------------------------------------------- content -------------------
+    def add(self, post: FakePost) -> FakePost:
+        if not post.width or not post.height:
+            post.width, post.height = _image_size(post.data)
+        self.posts[post.id] = post
+        return post
+
+    def next_id(self) -> int:
+        return max(self.posts, default=1000) + 1
+
+    def api_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == "/index.php"]
+
+    def file_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.lstrip("/").startswith("images/")]
+
+    # ---------------------------------------------------------------- server ------------------
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/index.php", self._api)
+        # safebooru's file_url has a double slash ("//images/..."): serve both spellings
+        app.router.add_get(r"/{lead:/?}images/{directory}/{name}", self._file)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://{host}:{port}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    # ---------------------------------------------------------------- handlers ----------------
+    def _record(self, request: web.Request) -> None:
+        self.requests.append(RecordedRequest(time.monotonic(), request.path, dict(request.query)))
+
+    async def _api(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        q = request.query
+        if q.get("page") != "dapi" or q.get("s") != "post" or q.get("q") != "index":
+            return web.Response(status=404, text="not found")
+        if self.api_faults:
+            fault = self.api_faults.popleft()
+            if fault == "429":
+                return web.Response(status=429, text="slow down", headers={"Retry-After": self.retry_after})
+            if fault == "503":
+                return web.Response(status=503, text="<html>Service Unavailable</html>")
+            if fault == "empty":
+                return web.Response(status=200, body=b"", content_type="application/json")
+            if fault == "malformed":
+                return web.Response(status=200, text='[{"id": 12, "hash": ', content_type="application/json")
+            if fault == "truncated":
+                return await _truncated(request, b'[{"id": 1, "hash": "abc", "tags": "x"}]', "application/json")
+        limit = min(int(q.get("limit", 100) or 100), self.max_limit)
+        pid = int(q.get("pid", 0) or 0)
+        if pid * limit > self.deep_offset:
+            return web.Response(status=200, text=DEEP_PAGINATION_MESSAGE, content_type="text/html")
+        matches = self._search(q.get("tags", ""))
+        page = matches[pid * limit : (pid + 1) * limit]
+        if q.get("json") == "1":
+            if not page:
+                # the real API answers an empty body, not "[]", when nothing matches
+                return web.Response(status=200, body=b"", content_type="application/json")
+            return web.Response(text=json.dumps([self._json(p) for p in page]), content_type="application/json")
+        rows = "".join(self._xml(p) for p in page)
+        head = f'<?xml version="1.0" encoding="UTF-8"?><posts count="{len(matches)}" offset="{pid * limit}">'
+        xml = f"{head}{rows}</posts>"
+        return web.Response(text=xml, content_type="text/xml")
+
+    def _search(self, tags: str) -> list[FakePost]:
+        include, exclude, ascending = [], [], False
+        id_gt: int | None = None
+        id_lt: int | None = None
+        rating: str | None = None
+        for term in tags.split():
+            term = term.lower()
+            if term == "sort:id:asc":
+                ascending = True
+            elif term.startswith("sort:"):
+                continue
+            elif term.startswith("id:>"):
+                id_gt = int(term[4:])
+            elif term.startswith("id:<"):
+                id_lt = int(term[4:])
+            elif term.startswith("rating:"):
+                rating = term[7:]
+            elif term.startswith("-"):
+                exclude.append(term[1:])
+            else:
+                include.append(term)
+        out = []
+        for post in self.posts.values():
+            tagset = set(post.tags.split())
+            if any(t not in tagset for t in include) or any(t in tagset for t in exclude):
+                continue
+            if id_gt is not None and post.id <= id_gt:
+                continue
+            if id_lt is not None and post.id >= id_lt:
+                continue
+            if rating and post.rating != rating:
+                continue
+            out.append(post)
+        out.sort(key=lambda p: p.id, reverse=not ascending)
+        return out
+
+    def _file_url(self, post: FakePost) -> str:
+        return f"{self.base_url}//images/{post.directory}/{post.image}"
+
+    def _json(self, post: FakePost) -> dict:
+        return {
+            "preview_url": f"{self.base_url}/thumbnails/{post.directory}/thumbnail_{post.md5}.jpg",
+            "sample_url": self._file_url(post),
+            "file_url": self._file_url(post),
+            "directory": int(post.directory) if post.directory.isdigit() else post.directory,
+            "hash": post.api_md5(),
+            "width": post.width,
+            "height": post.height,
+            "id": post.id,
+            "image": post.image,
+            "change": post.change,
+            "owner": "danbooru",
+            "parent_id": 0,
+            "rating": post.rating,
+            "sample": False,
+            "sample_height": 0,
+            "sample_width": 0,
+            "score": None,
+            "tags": f" {post.tags} ",
+            "source": "",
+            "status": "active",
+            "has_notes": False,
+            "comment_count": 0,
+        }
+
+    def _xml(self, post: FakePost) -> str:
+        attrs = {
+            "id": post.id, "md5": post.api_md5(), "file_url": self._file_url(post), "tags": f" {post.tags} ",
+            "rating": post.rating[:1], "width": post.width, "height": post.height, "change": post.change,
+            "score": 0, "source": "", "status": "active",
+        }
+        return "<post " + " ".join(f"{k}={quoteattr(str(v))}" for k, v in attrs.items()) + "/>"
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        directory, name = request.match_info["directory"], request.match_info["name"]
+        post = next((p for p in self.posts.values() if p.directory == directory and p.image == name), None)
+        if post is None:
+            return web.Response(status=404, text="404 Not Found")
+        self.file_hits[post.id] = self.file_hits.get(post.id, 0) + 1
+        fault = post.fault
+        if fault == "404":
+            return web.Response(status=404, text="<html>404 Not Found</html>", content_type="text/html")
+        if fault == "503_once" and self.file_hits[post.id] == 1:
+            return web.Response(status=503, text="busy")
+        if fault == "redirect_offsite":
+            raise web.HTTPFound(self.offsite_url)
+        if fault == "redirect_local" and "moved" not in request.query:
+            raise web.HTTPFound(f"/images/{directory}/{name}?moved=1")
+        if fault == "truncated":
+            return await _truncated(request, post.data, "image/jpeg")
+        content_type = "text/html" if fault == "html" else "image/jpeg"
+        return web.Response(body=post.data, content_type=content_type)
+
+
+async def _truncated(request: web.Request, body: bytes, content_type: str) -> web.StreamResponse:
+    """Announce the full length, send half, and drop the connection."""
+    response = web.StreamResponse(headers={"Content-Type": content_type, "Content-Length": str(len(body))})
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    await asyncio.sleep(0.05)
+    if request.transport is not None:
+        request.transport.close()
+    return response
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:
+        return (0, 0)
+
+
+def shared_images(raw_dir: Path = RAW_DIR) -> list[tuple[str, Path]]:
+    """(tag, path) for every real illustration of the shared set, in a stable order."""
+    out = []
+    for tag_dir in sorted(p for p in raw_dir.iterdir() if p.is_dir()):
+        for path in sorted(tag_dir.iterdir(), key=lambda p: (len(p.stem), p.stem)):
+            if path.suffix.lower() in {".jpg", ".jpeg", ".png", ".gif", ".webp"}:
+                out.append((tag_dir.name, path))
+    return out
+
+
+def load_shared(fake: FakeSafebooru, first_id: int = 5000, limit_per_tag: int | None = None) -> list[FakePost]:
+    """Publish the shared set: one post per illustration, ids interleaved across characters."""
+    per_tag: dict[str, list[Path]] = {}
+    for tag, path in shared_images():
+        per_tag.setdefault(tag, []).append(path)
+    if limit_per_tag is not None:
+        per_tag = {t: ps[:limit_per_tag] for t, ps in per_tag.items()}
+    posts = []
+    next_id = first_id
+    longest = max((len(v) for v in per_tag.values()), default=0)
+    for i in range(longest):
+        for tag, paths in per_tag.items():
+            if i < len(paths):
+                path = paths[i]
+                data = path.read_bytes()
+                post = FakePost(
+                    id=next_id,
+                    tags=f"1girl {tag} solo",
+                    data=data,
+                    image=f"{hashlib.md5(data).hexdigest()}{path.suffix.lower()}",
+                    directory=str(1000 + next_id // 1000),
+                )
+                posts.append(fake.add(post))
+                next_id += 1
+    return posts

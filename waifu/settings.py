@@ -1,0 +1,119 @@
+"""Every setting of the service, read from the environment (prefix ``WAIFU_``) and an optional ``.env``.
+
+This is the contract other tools rely on: the names here are documented in the README's
+configuration table and used by docker-compose.yml.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SAFEBOORU_URL = "https://safebooru.org"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WAIFU_", env_file=".env", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Where images, faces, models and the SQLite file live")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: a SQLite file `waifu.db` under the data dir"
+    )
+
+    # --- broker --------------------------------------------------------------------------------
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL of the Celery broker")
+    embedded_redis: bool = Field(
+        True, description="`waifu run` starts an embedded Redis when the broker is unreachable"
+    )
+
+    # --- safebooru API -------------------------------------------------------------------------
+    safebooru_url: str = Field(DEFAULT_SAFEBOORU_URL, description="Base URL of the safebooru-like API")
+    api_key: str | None = Field(None, description="Optional Gelbooru-0.2 `api_key` parameter")
+    user_id: str | None = Field(None, description="Optional Gelbooru-0.2 `user_id` parameter")
+    requests_per_second: float = Field(1.0, gt=0, description="Ceiling for all requests to the API host")
+    page_size: int = Field(100, ge=1, le=1000, description="Posts per API request (safebooru: max 100)")
+    backfill_pages: int = Field(3, ge=0, description="Pages a tag's first sync walks back (0: none)")
+    poll_interval: float = Field(300.0, gt=0, description="Seconds between two polls of every tag")
+    api_retries: int = Field(5, ge=0, description="Retries of one API request on 429/5xx/malformed pages")
+    api_backoff: float = Field(1.0, ge=0, description="First backoff delay in seconds (doubles, jittered)")
+    api_backoff_max: float = Field(60.0, ge=0, description="Cap on one backoff or Retry-After wait")
+    http_timeout: float = Field(30.0, gt=0, description="Seconds before one HTTP request is abandoned")
+    extra_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="More hosts downloads may come from (comma separated)"
+    )
+
+    # --- downloads -----------------------------------------------------------------------------
+    downloads_per_second: float = Field(2.0, gt=0, description="Per-host download ceiling, all io workers")
+    max_download_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Size cap of one downloaded file")
+    max_image_pixels: int = Field(80_000_000, gt=0, description="Pixel cap against decompression bombs")
+    download_retries: int = Field(4, ge=0, description="Retries of a download on 429/5xx/network errors")
+    download_backoff: float = Field(5.0, ge=0, description="First retry delay of a download (doubles)")
+    max_redirects: int = Field(5, ge=0, description="Redirect hops followed (each checked against the list)")
+
+    # --- reconcile -----------------------------------------------------------------------------
+    stuck_after: float = Field(900.0, gt=0, description="Seconds a row may sit in a non-terminal state")
+    reconcile_interval: float = Field(300.0, gt=0, description="Seconds between two reconcile runs")
+
+    # --- faces (face pipeline) -----------------------------------------------------------------
+    detector: str = Field("both", description="`animeface`, `lbpcascade` or `both`")
+    lbpcascade_path: Path | None = Field(None, description="Local lbpcascade_animeface.xml (else download)")
+
+    @field_validator("extra_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("safebooru_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    # --- derived -------------------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'waifu.db').resolve()}"
+
+    @property
+    def api_host(self) -> str:
+        return (urlsplit(self.safebooru_url).hostname or "").lower()
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """Hosts a download may touch: the API host, its image host, and any configured extras."""
+        hosts = {self.api_host, *self.extra_hosts}
+        if self.safebooru_url == DEFAULT_SAFEBOORU_URL:
+            # safebooru serves files from the same host; keep its historical CDN names too
+            hosts |= {"safebooru.org", "www.safebooru.org", "img.safebooru.org"}
+        return frozenset(h for h in hosts if h)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def faces_dir(self) -> Path:
+        return self.data_dir / "faces"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    """Tests and the CLI change the environment; this makes the next get_settings() re-read it."""
+    get_settings.cache_clear()
