@@ -34,5 +34,5 @@ def setup_logging(level: str | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     # aiohttp/httpx access chatter drowns the transitions a person wants to read
-    for noisy in ("httpx", "httpcore", "aiohttp.access"):
+    for noisy in ("httpx", "httpcore", "aiohttp.access", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,75 @@
+"""Tracked characters: add, list, remove (plain functions behind `waifu characters`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from db.engine import session_scope
+from db.models import Character, PostCharacter, ScrapeCursor
+
+
+def normalize_tag(tag: str) -> str:
+    """safebooru tags are lower case with underscores for spaces."""
+    return "_".join(tag.strip().lower().split())
+
+
+def add_characters(tags: list[str], extra_terms: str = "", ratings: str = "") -> tuple[list[str], list[str]]:
+    added, updated = [], []
+    with session_scope() as session:
+        for raw in tags:
+            tag = normalize_tag(raw)
+            if not tag or any(c in tag for c in "*:"):
+                raise ValueError(f"not a plain safebooru tag: {raw!r}")
+            existing = session.exec(select(Character).where(Character.tag == tag)).first()
+            if existing is None:
+                session.add(Character(tag=tag, extra_terms=extra_terms.strip(), ratings=ratings.strip()))
+                added.append(tag)
+            elif (extra_terms, ratings) != ("", ""):
+                # re-adding with options updates them; a plain re-add changes nothing
+                existing.extra_terms, existing.ratings = extra_terms.strip(), ratings.strip()
+                updated.append(tag)
+    return added, updated
+
+
+def remove_characters(tags: list[str]) -> list[str]:
+    """Stops tracking; posts, files and other characters' links stay."""
+    removed = []
+    with session_scope() as session:
+        for raw in tags:
+            tag = normalize_tag(raw)
+            character = session.exec(select(Character).where(Character.tag == tag)).first()
+            if character is None:
+                continue
+            for link in session.exec(select(PostCharacter).where(PostCharacter.character_id == character.id)):
+                session.delete(link)
+            cursor = session.get(ScrapeCursor, tag)
+            if cursor is not None:
+                session.delete(cursor)
+            session.delete(character)
+            removed.append(tag)
+    return removed
+
+
+def list_characters() -> list[dict[str, Any]]:
+    with session_scope() as session:
+        counts = dict(
+            session.exec(
+                select(PostCharacter.character_id, func.count()).group_by(col(PostCharacter.character_id))
+            ).all()
+        )
+        rows = []
+        for c in session.exec(select(Character).order_by(Character.tag)).all():
+            cursor = session.get(ScrapeCursor, c.tag)
+            rows.append({
+                "tag": c.tag,
+                "extra_terms": c.extra_terms,
+                "ratings": c.ratings,
+                "posts": int(counts.get(c.id, 0)),
+                "newest_id": cursor.newest_id if cursor else None,
+                "last_poll_at": cursor.last_poll_at.isoformat(timespec="seconds") if cursor and cursor.last_poll_at
+                else None,
+            })
+    return rows

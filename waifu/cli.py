@@ -1,0 +1,221 @@
+"""The `waifu` command line. Commands are thin: they parse, call a plain function, and print.
+
+Heavy imports (TensorFlow, OpenCV) never happen at start-up: each command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from waifu.logs import setup_logging
+from waifu.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True, help="Collect anime character faces from safebooru; keep a classifier.")
+characters_app = typer.Typer(no_args_is_help=True, help="Tracked characters (safebooru tags).")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
+app.add_typer(characters_app, name="characters")
+app.add_typer(db_app, name="db")
+
+console = Console()
+err = Console(stderr=True)
+
+CELERY_APP = "worker.app"
+
+
+def _ensure_db() -> None:
+    """Applies pending migrations, so a fresh SQLite default works without a separate step."""
+    from db.migrate import upgrade
+
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade()
+
+
+@app.callback()
+def main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "") -> None:
+    setup_logging(log_level or None)
+
+
+# ------------------------------------------------------------------------------- database ----
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Alembic revision")] = "head") -> None:
+    """Apply Alembic migrations to WAIFU_DATABASE_URL."""
+    from db.migrate import current_revision, upgrade
+
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(revision=revision)
+    console.print(f"database at revision [bold]{current_revision()}[/bold]")
+
+
+# ----------------------------------------------------------------------------- characters ----
+@characters_app.command("add")
+def characters_add(
+    tags: Annotated[list[str], typer.Argument(help="safebooru character tags, e.g. nishikino_maki")],
+    extra: Annotated[str, typer.Option(help="Extra search terms, e.g. '-animated -comic'")] = "",
+    ratings: Annotated[str, typer.Option(help="Ratings to keep, comma separated (default: all)")] = "",
+) -> None:
+    """Track characters; the next poll starts collecting them."""
+    from waifu.characters import add_characters
+
+    _ensure_db()
+    added, updated = add_characters(tags, extra_terms=extra, ratings=ratings)
+    for tag in added:
+        console.print(f"[green]added[/green] {tag}")
+    for tag in updated:
+        console.print(f"[yellow]updated[/yellow] {tag}")
+
+
+@characters_app.command("list")
+def characters_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """List tracked characters with their post counts."""
+    from waifu.characters import list_characters
+
+    _ensure_db()
+    rows = list_characters()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="tracked characters")
+    for column in ("tag", "extra terms", "ratings", "posts", "newest id", "last poll"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["tag"], r["extra_terms"], r["ratings"] or "all", str(r["posts"]),
+                      str(r["newest_id"] or "-"), r["last_poll_at"] or "never")
+    console.print(table)
+
+
+@characters_app.command("remove")
+def characters_remove(tags: Annotated[list[str], typer.Argument(help="tags to stop tracking")]) -> None:
+    """Stop tracking characters (their posts and files stay)."""
+    from waifu.characters import remove_characters
+
+    _ensure_db()
+    removed = remove_characters(tags)
+    for tag in tags:
+        console.print(f"[red]removed[/red] {tag}" if tag in removed else f"not tracked: {tag}")
+    if not removed:
+        raise typer.Exit(1)
+
+
+# -------------------------------------------------------------------------------- scraper ----
+@app.command()
+def scrape(once: Annotated[bool, typer.Option("--once", help="One pass over every tag, then exit")] = False) -> None:
+    """Poll safebooru for every tracked character (forever, or once)."""
+    from scraper.poller import run
+
+    _ensure_db()
+    code = run(get_settings(), once=once)
+    raise typer.Exit(code)
+
+
+# -------------------------------------------------------------------------- celery shells ----
+def _exec_celery(args: list[str]) -> None:
+    """Replace this process with Celery, so signals (warm shutdown on SIGTERM) reach it directly."""
+    argv = [sys.executable, "-m", "celery", "-A", CELERY_APP, *args]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues: io, cpu, train")] = "io,cpu",
+    concurrency: Annotated[int, typer.Option(help="Worker processes (default: number of cores)")] = 0,
+    pool: Annotated[str, typer.Option(help="prefork, solo or threads (train defaults to solo)")] = "",
+    hostname: Annotated[str, typer.Option(help="Worker node name")] = "",
+    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+) -> None:
+    """Run a Celery worker on the given queues."""
+    from worker.app import QUEUES
+
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in names if q not in QUEUES]
+    if unknown or not names:
+        err.print(f"[red]unknown queue(s) {unknown or queues!r}; known: {', '.join(QUEUES)}[/red]")
+        raise typer.Exit(2)
+    if not pool:
+        # TensorFlow must not run in forked prefork children
+        pool = "solo" if names == ["train"] else "prefork"
+    args = ["worker", "-Q", ",".join(names), "-P", pool, "--loglevel", loglevel, "-E"]
+    if concurrency and pool != "solo":
+        args += ["-c", str(concurrency)]
+    if "train" in names and pool == "prefork":
+        args += ["--max-tasks-per-child", "1"]
+    if hostname:
+        args += ["-n", hostname]
+    _exec_celery(args)
+
+
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO") -> None:
+    """Run Celery beat: the reconcile (and retrain) schedule."""
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    schedule = settings.data_dir / "celerybeat-schedule"
+    _exec_celery(["beat", "--loglevel", loglevel, "-s", str(schedule)])
+
+
+@app.command()
+def run(
+    concurrency: Annotated[int, typer.Option(help="Processes of the io/cpu worker")] = 2,
+) -> None:
+    """Run everything on this machine: scraper, workers, beat (embedded Redis if none is reachable)."""
+    from waifu.runner import run_all
+
+    raise typer.Exit(run_all(get_settings(), concurrency=concurrency))
+
+
+# ----------------------------------------------------------------------------- operations ----
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """Counts per state and per character, common failures, queue lengths, cursors."""
+    from waifu.status import collect_status
+    from waifu.status_view import render_status
+
+    _ensure_db()
+    data = collect_status(get_settings())
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        render_status(console, data)
+
+
+@app.command("retry-failed")
+def retry_failed_cmd() -> None:
+    """Move every failed post back to the queue."""
+    from worker.reconcile import retry_failed
+
+    _ensure_db()
+    count = retry_failed(get_settings())
+    console.print(f"re-enqueued {count} failed post(s)")
+
+
+@app.command()
+def reconcile(
+    older_than: Annotated[float, typer.Option(help="Seconds (default: WAIFU_STUCK_AFTER)")] = -1,
+) -> None:
+    """Re-enqueue rows stuck in a non-terminal state whose message was lost."""
+    from worker.reconcile import reconcile_stuck
+
+    _ensure_db()
+    counts = reconcile_stuck(get_settings(), older_than=None if older_than < 0 else older_than)
+    console.print(", ".join(f"{state}: {n} re-enqueued" for state, n in counts.items()))
+
+
+def _path_list(paths: list[Path]) -> list[Path]:
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        err.print(f"[red]no such file: {', '.join(map(str, missing))}[/red]")
+        raise typer.Exit(2)
+    return paths
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,51 @@
+"""Renders `waifu status` as tables a person can read at a glance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+STATE_STYLE = {"failed": "red", "skipped": "yellow", "downloaded": "green", "done": "green", "discovered": "cyan"}
+
+
+def render_status(console: Console, data: dict[str, Any]) -> None:
+    states = list(data["posts"])
+    overview = Table(title=f"posts: {data['total']}")
+    for state in states:
+        overview.add_column(state, justify="right", style=STATE_STYLE.get(state))
+    overview.add_row(*(str(data["posts"][s]) for s in states))
+    console.print(overview)
+
+    per_char = Table(title="per character")
+    per_char.add_column("character", no_wrap=True)
+    for state in states:
+        per_char.add_column(state, justify="right", style=STATE_STYLE.get(state))
+    for tag, counts in data["characters"].items():
+        per_char.add_row(tag, *(str(counts.get(s, 0)) for s in states))
+    console.print(per_char)
+
+    queues = Table(title="queues (messages waiting)")
+    for name in data["queues"]:
+        queues.add_column(name, justify="right")
+    queues.add_row(*("unreachable" if n is None else str(n) for n in data["queues"].values()))
+    console.print(queues)
+
+    if data["failure_reasons"]:
+        reasons = Table(title="most common failure reasons")
+        reasons.add_column("count", justify="right", style="red")
+        reasons.add_column("reason")
+        reasons.add_column("example", overflow="fold")
+        for r in data["failure_reasons"]:
+            reasons.add_row(str(r["count"]), r["reason"], r["example"])
+        console.print(reasons)
+
+    if data["cursors"]:
+        cursors = Table(title="scrape cursors")
+        for column in ("tag", "newest id", "backfill", "requests", "last poll", "last error"):
+            cursors.add_column(column)
+        for c in data["cursors"]:
+            cursors.add_row(c["tag"], str(c["newest_id"] or "-"), "done" if c["backfill_done"] else "pending",
+                            str(c["requests"]), c["last_poll_at"] or "never", c["last_error"] or "")
+        console.print(cursors)
