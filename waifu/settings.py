@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     detector: str = Field("both", description="`animeface`, `lbpcascade` or `both`")
     lbpcascade_path: Path | None = Field(None, description="Local lbpcascade_animeface.xml (else download)")
 
+    # --- operations ----------------------------------------------------------------------------
+    log_level: str = Field("INFO", description="Log level of every process (read by waifu.logs at start-up)")
+
     @field_validator("extra_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:

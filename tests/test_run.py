@@ -1,0 +1,67 @@
+"""`waifu run` (what `make run` starts): embedded defaults, real collection, clean Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import pytest
+from sqlmodel import Session, select
+
+from db.engine import engine_for
+from db.models import Post, PostState
+from tests.conftest import PROJECT_ROOT
+from tests.fake_safebooru import FakeSafebooru, load_shared
+from tests.test_end_to_end import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def downloaded_count(url: str) -> int:
+    try:
+        with Session(engine_for(url)) as session:
+            return len(session.exec(select(Post).where(Post.state == PostState.downloaded)).all())
+    except Exception:  # the file or its tables may not exist yet
+        return 0
+
+
+async def test_run_uses_embedded_redis_collects_and_stops_cleanly(fake: FakeSafebooru, tmp_path) -> None:
+    posts = load_shared(fake, limit_per_tag=3)
+    tags = sorted({p.tags.split()[1] for p in posts})
+    data_dir = tmp_path / "data"
+    env = {
+        "WAIFU_DATA_DIR": str(data_dir),
+        "WAIFU_DATABASE_URL": "",  # the embedded default: SQLite under the data dir
+        "WAIFU_BROKER_URL": "redis://127.0.0.1:1/0",  # nothing listens there: embedded Redis must start
+        "WAIFU_EMBEDDED_REDIS": "true",
+        "WAIFU_SAFEBOORU_URL": fake.base_url,
+        "WAIFU_REQUESTS_PER_SECOND": "20",
+        "WAIFU_DOWNLOADS_PER_SECOND": "50",
+    }
+    assert (await run_cli(env, "characters", "add", *tags))[0] == 0
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "waifu.cli", "run", env={**os.environ, **env}, cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )
+    url = f"sqlite:///{data_dir / 'waifu.db'}"
+    try:
+        deadline = time.monotonic() + 180
+        while downloaded_count(url) < len(posts):
+            assert proc.returncode is None, "waifu run exited early"
+            assert time.monotonic() < deadline, f"only {downloaded_count(url)} of {len(posts)} downloaded"
+            await asyncio.sleep(0.5)
+        assert (data_dir / "redis" / "redis.log").exists(), "the embedded Redis keeps its files in the data dir"
+
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal does
+        stderr = (await asyncio.wait_for(proc.communicate(), 90))[1].decode()
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    for child in ("worker-io-cpu", "worker-train", "beat", "scraper"):
+        assert f"stopped child={child}" in stderr
+    assert "Traceback" not in stderr
