@@ -111,8 +111,17 @@ def scrape(once: Annotated[bool, typer.Option("--once", help="One pass over ever
     from scraper.poller import run
 
     _ensure_db()
-    code = run(get_settings(), once=once)
-    raise typer.Exit(code)
+    report = run(get_settings(), once=once)
+    if not once or report is None:
+        return
+    table = Table(title="scrape --once")
+    for column in ("tag", "new", "listed", "requests", "error"):
+        table.add_column(column)
+    for t in report.tags:
+        table.add_row(t.tag, str(t.new), str(t.seen), str(t.requests), t.error or "")
+    console.print(table)
+    if report.tags and len(report.errors) == len(report.tags):
+        raise typer.Exit(1)  # nothing could be polled at all: a configuration or network problem
 
 
 # -------------------------------------------------------------------------- celery shells ----

@@ -1,0 +1,238 @@
+"""Safebooru DAPI client: query building, JSON/XML parsing, and the API's quirks.
+
+Quirks handled: an empty body (not `[]`) when nothing matches; malformed or truncated pages; 429 with
+Retry-After; 5xx bursts (jittered exponential backoff, bounded); refusal of deep `pid` values.
+Every request, retries included, first takes a slot from the ONE limiter of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+from xml.etree import ElementTree
+
+import aiohttp
+from aiolimiter import AsyncLimiter
+from pydantic import BaseModel, field_validator, model_validator
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+from waifu.logs import kv
+from waifu.settings import Settings
+
+log = logging.getLogger("waifu.scraper.client")
+
+DEEP_PAGINATION = re.compile(r"too deep|pull it back", re.IGNORECASE)
+
+
+class ApiError(Exception):
+    """The API could not be read; the message says why in words a person understands."""
+
+
+class DeepPaginationError(ApiError):
+    """The API refuses `pid` values this deep; walk back with `id:<N` instead."""
+
+
+class RetryableError(ApiError):
+    """A failure worth another try (5xx, 429, malformed or truncated page, connection trouble)."""
+
+    def __init__(self, message: str, wait: float | None = None) -> None:
+        super().__init__(message)
+        self.wait = wait  # server-requested wait (Retry-After), else backoff decides
+
+
+class ApiPost(BaseModel):
+    """One post as the API describes it; tolerant of strings-for-ints, nulls and missing fields."""
+
+    id: int
+    md5: str
+    file_url: str
+    image: str = ""
+    directory: str = ""
+    width: int | None = None
+    height: int | None = None
+    rating: str = ""
+    score: int | None = None
+    tags: str = ""
+    source: str = ""
+    change: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_api(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"a post must be an object, got {type(data).__name__}")
+        data = dict(data)
+        if "md5" not in data:
+            data["md5"] = data.get("hash", "")
+        for key in ("image", "directory", "rating", "tags", "source", "file_url", "md5"):
+            if data.get(key) is None:
+                data[key] = ""
+            data[key] = str(data[key])
+        for key in ("width", "height", "score", "change"):
+            if data.get(key) in ("", None):
+                data[key] = None
+        return data
+
+    @field_validator("tags")
+    @classmethod
+    def _normalize_tags(cls, value: str) -> str:
+        return " ".join(value.split())
+
+    @field_validator("md5")
+    @classmethod
+    def _check_md5(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{32}", value):
+            raise ValueError(f"not an md5: {value!r}")
+        return value
+
+    def with_base(self, base_url: str) -> ApiPost:
+        """Fills file_url from directory + image when the API left it out (older Gelbooru versions)."""
+        if self.file_url:
+            return self
+        return self.model_copy(update={"file_url": f"{base_url}/images/{self.directory}/{self.image}"})
+
+
+def make_limiter(requests_per_second: float) -> AsyncLimiter:
+    """A limiter under which no 1-second sliding window holds more than `requests_per_second` requests.
+
+    AsyncLimiter(N, 1) is a leaky bucket: after an initial burst of N it lets one more in within the same
+    second. A bucket of one slot drained every 1/rps seconds (plus 1% margin for timer slack) cannot.
+    """
+    return AsyncLimiter(1, 1.01 / requests_per_second)
+
+
+def parse_retry_after(value: str | None, cap: float) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, min(seconds, cap))
+
+
+def parse_posts(body: bytes, base_url: str, what: str) -> tuple[list[ApiPost], list[str]]:
+    """Parses a JSON page. Returns the posts and a readable note for each entry that was unusable."""
+    text = body.decode("utf-8", errors="replace").strip()
+    if not text:
+        return [], []  # safebooru's way of saying "no match"
+    if DEEP_PAGINATION.search(text[:500]):
+        raise DeepPaginationError(f"API refused a deep page ({what}): {text[:120]!r}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RetryableError(f"malformed JSON from API ({what}): {exc.msg} at char {exc.pos}; "
+                             f"body starts {text[:60]!r}") from exc
+    if isinstance(data, dict) and "post" in data:  # some Gelbooru versions wrap the list
+        data = data["post"]
+    if not isinstance(data, list):
+        raise RetryableError(f"unexpected JSON from API ({what}): expected a list, got {type(data).__name__}")
+    posts, notes = [], []
+    for entry in data:
+        try:
+            posts.append(ApiPost.model_validate(entry).with_base(base_url))
+        except ValueError as exc:
+            ident = entry.get("id") if isinstance(entry, dict) else "?"
+            notes.append(f"post {ident} unusable: {str(exc).splitlines()[0]}")
+    return posts, notes
+
+
+class SafebooruClient:
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings, limiter: AsyncLimiter) -> None:
+        self.session = session
+        self.settings = settings
+        self.limiter = limiter
+        self.requests = 0
+
+    def _params(self, tags: str, pid: int, limit: int, as_json: bool) -> dict[str, str]:
+        params = {"page": "dapi", "s": "post", "q": "index", "tags": tags, "pid": str(pid), "limit": str(limit)}
+        if as_json:
+            params["json"] = "1"
+        if self.settings.api_key and self.settings.user_id:
+            params["api_key"] = self.settings.api_key
+            params["user_id"] = self.settings.user_id
+        return params
+
+    async def _get(self, params: dict[str, str], what: str, on_request: Callable[[], None] | None) -> bytes:
+        """One HTTP GET behind the limiter; classifies failures as retryable or final."""
+        async with self.limiter:
+            self.requests += 1
+            if on_request is not None:
+                on_request()
+            try:
+                timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout)
+                async with self.session.get(f"{self.settings.safebooru_url}/index.php", params=params,
+                                            timeout=timeout, allow_redirects=False) as resp:
+                    if resp.status == 429:
+                        wait = parse_retry_after(resp.headers.get("Retry-After"), self.settings.api_backoff_max)
+                        raise RetryableError(f"HTTP 429 Too Many Requests ({what})", wait=wait)
+                    if resp.status >= 500:
+                        raise RetryableError(f"HTTP {resp.status} {resp.reason} from API ({what})")
+                    if resp.status != 200:
+                        raise ApiError(f"HTTP {resp.status} {resp.reason} from API ({what})")
+                    return await resp.read()
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                name = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+                raise RetryableError(f"API request failed ({what}): {name}") from exc
+
+    def _backoff(self, attempt: int, error: BaseException | None) -> float:
+        if isinstance(error, RetryableError) and error.wait is not None:
+            return error.wait
+        base = self.settings.api_backoff * (2 ** (attempt - 1))
+        return min(self.settings.api_backoff_max, base * random.uniform(0.5, 1.5))
+
+    async def _with_retries(self, params: dict[str, str], what: str, parse,  # noqa: ANN001, ANN202
+                            on_request: Callable[[], None] | None = None):
+        attempts = AsyncRetrying(
+            stop=stop_after_attempt(self.settings.api_retries + 1),
+            retry=retry_if_exception_type(RetryableError),
+            wait=lambda state: self._backoff(state.attempt_number, state.outcome.exception()),
+            before_sleep=lambda state: log.warning(kv(
+                "api retry", what=what, attempt=state.attempt_number, error=state.outcome.exception(),
+                wait=round(state.next_action.sleep, 2))),
+            reraise=True,
+        )
+        try:
+            async for attempt in attempts:
+                with attempt:
+                    return parse(await self._get(params, what, on_request))
+        except RetryableError as exc:
+            raise ApiError(f"gave up after {self.settings.api_retries + 1} attempts: {exc}") from exc
+
+    async def fetch_posts(self, tags: str, pid: int = 0, limit: int | None = None,
+                          on_request: Callable[[], None] | None = None) -> list[ApiPost]:
+        """One page of posts; `on_request` is called for every HTTP request made (retries included)."""
+        limit = limit or self.settings.page_size
+        what = f"tags={tags!r} pid={pid}"
+        posts, notes = await self._with_retries(
+            self._params(tags, pid, limit, as_json=True), what,
+            lambda body: parse_posts(body, self.settings.safebooru_url, what), on_request,
+        )
+        for note in notes:
+            log.warning(kv("unusable post", what=what, note=note))
+        return posts
+
+    async def count(self, tags: str) -> int:
+        """Total matches: only the XML answer carries it (`<posts count=...>`)."""
+        what = f"count tags={tags!r}"
+
+        def parse(body: bytes) -> int:
+            try:
+                root = ElementTree.fromstring(body)
+                return int(root.attrib["count"])
+            except (ElementTree.ParseError, KeyError, ValueError) as exc:
+                raise RetryableError(f"malformed XML from API ({what}): {exc}") from exc
+
+        return await self._with_retries(self._params(tags, 0, 1, as_json=False), what, parse)

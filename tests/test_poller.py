@@ -1,0 +1,180 @@
+"""The poller end to end against the fake: cursors, incremental polls, upsert, enqueue after commit.
+
+Runs on SQLite and PostgreSQL; downloads are enqueued into the real test Redis (no worker here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+from sqlmodel import select
+
+from db.engine import session_scope
+from db.models import Character, Post, PostCharacter, PostState, ScrapeCursor
+from scraper.poller import poll_once, run_forever
+from tests.fake_safebooru import FakePost, FakeSafebooru, load_shared
+from tests.test_db import queued_ids
+from tests.test_scraper_client import max_in_window
+from waifu.characters import add_characters
+from waifu.settings import get_settings, reset_settings_cache
+
+
+@pytest.fixture
+def scrape_env(service_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("WAIFU_SAFEBOORU_URL", fake.base_url)
+    monkeypatch.setenv("WAIFU_PAGE_SIZE", "20")
+    monkeypatch.setenv("WAIFU_BACKFILL_PAGES", "10")
+    reset_settings_cache()
+    return get_settings()
+
+
+def new_post(fake: FakeSafebooru, tags: str, seed: str, **kw) -> FakePost:
+    data = hashlib.sha256(seed.encode()).digest() * 10
+    return fake.add(FakePost(id=fake.next_id(), tags=tags, data=data, image=f"{seed}.jpg", **kw))
+
+
+def rows() -> dict[int, Post]:
+    with session_scope() as session:
+        return {p.id: p for p in session.exec(select(Post)).all()}
+
+
+async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru, redis_client) -> None:
+    shared = load_shared(fake)
+    tags = sorted({p.tags.split()[1] for p in shared})
+    add_characters(tags)
+
+    report = await poll_once(scrape_env)
+    assert report.errors == []
+    assert len(rows()) == len(shared)
+    # the shared set holds one real repost (takimoto_hifumi 3.jpg and 11.jpg): skipped, not downloaded twice
+    originals = {}
+    for p in sorted(shared, key=lambda p: p.id):
+        originals.setdefault(p.md5, p.id)
+    assert report.new == len(originals) == len(shared) - 1
+    assert queued_ids(redis_client) == sorted(originals.values())
+    assert [t.requests for t in report.tags] == [2, 2, 2]
+    # 36/36/35 posts at 20 a page: 2 pages per tag, walking back with id:< and never with a deep pid
+    assert all(r.query.get("pid", "0") == "0" for r in fake.api_requests())
+    assert any("id:<" in r.query["tags"] for r in fake.api_requests())
+
+    # the site publishes 5 more posts: the next poll fetches exactly those, asking only above the cursor
+    redis_client.delete("io")
+    fresh = [new_post(fake, f"1girl {tags[i % 3]}", f"fresh{i}") for i in range(5)]
+    fake.requests.clear()
+    report = await poll_once(scrape_env)
+    assert report.new == 5
+    assert queued_ids(redis_client) == sorted(p.id for p in fresh)
+    assert len(fake.api_requests()) == len(tags)
+    assert all("id:>" in r.query["tags"] for r in fake.api_requests())
+
+    # nothing new: exactly one request per tag, nothing enqueued
+    redis_client.delete("io")
+    fake.requests.clear()
+    report = await poll_once(scrape_env)
+    assert report.new == 0 and len(fake.api_requests()) == len(tags)
+    assert redis_client.llen("io") == 0
+    with session_scope() as session:
+        cursors = {c.tag: c for c in session.exec(select(ScrapeCursor)).all()}
+    assert set(cursors) == set(tags) and all(c.backfill_done and c.last_error is None for c in cursors.values())
+    assert max(c.newest_id for c in cursors.values()) == max(p.id for p in fresh)
+
+
+async def test_catch_up_pages_through_a_large_gap(scrape_env, fake: FakeSafebooru, redis_client) -> None:
+    add_characters(["riko"])
+    new_post(fake, "riko", "seed0")
+    await poll_once(scrape_env)
+    burst = [new_post(fake, "riko", f"burst{i}") for i in range(45)]  # more than two pages of 20
+    redis_client.delete("io")
+    report = await poll_once(scrape_env)
+    assert report.new == 45 and report.tags[0].requests == 3
+    assert queued_ids(redis_client) == sorted(p.id for p in burst)
+
+
+async def test_backfill_is_bounded(scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WAIFU_BACKFILL_PAGES", "2")
+    reset_settings_cache()
+    add_characters(["maki"])
+    posts = [new_post(fake, "maki", f"old{i}") for i in range(70)]
+    report = await poll_once(get_settings())
+    assert report.new == 40 and report.tags[0].requests == 2
+    assert set(rows()) == {p.id for p in posts[-40:]}, "the newest 40 are kept, the oldest are not walked to"
+
+
+async def test_post_under_two_tags_is_one_row_with_two_links(scrape_env, fake: FakeSafebooru, redis_client) -> None:
+    add_characters(["maki", "riko"])
+    both = new_post(fake, "maki riko", "both")
+    new_post(fake, "maki", "only_maki")
+    report = await poll_once(scrape_env)
+    assert report.new == 2
+    assert sorted(queued_ids(redis_client)) == sorted(rows())  # the shared post is enqueued once
+    with session_scope() as session:
+        tags = session.exec(
+            select(Character.tag).join(PostCharacter, PostCharacter.character_id == Character.id)
+            .where(PostCharacter.post_id == both.id)
+        ).all()
+    assert sorted(tags) == ["maki", "riko"]
+
+
+async def test_rating_filter_and_reposts_are_skipped_with_reasons(scrape_env, fake: FakeSafebooru,
+                                                                  redis_client) -> None:
+    add_characters(["maki"], ratings="general,safe")
+    original = new_post(fake, "maki", "orig")
+    racy = new_post(fake, "maki", "racy", rating="questionable")
+    repost = fake.add(FakePost(id=fake.next_id(), tags="maki", data=original.data, image="again.jpg"))
+    await poll_once(scrape_env)
+    by_id = rows()
+    assert by_id[original.id].state == PostState.discovered
+    assert by_id[racy.id].state == PostState.skipped and "rating 'questionable' filtered" in by_id[racy.id].reason
+    assert by_id[repost.id].state == PostState.skipped
+    assert by_id[repost.id].reason.startswith(f"duplicate of post {original.id}")
+    assert by_id[repost.id].duplicate_of == original.id
+    assert queued_ids(redis_client) == [original.id]
+
+
+async def test_api_failure_of_one_poll_is_recorded_and_recovers(scrape_env, fake: FakeSafebooru,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WAIFU_API_RETRIES", "1")
+    reset_settings_cache()
+    add_characters(["maki"])
+    first = new_post(fake, "maki", "a")
+    fake.api_faults.extend(["malformed", "malformed"])
+    report = await poll_once(get_settings())
+    assert "malformed JSON" in report.errors[0]
+    with session_scope() as session:
+        cursor = session.get(ScrapeCursor, "maki")
+        assert "malformed JSON" in cursor.last_error and cursor.requests == 2
+    assert rows() == {}
+    report = await poll_once(get_settings())  # the API is fine again: nothing was lost
+    assert report.errors == [] and set(rows()) == {first.id}
+
+
+async def test_polite_with_several_tags(scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WAIFU_REQUESTS_PER_SECOND", "2")
+    monkeypatch.setenv("WAIFU_PAGE_SIZE", "5")
+    reset_settings_cache()
+    tags = ["a_chan", "b_chan", "c_chan", "d_chan"]
+    add_characters(tags)
+    for i in range(32):  # 8 per tag at 5 a page: 2 requests per tag
+        new_post(fake, tags[i % 4], f"p{i}")
+    await poll_once(get_settings())
+    times = [r.at for r in fake.api_requests()]
+    assert len(times) >= 8
+    assert max_in_window(times) <= 2
+
+
+async def test_run_forever_stops_promptly(scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WAIFU_POLL_INTERVAL", "3600")
+    reset_settings_cache()
+    add_characters(["maki"])
+    new_post(fake, "maki", "a")
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(run_forever(get_settings(), stop))
+    for _ in range(100):
+        if rows():
+            break
+        await asyncio.sleep(0.05)
+    assert len(rows()) == 1
+    stop.set()
+    await asyncio.wait_for(task, 5)  # sleeping an hour must not delay a stop

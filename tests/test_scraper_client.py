@@ -1,0 +1,129 @@
+"""The safebooru client against the local fake over real HTTP: quirks, retries, politeness."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from scraper.client import ApiError, ApiPost, DeepPaginationError, SafebooruClient, make_limiter, parse_posts
+from tests.fake_safebooru import FakePost, FakeSafebooru, load_shared
+from waifu.settings import Settings
+
+
+def settings_for(fake: FakeSafebooru, **overrides) -> Settings:
+    values = {"safebooru_url": fake.base_url, "requests_per_second": 50, "api_backoff": 0.01,
+              "api_backoff_max": 5, "api_retries": 3, "page_size": 100} | overrides
+    return Settings(_env_file=None, **values)
+
+
+async def fetch(fake: FakeSafebooru, tags: str, **overrides) -> tuple[list[ApiPost], SafebooruClient]:
+    settings = settings_for(fake, **overrides)
+    async with aiohttp.ClientSession() as http:
+        client = SafebooruClient(http, settings, make_limiter(settings.requests_per_second))
+        return await client.fetch_posts(tags), client
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """Most requests inside any sliding window of `window` seconds."""
+    times = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+async def test_parses_posts_with_the_apis_quirks(fake: FakeSafebooru) -> None:
+    shared = load_shared(fake, limit_per_tag=2)
+    posts, _ = await fetch(fake, "nishikino_maki")
+    assert [p.id for p in posts] == sorted((p.id for p in shared if "nishikino_maki" in p.tags), reverse=True)
+    first = posts[0]
+    source = fake.posts[first.id]
+    assert first.md5 == source.md5 and first.score is None and first.tags == source.tags
+    assert first.file_url.endswith(f"//images/{source.directory}/{source.image}")
+    assert first.width == source.width and first.rating == "general"
+
+
+async def test_empty_body_means_no_posts(fake: FakeSafebooru) -> None:
+    posts, client = await fetch(fake, "nobody_at_all")
+    assert posts == [] and client.requests == 1
+
+
+async def test_malformed_json_is_retried_then_reported(fake: FakeSafebooru) -> None:
+    load_shared(fake, limit_per_tag=1)
+    fake.api_faults.extend(["malformed", "truncated"])
+    posts, client = await fetch(fake, "nishikino_maki")
+    assert len(posts) == 1 and client.requests == 3
+
+    fake.api_faults.extend(["malformed"] * 10)
+    with pytest.raises(ApiError, match="gave up after 4 attempts: malformed JSON"):
+        await fetch(fake, "nishikino_maki")
+
+
+async def test_429_retry_after_is_honoured(fake: FakeSafebooru) -> None:
+    load_shared(fake, limit_per_tag=1)
+    fake.retry_after = "1"
+    fake.api_faults.append("429")
+    posts, client = await fetch(fake, "nishikino_maki")
+    assert len(posts) == 1 and client.requests == 2
+    first, second = fake.api_requests()
+    assert second.at - first.at >= 0.95, "the client came back before Retry-After elapsed"
+
+
+async def test_burst_of_503_then_success(fake: FakeSafebooru) -> None:
+    load_shared(fake, limit_per_tag=1)
+    fake.api_faults.extend(["503"] * 3)
+    posts, client = await fetch(fake, "nishikino_maki")
+    assert len(posts) == 1 and client.requests == 4
+    gaps = [b.at - a.at for a, b in zip(fake.api_requests(), fake.api_requests()[1:], strict=False)]
+    assert gaps[1] > gaps[0] * 0.9, "backoff grows between retries"
+
+
+async def test_503_forever_is_bounded(fake: FakeSafebooru) -> None:
+    fake.api_faults.extend(["503"] * 10)
+    with pytest.raises(ApiError, match="HTTP 503"):
+        await fetch(fake, "nishikino_maki", api_retries=2)
+    assert len(fake.api_requests()) == 3
+
+
+async def test_deep_pagination_is_a_distinct_error(fake: FakeSafebooru) -> None:
+    load_shared(fake, limit_per_tag=1)
+    settings = settings_for(fake)
+    async with aiohttp.ClientSession() as http:
+        client = SafebooruClient(http, settings, make_limiter(50))
+        with pytest.raises(DeepPaginationError):
+            await client.fetch_posts("nishikino_maki", pid=500)
+        assert client.requests == 1, "a refused deep page is not retried"
+
+
+async def test_count_comes_from_the_xml_answer(fake: FakeSafebooru) -> None:
+    load_shared(fake)
+    async with aiohttp.ClientSession() as http:
+        client = SafebooruClient(http, settings_for(fake), make_limiter(50))
+        assert await client.count("takimoto_hifumi") == 35
+        assert await client.count("nobody") == 0
+
+
+def test_unusable_entries_are_reported_not_fatal() -> None:
+    good = b'{"id": "2", "hash": "' + b"a" * 32 + b'", "tags": " a  b "}'
+    body = b'[{"id": 1, "hash": "nothex", "file_url": "x"}, ' + good + b"]"
+    posts, notes = parse_posts(body, "https://safebooru.org", "test")
+    assert [p.id for p in posts] == [2] and posts[0].tags == "a b"
+    assert posts[0].file_url == "https://safebooru.org/images//"  # built from directory + image
+    assert len(notes) == 1 and "post 1 unusable" in notes[0]
+
+
+async def test_one_limiter_keeps_every_window_under_the_rate(fake: FakeSafebooru) -> None:
+    import asyncio
+
+    for i in range(3):
+        fake.add(FakePost(id=100 + i, tags=f"tag_{i}", data=b"x" * (i + 1), image=f"{i}.jpg"))
+    settings = settings_for(fake, requests_per_second=4)
+    async with aiohttp.ClientSession() as http:
+        client = SafebooruClient(http, settings, make_limiter(4))
+        await asyncio.gather(*(client.fetch_posts(f"tag_{i % 3}") for i in range(14)))
+    times = [r.at for r in fake.api_requests()]
+    assert len(times) == 14
+    assert max_in_window(times) <= 4
+    assert times[-1] - times[0] >= (14 - 1) / 4 * 0.95
