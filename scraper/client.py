@@ -14,13 +14,14 @@ import random
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 from xml.etree import ElementTree
 
 import aiohttp
 from aiolimiter import AsyncLimiter
-from pydantic import BaseModel, field_validator, model_validator
+from pydantic import BaseModel, ValidationError, field_validator, model_validator
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from waifu.logs import kv
@@ -123,13 +124,43 @@ def parse_retry_after(value: str | None, cap: float) -> float | None:
     return max(0.0, min(seconds, cap))
 
 
-def parse_posts(body: bytes, base_url: str, what: str) -> tuple[list[ApiPost], list[str]]:
-    """Parses a JSON page. Returns the posts and a readable note for each entry that was unusable."""
-    text = body.decode("utf-8", errors="replace").strip()
-    if not text:
-        return [], []  # safebooru's way of saying "no match"
-    if DEEP_PAGINATION.search(text[:500]):
-        raise DeepPaginationError(f"API refused a deep page ({what}): {text[:120]!r}")
+@dataclass(frozen=True)
+class Unusable:
+    """A listed entry that cannot become a post; kept so the refusal is visible on a row."""
+
+    id: int | None
+    reason: str
+
+
+XML_RATINGS = {"s": "safe", "g": "general", "q": "questionable", "e": "explicit"}
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ())) or "entry"
+    return f"{where}: {first.get('msg', 'invalid')}"
+
+
+def _entry_id(entry: object) -> int | None:
+    try:
+        return int(entry.get("id"))  # type: ignore[union-attr]
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _decode_entries(text: str, what: str) -> list[object]:
+    """The JSON list of a page; an XML page (a site ignoring json=1) is read too."""
+    if text.startswith("<") and "<posts" in text[:300]:
+        try:
+            root = ElementTree.fromstring(text)
+        except ElementTree.ParseError as exc:
+            raise RetryableError(f"malformed XML from API ({what}): {exc}") from exc
+        entries = []
+        for node in root.iter("post"):
+            entry = dict(node.attrib)
+            entry["rating"] = XML_RATINGS.get(entry.get("rating", ""), entry.get("rating", ""))
+            entries.append(entry)
+        return entries
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -139,14 +170,23 @@ def parse_posts(body: bytes, base_url: str, what: str) -> tuple[list[ApiPost], l
         data = data["post"]
     if not isinstance(data, list):
         raise RetryableError(f"unexpected JSON from API ({what}): expected a list, got {type(data).__name__}")
-    posts, notes = [], []
-    for entry in data:
+    return data
+
+
+def parse_posts(body: bytes, base_url: str, what: str) -> tuple[list[ApiPost], list[Unusable]]:
+    """Parses a page. Returns the posts and, for each unusable entry, its id (if any) and why."""
+    text = body.decode("utf-8", errors="replace").strip()
+    if not text:
+        return [], []  # safebooru's way of saying "no match"
+    if DEEP_PAGINATION.search(text[:500]):
+        raise DeepPaginationError(f"API refused a deep page ({what}): {text[:120]!r}")
+    posts, unusable = [], []
+    for entry in _decode_entries(text, what):
         try:
             posts.append(ApiPost.model_validate(entry).with_base(base_url))
-        except ValueError as exc:
-            ident = entry.get("id") if isinstance(entry, dict) else "?"
-            notes.append(f"post {ident} unusable: {str(exc).splitlines()[0]}")
-    return posts, notes
+        except ValidationError as exc:
+            unusable.append(Unusable(_entry_id(entry), f"unusable API entry: {_validation_reason(exc)}"))
+    return posts, unusable
 
 
 class SafebooruClient:
@@ -212,16 +252,20 @@ class SafebooruClient:
             raise ApiError(f"gave up after {self.settings.api_retries + 1} attempts: {exc}") from exc
 
     async def fetch_posts(self, tags: str, pid: int = 0, limit: int | None = None,
-                          on_request: Callable[[], None] | None = None) -> list[ApiPost]:
-        """One page of posts; `on_request` is called for every HTTP request made (retries included)."""
+                          on_request: Callable[[], None] | None = None,
+                          on_unusable: Callable[[Unusable], None] | None = None) -> list[ApiPost]:
+        """One page of posts; `on_request` is called for every HTTP request made (retries included),
+        `on_unusable` for every listed entry that could not be parsed."""
         limit = limit or self.settings.page_size
         what = f"tags={tags!r} pid={pid}"
-        posts, notes = await self._with_retries(
+        posts, unusable = await self._with_retries(
             self._params(tags, pid, limit, as_json=True), what,
             lambda body: parse_posts(body, self.settings.safebooru_url, what), on_request,
         )
-        for note in notes:
-            log.warning(kv("unusable post", what=what, note=note))
+        for bad in unusable:
+            log.warning(kv("unusable post", what=what, post=bad.id, reason=bad.reason))
+            if on_unusable is not None:
+                on_unusable(bad)
         return posts
 
     async def count(self, tags: str) -> int:

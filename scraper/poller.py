@@ -20,8 +20,8 @@ from sqlmodel import select
 
 from db.engine import session_scope
 from db.models import Character, ScrapeCursor, utcnow
-from scraper.client import ApiError, ApiPost, SafebooruClient, make_limiter
-from scraper.store import upsert_posts
+from scraper.client import ApiError, ApiPost, SafebooruClient, Unusable, make_limiter
+from scraper.store import record_unusable, upsert_posts
 from waifu.logs import kv
 from waifu.settings import Settings
 
@@ -73,8 +73,13 @@ class TagPoller:
         self.report = TagReport(character.tag)
 
     async def _fetch(self, terms: str, limit: int | None = None) -> list[ApiPost]:
-        return await self.client.fetch_posts(f"{self.query} {terms}".strip(), limit=limit,
-                                             on_request=self._count_request)
+        unusable: list[Unusable] = []
+        posts = await self.client.fetch_posts(f"{self.query} {terms}".strip(), limit=limit,
+                                              on_request=self._count_request, on_unusable=unusable.append)
+        if unusable:
+            with session_scope() as session:
+                record_unusable(session, unusable)
+        return posts
 
     def _count_request(self) -> None:
         self.report.requests += 1

@@ -8,7 +8,7 @@ from sqlmodel import Session, col, select
 
 from db.models import Character, Post, PostCharacter, PostState
 from db.states import log as transition_log
-from scraper.client import ApiPost
+from scraper.client import ApiPost, Unusable
 from waifu.logs import kv
 
 ACTIVE_STATES = (PostState.discovered, PostState.downloaded, PostState.detected, PostState.done)
@@ -77,3 +77,12 @@ def upsert_posts(session: Session, posts: list[ApiPost], characters: list[Charac
     session.add_all(new_links)
     session.flush()
     return to_download
+
+
+def record_unusable(session: Session, entries: list[Unusable]) -> None:
+    """A listed entry the API described too badly to use becomes a `failed` row, so status shows it."""
+    for entry in entries:
+        if entry.id is None or session.get(Post, entry.id) is not None:
+            continue
+        session.add(Post(id=entry.id, md5="", file_url="", state=PostState.failed, reason=entry.reason))
+        transition_log.info(kv("transition", post=entry.id, frm="new", to=PostState.failed.value, reason=entry.reason))

@@ -96,15 +96,22 @@ async def test_full_run_downloads_every_image_once(fake: FakeSafebooru, service_
     links = character_links()
     with session_scope() as session:
         rows = {p.id: p for p in session.exec(select(Post)).all()}
+    originals: dict[str, int] = {}
+    for fp in posts:
+        originals.setdefault(fp.md5, fp.id)
     for fp in posts:
         row = rows[fp.id]
+        expected_tags = {t for t in fp.tags.split() if t in tags}
+        assert links[fp.id] == expected_tags
+        if originals[fp.md5] != fp.id:  # the shared set holds one real repost
+            assert row.state == PostState.skipped and row.duplicate_of == originals[fp.md5]
+            assert fake.file_hits.get(fp.id, 0) == 0
+            continue
         assert row.state == PostState.downloaded, (fp.id, row.state, row.reason)
         stored = settings_data / row.stored_path
         assert stored.stem == fp.md5, "files are named by content hash, not by the remote name"
         assert hashlib.md5(stored.read_bytes()).hexdigest() == fp.md5
         assert fake.file_hits[fp.id] == 1, f"post {fp.id} downloaded {fake.file_hits[fp.id]} times"
-        expected_tags = {t for t in fp.tags.split() if t in tags}
-        assert links[fp.id] == expected_tags
     assert len(links[both.id]) == 2
     assert rows[bad_md5.id].state == PostState.failed and "md5" in rows[bad_md5.id].reason
     assert rows[gone.id].state == PostState.failed and "404" in rows[gone.id].reason
@@ -112,7 +119,8 @@ async def test_full_run_downloads_every_image_once(fake: FakeSafebooru, service_
     code, out, err = await run_cli(env, "status", "--json")
     assert code == 0, err
     status = json.loads(out)
-    assert status["posts"]["downloaded"] == len(posts)
+    assert status["posts"]["downloaded"] == len(originals) == len(posts) - 1
+    assert status["posts"]["skipped"] == 1
     assert status["posts"]["failed"] == 2
     assert {r["count"] for r in status["failure_reasons"]} == {1}
     assert set(status["characters"]) == set(tags)

@@ -178,3 +178,13 @@ async def test_run_forever_stops_promptly(scrape_env, fake: FakeSafebooru, monke
     assert len(rows()) == 1
     stop.set()
     await asyncio.wait_for(task, 5)  # sleeping an hour must not delay a stop
+
+
+async def test_unusable_entries_become_failed_rows(scrape_env, fake: FakeSafebooru, redis_client) -> None:
+    add_characters(["maki"])
+    good = new_post(fake, "maki", "good")
+    bad = new_post(fake, "maki", "bad", announced_md5="zzz")
+    report = await poll_once(scrape_env)
+    assert report.new == 1 and queued_ids(redis_client) == [good.id]
+    row = rows()[bad.id]
+    assert row.state == PostState.failed and "not an md5" in row.reason

@@ -108,10 +108,17 @@ async def test_count_comes_from_the_xml_answer(fake: FakeSafebooru) -> None:
 def test_unusable_entries_are_reported_not_fatal() -> None:
     good = b'{"id": "2", "hash": "' + b"a" * 32 + b'", "tags": " a  b "}'
     body = b'[{"id": 1, "hash": "nothex", "file_url": "x"}, ' + good + b"]"
-    posts, notes = parse_posts(body, "https://safebooru.org", "test")
+    posts, unusable = parse_posts(body, "https://safebooru.org", "test")
     assert [p.id for p in posts] == [2] and posts[0].tags == "a b"
     assert posts[0].file_url == "https://safebooru.org/images//"  # built from directory + image
-    assert len(notes) == 1 and "post 1 unusable" in notes[0]
+    assert [u.id for u in unusable] == [1] and "md5: Value error, not an md5: 'nothex'" in unusable[0].reason
+
+
+def test_xml_page_is_read_when_json_is_ignored() -> None:
+    body = (b'<?xml version="1.0"?><posts count="1" offset="0"><post id="7" md5="' + b"b" * 32 +
+            b'" file_url="https://safebooru.org//images/1/x.png" tags=" maki " rating="s" width="10"/></posts>')
+    posts, unusable = parse_posts(body, "https://safebooru.org", "test")
+    assert unusable == [] and posts[0].id == 7 and posts[0].rating == "safe" and posts[0].width == 10
 
 
 async def test_one_limiter_keeps_every_window_under_the_rate(fake: FakeSafebooru) -> None:
