@@ -23,7 +23,7 @@ class PostState(StrEnum):
     skipped = "skipped"  # deliberately not processed (duplicate md5, filtered rating)
 
 
-TERMINAL_STATES = frozenset({PostState.downloaded, PostState.done, PostState.failed, PostState.skipped})
+TERMINAL_STATES = frozenset({PostState.done, PostState.failed, PostState.skipped})
 
 
 class Character(SQLModel, table=True):
@@ -82,6 +82,8 @@ class Post(SQLModel, table=True):
     # filled by the download: bytes on disk, path relative to the data dir (named by content hash)
     file_size: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     stored_path: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # filled by face detection: how many faces the image holds (0 is a valid, final answer)
+    faces: int | None = None
 
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, nullable=False, index=True)
@@ -103,3 +105,60 @@ class ScrapeCursor(SQLModel, table=True):
     requests: int = Field(default=0, nullable=False)
     last_poll_at: datetime | None = None
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class FaceState(StrEnum):
+    detected = "detected"  # a box exists; the 96x96 crop is not written yet
+    ready = "ready"  # the crop file exists
+    rejected = "rejected"  # a person said this is not a usable face
+    failed = "failed"  # the crop could not be made; `reason` says why
+
+
+class LabelSource(StrEnum):
+    tag = "tag"  # the post names exactly one tracked character and holds exactly one face
+    ambiguous = "ambiguous"  # several characters or several faces: kept, not trained on
+    manual = "manual"  # set by `waifu faces label`
+
+
+class Split(StrEnum):
+    train = "train"
+    test = "test"
+
+
+class Face(SQLModel, table=True):
+    """One detected face; every detection is kept, whatever its label."""
+
+    __tablename__ = "face"
+
+    id: int | None = Field(default=None, primary_key=True)
+    post_id: int = Field(sa_column=Column(BigInteger, ForeignKey("post.id", ondelete="CASCADE"), index=True,
+                                          nullable=False))
+    # the detection, in the original image's pixels
+    detector: str = Field(sa_column=Column(String(32), nullable=False))
+    score: float | None = None
+    x: int
+    y: int
+    w: int
+    h: int
+    # the square, margin-expanded crop clamped to the image: left, top, right, bottom
+    crop_left: int
+    crop_top: int
+    crop_right: int
+    crop_bottom: int
+
+    state: str = Field(default=FaceState.detected, sa_column=Column(String(16), nullable=False, index=True))
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    path: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # relative to the data dir
+    sha256: str | None = Field(default=None, sa_column=Column(String(64), nullable=True, index=True))
+    phash: str | None = Field(default=None, sa_column=Column(String(16), nullable=True, index=True))
+    duplicate_of: int | None = None  # the earlier face this one is a near-duplicate of
+
+    label: str | None = Field(default=None, sa_column=Column(String(255), nullable=True, index=True))
+    label_source: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+    split: str | None = Field(default=None, sa_column=Column(String(8), nullable=True, index=True))
+    # the classifier's guess for ambiguous faces: a suggestion, never a label
+    suggestion: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    suggestion_score: float | None = None
+
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, nullable=False, index=True)

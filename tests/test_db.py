@@ -40,8 +40,12 @@ def queued_ids(redis_client) -> list[int]:
 
 def test_migrations_create_every_table(service_env: dict[str, str]) -> None:
     tables = set(inspect(get_engine()).get_table_names())
-    assert {"character", "post", "post_character", "scrape_cursor", "alembic_version"} <= tables
-    assert current_revision() == "0001"
+    assert {"character", "post", "post_character", "scrape_cursor", "face", "alembic_version"} <= tables
+    from alembic.script import ScriptDirectory
+
+    from db.migrate import alembic_config
+
+    assert current_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def test_characters_add_list_remove_keeps_posts(service_env: dict[str, str]) -> None:
@@ -98,14 +102,14 @@ def test_reconcile_requeues_only_orphaned_stale_rows(service_env: dict[str, str]
             make_post(10, age=3600),  # stale, no marker: its message was lost
             make_post(11, age=3600),  # stale, but its message is still in flight
             make_post(12, age=1),  # recent
-            make_post(13, PostState.downloaded, age=3600),  # terminal
+            make_post(13, PostState.failed, age=3600),  # terminal
         ])
     inflight.mark("download", [11])
     counts = reconcile_stuck(get_settings(), older_than=600)
-    assert counts == {"discovered": 1}
+    assert counts["discovered"] == 1 and counts["downloaded"] == 0
     assert queued_ids(redis_client) == [10]
     # the re-enqueued row is now marked and fresh: a second pass adds nothing
-    assert reconcile_stuck(get_settings(), older_than=600) == {"discovered": 0}
+    assert reconcile_stuck(get_settings(), older_than=600)["discovered"] == 0
     assert queued_ids(redis_client) == [10]
 
 

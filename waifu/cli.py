@@ -23,6 +23,8 @@ characters_app = typer.Typer(no_args_is_help=True, help="Tracked characters (saf
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 app.add_typer(characters_app, name="characters")
 app.add_typer(db_app, name="db")
+faces_app = typer.Typer(no_args_is_help=True, help="Manual cleaning of detected faces.")
+app.add_typer(faces_app, name="faces")
 
 console = Console()
 err = Console(stderr=True)
@@ -216,6 +218,49 @@ def reconcile(
     _ensure_db()
     counts = reconcile_stuck(get_settings(), older_than=None if older_than < 0 else older_than)
     console.print(", ".join(f"{state}: {n} re-enqueued" for state, n in counts.items()))
+
+
+# ---------------------------------------------------------------------------------- faces ----
+@faces_app.command("label")
+def faces_label(face_id: int, tag: str) -> None:
+    """Give a face a character by hand (overrides the automatic label)."""
+    from worker.faces import set_manual_label
+
+    _ensure_db()
+    try:
+        face = set_manual_label(face_id, tag)
+    except LookupError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"face {face.id}: label [bold]{face.label}[/bold] (manual), split {face.split}")
+
+
+@faces_app.command("reject")
+def faces_reject(face_id: int) -> None:
+    """Mark a detection as not a usable face (never trained on)."""
+    from worker.faces import set_manual_label
+
+    _ensure_db()
+    try:
+        face = set_manual_label(face_id, None)
+    except LookupError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"face {face.id}: rejected")
+
+
+@app.command()
+def detect(
+    paths: Annotated[list[Path], typer.Argument(help="image files")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image")] = False,
+    annotate: Annotated[Path | None, typer.Option(help="Write each image with boxes drawn into this dir")] = None,
+    detector: Annotated[str, typer.Option(help="animeface, lbpcascade or both (default: WAIFU_DETECTOR)")] = "",
+) -> None:
+    """Detect faces locally (no broker, no database) and show what was found."""
+    from waifu.detect_report import detect_paths
+
+    detect_paths(_path_list(paths), as_json=as_json, annotate_dir=annotate,
+                 detector=detector or get_settings().detector, console=console)
 
 
 def _path_list(paths: list[Path]) -> list[Path]:

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     # --- faces (face pipeline) -----------------------------------------------------------------
     detector: str = Field("both", description="`animeface`, `lbpcascade` or `both`")
     lbpcascade_path: Path | None = Field(None, description="Local lbpcascade_animeface.xml (else download)")
+    face_size: int = Field(96, ge=16, le=1024, description="Side of the square face crops in pixels")
+    face_margin: float = Field(0.2, ge=0, le=2, description="Crop margin around a face box, share of its side")
+    test_fraction: float = Field(0.15, gt=0, lt=1, description="Share of faces in the test split (by hash)")
+    near_duplicate_distance: int = Field(
+        6, ge=0, le=32, description="Max pHash Hamming distance for two faces to count as the same picture"
+    )
 
     # --- operations ----------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Log level of every process (read by waifu.logs at start-up)")

@@ -7,10 +7,10 @@ from collections import Counter
 from typing import Any
 
 from sqlalchemy import func
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from db.engine import session_scope
-from db.models import Character, Post, PostCharacter, PostState, ScrapeCursor
+from db.models import Character, Face, FaceState, Post, PostCharacter, PostState, ScrapeCursor
 from waifu.settings import Settings
 from worker.app import QUEUES
 
@@ -57,6 +57,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             category = reason_category(reason)
             reasons[category] += 1
             examples.setdefault(category, reason)
+        faces = face_summary(session)
         cursors = [
             {
                 "tag": c.tag,
@@ -78,6 +79,33 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "failure_reasons": [
             {"reason": cat, "count": n, "example": examples[cat]} for cat, n in reasons.most_common(TOP_REASONS)
         ],
+        "faces": faces,
         "queues": queue_lengths(settings),
         "cursors": cursors,
+    }
+
+
+def face_summary(session: Session) -> dict[str, Any]:
+    """Faces per state, per label source, per character and split; posts where no face was found."""
+    by_state = dict(session.exec(select(Face.state, func.count()).group_by(Face.state)).all())
+    by_source = dict(session.exec(
+        select(Face.label_source, func.count()).where(Face.state == FaceState.ready).group_by(Face.label_source)
+    ).all())
+    per_label: dict[str, dict[str, int]] = {}
+    for label, split, count in session.exec(
+        select(Face.label, Face.split, func.count())
+        .where(Face.state == FaceState.ready, col(Face.label).is_not(None))
+        .group_by(Face.label, Face.split)
+    ).all():
+        per_label.setdefault(label, {})[split] = int(count)
+    no_face = session.exec(select(func.count()).select_from(Post).where(Post.faces == 0)).one()
+    duplicates = session.exec(
+        select(func.count()).select_from(Face).where(col(Face.duplicate_of).is_not(None))
+    ).one()
+    return {
+        "states": {s.value: int(by_state.get(s.value, 0)) for s in FaceState},
+        "label_sources": {str(k): int(v) for k, v in by_source.items() if k},
+        "per_character": dict(sorted(per_label.items())),
+        "posts_without_face": int(no_face),
+        "near_duplicates": int(duplicates),
     }

@@ -26,6 +26,26 @@ def render_status(console: Console, data: dict[str, Any]) -> None:
         per_char.add_row(tag, *(str(counts.get(s, 0)) for s in states))
     console.print(per_char)
 
+    faces = data.get("faces")
+    if faces and any(faces["states"].values()):
+        table = Table(title=(f"faces: {sum(faces['states'].values())} "
+                             f"({faces['posts_without_face']} posts without a face, "
+                             f"{faces['near_duplicates']} near-duplicates)"))
+        for state in faces["states"]:
+            table.add_column(state, justify="right")
+        for source in ("tag", "ambiguous", "manual"):
+            table.add_column(f"label: {source}", justify="right")
+        table.add_row(*(str(n) for n in faces["states"].values()),
+                      *(str(faces["label_sources"].get(s, 0)) for s in ("tag", "ambiguous", "manual")))
+        console.print(table)
+        if faces["per_character"]:
+            split = Table(title="labelled faces per character")
+            for column in ("character", "train", "test"):
+                split.add_column(column, justify="right" if column != "character" else "left")
+            for tag, counts in faces["per_character"].items():
+                split.add_row(tag, str(counts.get("train", 0)), str(counts.get("test", 0)))
+            console.print(split)
+
     queues = Table(title="queues (messages waiting)")
     for name in data["queues"]:
         queues.add_column(name, justify="right")

@@ -20,3 +20,11 @@ def enqueue(task_name: str, kind: str, ids: Iterable[int]) -> int:
 
 def enqueue_downloads(post_ids: Iterable[int]) -> int:
     return enqueue("worker.tasks.download", "download", post_ids)
+
+
+def enqueue_detections(post_ids: Iterable[int]) -> int:
+    return enqueue("worker.tasks.detect_faces", "detect", post_ids)
+
+
+def enqueue_resizes(face_ids: Iterable[int]) -> int:
+    return enqueue("worker.tasks.resize_face", "resize", face_ids)

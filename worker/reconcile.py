@@ -7,45 +7,61 @@ in-flight marker exists for it (markers vanish with the broker's data, see worke
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlmodel import col, select
 
 from db.engine import session_scope
-from db.models import Post, PostState, utcnow
+from db.models import Face, FaceState, Post, PostState, utcnow
 from waifu.logs import kv
 from waifu.settings import Settings
 from worker import inflight
-from worker.enqueue import enqueue_downloads
+from worker.enqueue import enqueue_detections, enqueue_downloads, enqueue_resizes
 
 log = logging.getLogger("waifu.reconcile")
 
-# non-terminal state -> (marker kind, enqueue function)
-PENDING_STEPS = {
-    PostState.discovered: ("download", enqueue_downloads),
-}
+# (table, non-terminal state, label in reports, marker kind, enqueue function)
+PENDING_STEPS = (
+    (Post, PostState.discovered, "discovered", "download", enqueue_downloads),
+    (Post, PostState.downloaded, "downloaded", "detect", enqueue_detections),
+    (Face, FaceState.detected, "face detected", "resize", enqueue_resizes),
+)
 
 
 def reconcile_stuck(settings: Settings, older_than: float | None = None) -> dict[str, int]:
     """Returns how many rows were re-enqueued per state."""
     cutoff = utcnow() - timedelta(seconds=settings.stuck_after if older_than is None else older_than)
     counts: dict[str, int] = {}
-    for state, (kind, enqueue_fn) in PENDING_STEPS.items():
+    for table, state, label, kind, enqueue_fn in PENDING_STEPS:
         with session_scope() as session:
-            stale = session.exec(
-                select(Post.id).where(Post.state == state, col(Post.updated_at) <= cutoff).order_by(Post.id)
-            ).all()
-        ids = list(stale)
+            ids = list(session.exec(
+                select(table.id).where(table.state == state, col(table.updated_at) <= cutoff).order_by(table.id)
+            ).all())
         in_flight = inflight.marked(kind, ids)
         orphaned = [i for i in ids if i not in in_flight]
         if orphaned:
             with session_scope() as session:
-                for post in session.exec(select(Post).where(col(Post.id).in_(orphaned))):
-                    post.updated_at = utcnow()
+                for row in session.exec(select(table).where(col(table.id).in_(orphaned))):
+                    row.updated_at = utcnow()
             enqueue_fn(orphaned)
-            log.info(kv("reconcile", state=state.value, requeued=len(orphaned), stale=len(ids)))
-        counts[state.value] = len(orphaned)
+            log.info(kv("reconcile", state=label, requeued=len(orphaned), stale=len(ids)))
+        counts[label] = len(orphaned)
+    counts["completed"] = complete_finished_posts(cutoff)
     return counts
+
+
+def complete_finished_posts(cutoff: datetime) -> int:
+    """Posts left `detected` although none of their faces waits any more (a lost last step)."""
+    from worker.faces import finish_post_if_complete
+
+    done = 0
+    with session_scope() as session:
+        for post in session.exec(
+            select(Post).where(Post.state == PostState.detected, col(Post.updated_at) <= cutoff)
+        ).all():
+            finish_post_if_complete(session, post)
+            done += post.state == PostState.done
+    return done
 
 
 def retry_failed(settings: Settings) -> int:
@@ -54,9 +70,11 @@ def retry_failed(settings: Settings) -> int:
 
     with session_scope() as session:
         failed = session.exec(select(Post).where(Post.state == PostState.failed)).all()
-        ids = []
+        to_download, to_detect = [], []
         for post in failed:
-            transition(post, PostState.discovered, reason=f"retry requested after: {post.reason}")
+            # a post whose file is stored failed later, at detection: it resumes there
+            resume = PostState.downloaded if post.stored_path else PostState.discovered
+            transition(post, resume, reason=f"retry requested after: {post.reason}")
             post.attempts = 0
-            ids.append(post.id)
-    return enqueue_downloads(ids)
+            (to_detect if post.stored_path else to_download).append(post.id)
+    return enqueue_downloads(to_download) + enqueue_detections(to_detect)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 
+from db.models import PostState
 from waifu.logs import kv
 from waifu.settings import get_settings
 from worker import inflight
 from worker.app import app
+from worker.enqueue import enqueue_detections, enqueue_resizes
 
 log = logging.getLogger("waifu.tasks")
 
@@ -29,8 +31,34 @@ def download(self, post_id: int) -> str:
     if outcome.retry_in is not None:
         log.info(kv("retry", task="download", post=post_id, countdown=round(outcome.retry_in, 2)))
         raise self.retry(countdown=outcome.retry_in)
+    if outcome.state == PostState.downloaded:
+        enqueue_detections([post_id])  # the row is committed: the next step may start
     inflight.clear("download", post_id)
     return str(outcome.state)
+
+
+@app.task(name="worker.tasks.detect_faces")
+def detect_faces(post_id: int) -> dict:
+    """Find every face of a downloaded post (queue `cpu`)."""
+    from worker.faces import detect_post
+
+    try:
+        outcome = detect_post(post_id, get_settings())
+        enqueue_resizes(outcome.face_ids)
+    finally:
+        inflight.clear("detect", post_id)
+    return {"state": outcome.state, "faces": len(outcome.face_ids)}
+
+
+@app.task(name="worker.tasks.resize_face")
+def resize_face(face_id: int) -> str | None:
+    """Write one face's square crop, label and split it (queue `cpu`)."""
+    from worker.faces import resize_face as resize
+
+    try:
+        return resize(face_id, get_settings())
+    finally:
+        inflight.clear("resize", face_id)
 
 
 @app.task(name="worker.tasks.reconcile")

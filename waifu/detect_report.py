@@ -1,0 +1,51 @@
+"""`waifu detect`: run the face detector on local files and show the result to a person."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+
+def detect_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, detector: str,
+                 console: Console) -> list[dict]:
+    from worker.detect import detect_faces, pin_opencv_threads
+    from worker.imaging import annotate
+
+    pin_opencv_threads()
+    results = []
+    if annotate_dir:
+        annotate_dir.mkdir(parents=True, exist_ok=True)
+    for path in track(paths, description="detecting", console=console, disable=as_json or len(paths) < 3):
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as exc:
+            results.append({"path": str(path), "error": f"not an image: {exc}", "faces": []})
+            continue
+        detections = detect_faces(image, detector)
+        faces = [{"box": [d.x, d.y, d.w, d.h], "detector": d.detector,
+                  "score": None if d.score is None else round(float(d.score), 4)} for d in detections]
+        entry = {"path": str(path), "width": image.width, "height": image.height, "faces": faces}
+        if annotate_dir:
+            out = annotate_dir / f"{path.stem}.annotated.png"
+            annotate(image, detections).save(out)
+            entry["annotated"] = str(out)
+        results.append(entry)
+    if as_json:
+        for entry in results:
+            print(json.dumps(entry))
+        return results
+    table = Table(title=f"faces found ({detector})")
+    for column in ("image", "faces", "boxes (x, y, w, h) detector score"):
+        table.add_column(column)
+    for entry in results:
+        boxes = "\n".join(f"{tuple(f['box'])} {f['detector']} {f['score']}" for f in entry["faces"])
+        table.add_row(entry["path"], str(len(entry["faces"])) if "error" not in entry else "-",
+                      entry.get("error", boxes))
+    console.print(table)
+    return results
