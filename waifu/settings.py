@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # --- faces (face pipeline) -----------------------------------------------------------------
     detector: str = Field("both", description="`animeface`, `lbpcascade` or `both`")
     lbpcascade_path: Path | None = Field(None, description="Local lbpcascade_animeface.xml (else download)")
+    detector_fallbacks: bool = Field(True, description="When nothing is found: retry upscaled, then rotated")
+    detector_upscale: float = Field(2.0, ge=1, le=4, description="Upscale factor of the small-face fallback pass")
+    detector_angles: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [-25.0, 25.0], description="Rotations (degrees) of the tilted-head fallback"
+    )
     face_size: int = Field(96, ge=16, le=1024, description="Side of the square face crops in pixels")
     face_margin: float = Field(0.2, ge=0, le=2, description="Crop margin around a face box, share of its side")
     test_fraction: float = Field(0.15, gt=0, lt=1, description="Share of faces in the test split (by hash)")
@@ -72,6 +77,13 @@ class Settings(BaseSettings):
 
     # --- operations ----------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Log level of every process (read by waifu.logs at start-up)")
+
+    @field_validator("detector_angles", mode="before")
+    @classmethod
+    def _split_angles(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(a) for a in value.split(",") if a.strip()]
+        return value
 
     @field_validator("extra_hosts", mode="before")
     @classmethod

@@ -1,0 +1,213 @@
+"""Anime face detectors behind one interface: `animeface` (nagadomi's animeface-2009 via the PyPI
+package), `lbpcascade` (OpenCV's CascadeClassifier with lbpcascade_animeface.xml), and `both` (their
+union with non-maximum suppression).
+
+Pins that matter (both verified): OpenCV 4.x (5.x `opencv-python-headless` wheels lack CascadeClassifier)
+and Pillow < 12 (`animeface` 2.0.3 reads Pillow's internal struct and silently finds nothing on >= 12).
+OpenCV and animeface are imported on first use only: Celery and CLI start-up stay light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from waifu.logs import kv
+from waifu.settings import Settings, get_settings
+
+log = logging.getLogger("waifu.detect")
+
+LBPCASCADE_URL = "https://raw.githubusercontent.com/nagadomi/lbpcascade_animeface/master/lbpcascade_animeface.xml"
+LBPCASCADE_SHA256 = "9376d30ac38db6bda2a68b88b3b76bbd7e6aa33af47f7f5c76bc88ca75f1ce30"
+DETECTORS = ("animeface", "lbpcascade", "both")
+
+_lock = threading.Lock()
+_cascades: dict[str, object] = {}
+
+
+@dataclass(frozen=True)
+class Detection:
+    x: int
+    y: int
+    w: int
+    h: int
+    detector: str
+    score: float | None = None  # animeface: likelihood 0..1; lbpcascade: neighbour count
+
+    @property
+    def area(self) -> int:
+        return self.w * self.h
+
+
+class DetectorUnavailable(RuntimeError):
+    """A detector cannot run here (missing model file, wrong library build); says how to fix it."""
+
+
+def pin_opencv_threads(threads: int = 1) -> None:
+    """N prefork processes should use N cores, not N times all of them."""
+    import cv2
+
+    cv2.setNumThreads(threads)
+
+
+# ------------------------------------------------------------------------ lbpcascade ----------
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cascade_path(settings: Settings) -> Path:
+    """The configured copy, or one downloaded once into the data dir and checked against the pinned hash."""
+    if settings.lbpcascade_path:
+        path = Path(settings.lbpcascade_path)
+        if not path.is_file():
+            raise DetectorUnavailable(f"WAIFU_LBPCASCADE_PATH={path} does not exist")
+        return path
+    path = settings.models_dir / "lbpcascade_animeface.xml"
+    if path.is_file() and sha256_of(path) == LBPCASCADE_SHA256:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(LBPCASCADE_URL, timeout=30) as resp, tmp.open("wb") as out:
+            shutil.copyfileobj(resp, out)
+    except OSError as exc:
+        raise DetectorUnavailable(
+            f"cannot download lbpcascade_animeface.xml ({exc}); set WAIFU_LBPCASCADE_PATH to a local copy"
+        ) from exc
+    digest = sha256_of(tmp)
+    if digest != LBPCASCADE_SHA256:
+        tmp.unlink(missing_ok=True)
+        raise DetectorUnavailable(f"downloaded lbpcascade_animeface.xml has sha256 {digest}, "
+                                  f"expected {LBPCASCADE_SHA256}: refused")
+    tmp.replace(path)
+    return path
+
+
+def load_cascade(path: Path):  # noqa: ANN201
+    import cv2
+
+    if not hasattr(cv2, "CascadeClassifier"):
+        raise DetectorUnavailable("this OpenCV build has no CascadeClassifier (OpenCV 5 wheels): install opencv 4.x")
+    key = str(path)
+    with _lock:
+        if key not in _cascades:
+            cascade = cv2.CascadeClassifier(key)
+            if cascade.empty():
+                raise DetectorUnavailable(f"OpenCV could not load the cascade {path}")
+            _cascades[key] = cascade
+        return _cascades[key]
+
+
+def detect_lbpcascade(image: Image.Image, settings: Settings | None = None, scale_factor: float = 1.1,
+                      min_neighbors: int = 5, min_size: int = 24) -> list[Detection]:
+    import cv2
+    import numpy as np
+
+    cascade = load_cascade(cascade_path(settings or get_settings()))
+    gray = cv2.equalizeHist(cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY))
+    boxes, neighbours = cascade.detectMultiScale2(gray, scaleFactor=scale_factor, minNeighbors=min_neighbors,
+                                                  minSize=(min_size, min_size))
+    return [Detection(int(x), int(y), int(w), int(h), "lbpcascade", float(n))
+            for (x, y, w, h), n in zip(boxes, neighbours, strict=False)]
+
+
+# ------------------------------------------------------------------------ animeface -----------
+def detect_animeface(image: Image.Image, min_likelihood: float = 0.0) -> list[Detection]:
+    import animeface
+
+    found = animeface.detect(image.convert("RGB"))
+    out = []
+    for face in found:
+        if face.likelihood < min_likelihood:
+            continue
+        box = face.face.pos
+        out.append(Detection(int(box.x), int(box.y), int(box.width), int(box.height), "animeface",
+                             float(face.likelihood)))
+    return out
+
+
+# ------------------------------------------------------------------------ union ---------------
+def overlap(a: Detection, b: Detection) -> float:
+    """Intersection over the smaller box: the two detectors frame the same face differently."""
+    ix = max(0, min(a.x + a.w, b.x + b.w) - max(a.x, b.x))
+    iy = max(0, min(a.y + a.h, b.y + b.h) - max(a.y, b.y))
+    smaller = min(a.area, b.area)
+    return (ix * iy) / smaller if smaller else 0.0
+
+
+def suppress(detections: list[Detection], threshold: float = 0.4) -> list[Detection]:
+    """Non-maximum suppression; animeface (which scores likelihood) wins over the cascade, then larger boxes."""
+    ranked = sorted(detections, key=lambda d: (d.detector != "animeface", -(d.score or 0), -d.area))
+    kept: list[Detection] = []
+    for det in ranked:
+        if all(overlap(det, k) < threshold for k in kept):
+            kept.append(det)
+    return sorted(kept, key=lambda d: (d.y, d.x))
+
+
+def single_pass(image: Image.Image, detector: str, settings: Settings) -> list[Detection]:
+    found: list[Detection] = []
+    if detector in ("animeface", "both"):
+        found += detect_animeface(image)
+    if detector in ("lbpcascade", "both"):
+        found += detect_lbpcascade(image, settings)
+    return suppress(found) if detector == "both" else found
+
+
+def upscaled_pass(image: Image.Image, detector: str, settings: Settings, factor: float) -> list[Detection]:
+    """Small faces (full-body pictures) fall under the detectors' minimum size: look again, larger."""
+    big = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.LANCZOS)
+    return [Detection(round(d.x / factor), round(d.y / factor), max(1, round(d.w / factor)),
+                      max(1, round(d.h / factor)), d.detector, d.score)
+            for d in single_pass(big, detector, settings)]
+
+
+def rotated_pass(image: Image.Image, detector: str, settings: Settings, angle: float) -> list[Detection]:
+    """Tilted heads: detect on a rotated copy, map each box's centre back into the original."""
+    import math
+
+    rotated = image.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=(255, 255, 255))
+    rad = math.radians(angle)
+    cos, sin = math.cos(rad), math.sin(rad)
+    out = []
+    for d in single_pass(rotated, detector, settings):
+        # PIL rotates counter-clockwise about the centre; invert that for the box centre
+        cx, cy = d.x + d.w / 2 - rotated.width / 2, d.y + d.h / 2 - rotated.height / 2
+        ox = cos * cx - sin * cy + image.width / 2
+        oy = sin * cx + cos * cy + image.height / 2
+        side = max(d.w, d.h)
+        x, y = round(ox - side / 2), round(oy - side / 2)
+        x, y = max(0, min(x, image.width - 1)), max(0, min(y, image.height - 1))
+        w, h = min(side, image.width - x), min(side, image.height - y)
+        if w > 0 and h > 0:
+            out.append(Detection(x, y, w, h, f"{d.detector}@rot{angle:+.0f}", d.score))
+    return out
+
+
+def detect_faces(image: Image.Image, detector: str = "both", settings: Settings | None = None) -> list[Detection]:
+    """Every face in `image`, in its own pixel coordinates.
+
+    When the plain pass finds nothing, fallback passes run (cost only on misses): an upscaled copy for
+    small faces, then rotated copies for tilted heads. WAIFU_DETECTOR_FALLBACKS=false turns them off.
+    """
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
+    settings = settings or get_settings()
+    image = image.convert("RGB")
+    result = single_pass(image, detector, settings)
+    if not result and settings.detector_fallbacks:
+        passes = [lambda: upscaled_pass(image, detector, settings, settings.detector_upscale)]
+        passes += [lambda a=a: rotated_pass(image, detector, settings, a) for a in settings.detector_angles]
+        for attempt in passes:
+            result = attempt()
+            if result:
+                break
+    log.debug(kv("detected", detector=detector, faces=len(result)))
+    return result
