@@ -1,0 +1,183 @@
+"""The face pipeline's plain functions on real illustrations, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from sqlmodel import select
+
+from db.engine import session_scope
+from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, Split
+from tests.fake_safebooru import RAW_DIR
+from waifu.characters import add_characters
+from waifu.settings import get_settings
+from worker.faces import detect_post, label_for, resize_face, set_manual_label, split_for
+
+MAKI = RAW_DIR / "nishikino_maki" / "1.png"
+RIKO = RAW_DIR / "sakurauchi_riko" / "1.jpg"
+
+
+def store_post(post_id: int, data: bytes, tags: list[str], suffix: str = "png") -> int:
+    """A post as the download step leaves it: file stored by hash, row `downloaded`, linked to `tags`."""
+    settings = get_settings()
+    md5 = hashlib.md5(data).hexdigest()
+    relative = Path("images") / md5[:2] / f"{md5}.{suffix}"
+    (settings.data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / relative).write_bytes(data)
+    with session_scope() as session:
+        session.add(Post(id=post_id, md5=md5, file_url=f"https://safebooru.org//images/1/{md5}.{suffix}",
+                         tags=" ".join(tags), state=PostState.downloaded, stored_path=relative.as_posix()))
+        session.flush()
+        for tag in tags:
+            character = session.exec(select(Character).where(Character.tag == tag)).first()
+            if character:
+                session.add(PostCharacter(post_id=post_id, character_id=character.id))
+    return post_id
+
+
+def run_pipeline(post_id: int) -> list[Face]:
+    settings = get_settings()
+    outcome = detect_post(post_id, settings)
+    for face_id in outcome.face_ids:
+        resize_face(face_id, settings)
+    with session_scope() as session:
+        return list(session.exec(select(Face).where(Face.post_id == post_id).order_by(Face.id)).all())
+
+
+def post_row(post_id: int) -> Post:
+    with session_scope() as session:
+        return session.get(Post, post_id)
+
+
+@pytest.fixture
+def chars(service_env) -> list[str]:
+    add_characters(["nishikino_maki", "sakurauchi_riko"])
+    return ["nishikino_maki", "sakurauchi_riko"]
+
+
+def side_by_side(*paths: Path) -> bytes:
+    images = [Image.open(p).convert("RGB") for p in paths]
+    height = min(im.height for im in images)
+    images = [im.resize((round(im.width * height / im.height), height)) for im in images]
+    canvas = Image.new("RGB", (sum(im.width for im in images), height), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_one_character_one_face_is_labelled_by_tag(chars) -> None:
+    post_id = store_post(1, MAKI.read_bytes(), ["nishikino_maki", "1girl"])
+    faces = run_pipeline(post_id)
+    assert len(faces) == 1
+    face = faces[0]
+    assert face.state == FaceState.ready
+    assert face.label == "nishikino_maki" and face.label_source == LabelSource.tag
+    assert face.split in (Split.train, Split.test) and face.split == split_for(face.sha256, 0.15)
+    crop = get_settings().data_dir / face.path
+    assert crop.name == f"{face.sha256}.png"
+    assert hashlib.sha256(crop.read_bytes()).hexdigest() == face.sha256
+    assert Image.open(crop).size == (96, 96)
+    assert face.crop_right - face.crop_left == face.crop_bottom - face.crop_top
+    row = post_row(post_id)
+    assert row.state == PostState.done and row.faces == 1
+    # a repeated message is a no-op
+    assert detect_post(post_id, get_settings()).face_ids == []
+
+
+def test_every_face_is_kept_and_several_faces_are_ambiguous(chars) -> None:
+    post_id = store_post(2, side_by_side(MAKI, RIKO), ["nishikino_maki"])
+    faces = run_pipeline(post_id)
+    assert len(faces) >= 2
+    assert all(f.state == FaceState.ready and f.label is None for f in faces)
+    assert all(f.label_source == LabelSource.ambiguous for f in faces)
+    assert post_row(post_id).faces == len(faces)
+
+
+def test_two_tracked_characters_make_the_face_ambiguous(chars) -> None:
+    faces = run_pipeline(store_post(3, MAKI.read_bytes(), ["nishikino_maki", "sakurauchi_riko"]))
+    assert [f.label_source for f in faces] == [LabelSource.ambiguous]
+
+
+def test_post_without_a_face_ends_done_with_zero_faces(chars) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (400, 300), (200, 220, 240)).save(buffer, format="PNG")
+    post_id = store_post(4, buffer.getvalue(), ["nishikino_maki"])
+    assert run_pipeline(post_id) == []
+    row = post_row(post_id)
+    assert row.state == PostState.done and row.faces == 0 and row.reason == "no face found"
+
+
+def test_unreadable_stored_file_fails_the_post_with_a_reason(chars) -> None:
+    post_id = store_post(5, b"this is not an image at all", ["nishikino_maki"])
+    run_pipeline(post_id)
+    row = post_row(post_id)
+    assert row.state == PostState.failed and "face detection failed" in row.reason
+
+
+def test_manual_label_and_reject_override_the_automatic_label(chars) -> None:
+    face = run_pipeline(store_post(6, MAKI.read_bytes(), ["nishikino_maki", "sakurauchi_riko"]))[0]
+    assert face.label_source == LabelSource.ambiguous
+    labelled = set_manual_label(face.id, "nishikino_maki")
+    assert labelled.label == "nishikino_maki" and labelled.label_source == LabelSource.manual
+    rejected = set_manual_label(face.id, None)
+    assert rejected.state == FaceState.rejected and rejected.label is None
+    with pytest.raises(LookupError, match="not a tracked character"):
+        set_manual_label(face.id, "someone_else")
+    with pytest.raises(LookupError, match="no face"):
+        set_manual_label(999_999, "nishikino_maki")
+
+
+def test_near_duplicate_repost_follows_its_original(chars) -> None:
+    original = run_pipeline(store_post(7, MAKI.read_bytes(), ["nishikino_maki"]))[0]
+    image = Image.open(MAKI).convert("RGB")
+    smaller = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    smaller.save(buffer, format="JPEG", quality=70)  # re-encoded, resized, recompressed
+    copy = run_pipeline(store_post(8, buffer.getvalue(), ["nishikino_maki"], suffix="jpg"))[0]
+    assert copy.sha256 != original.sha256
+    assert copy.duplicate_of == original.id
+    assert copy.split == original.split
+
+    other = run_pipeline(store_post(9, RIKO.read_bytes(), ["sakurauchi_riko"]))[0]
+    assert other.duplicate_of is None
+
+
+def test_split_is_stable_across_runs_with_new_data_in_between(chars, tmp_path) -> None:
+    first = run_pipeline(store_post(10, MAKI.read_bytes(), ["nishikino_maki"]))
+    before = {f.sha256: f.split for f in first}
+    for i, path in enumerate(sorted((RAW_DIR / "sakurauchi_riko").iterdir())[1:4]):
+        run_pipeline(store_post(20 + i, path.read_bytes(), ["sakurauchi_riko"], suffix=path.suffix[1:]))
+    # processing the same picture again from scratch (a second run) gives the same split
+    with session_scope() as session:
+        for face in session.exec(select(Face)).all():
+            session.delete(face)
+        post = session.get(Post, 10)
+        post.state = PostState.downloaded
+    again = run_pipeline(10)
+    assert {f.sha256: f.split for f in again} == before
+
+
+def test_split_for_is_deterministic_and_near_85_15() -> None:
+    rng = random.Random(7)
+    hashes = [hashlib.sha256(rng.randbytes(16)).hexdigest() for _ in range(20000)]
+    splits = [split_for(h, 0.15) for h in hashes]
+    assert splits == [split_for(h, 0.15) for h in hashes]
+    share = splits.count(Split.test) / len(splits)
+    assert 0.14 <= share <= 0.16
+
+
+def test_label_rule() -> None:
+    assert label_for(["maki"], 1) == ("maki", LabelSource.tag)
+    assert label_for(["maki"], 2) == (None, LabelSource.ambiguous)
+    assert label_for(["maki", "riko"], 1) == (None, LabelSource.ambiguous)
+    assert label_for([], 1) == (None, LabelSource.ambiguous)
+
