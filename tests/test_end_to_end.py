@@ -50,11 +50,14 @@ def posts_by_state() -> dict[str, int]:
         return counts
 
 
+PENDING = (PostState.discovered, PostState.downloaded, PostState.detected)
+
+
 def all_settled(expected: int) -> Callable[[], bool]:
-    """True once `expected` posts exist and none is still `discovered`."""
+    """True once `expected` posts exist and every one is in a terminal state (done, failed, skipped)."""
     def check() -> bool:
         counts = posts_by_state()
-        return sum(counts.values()) == expected and counts.get(PostState.discovered, 0) == 0
+        return sum(counts.values()) == expected and not any(counts.get(s, 0) for s in PENDING)
     return check
 
 
@@ -90,7 +93,7 @@ async def test_full_run_downloads_every_image_once(fake: FakeSafebooru, service_
 
     start_worker(extra_env={"WAIFU_SAFEBOORU_URL": fake.base_url})
     total = len(posts) + 2
-    await wait_for(all_settled(total), 240, "every post to leave `discovered`")
+    await wait_for(all_settled(total), 400, "every post to reach a terminal state")
 
     settings_data = Path(service_env["WAIFU_DATA_DIR"])
     links = character_links()
@@ -107,7 +110,7 @@ async def test_full_run_downloads_every_image_once(fake: FakeSafebooru, service_
             assert row.state == PostState.skipped and row.duplicate_of == originals[fp.md5]
             assert fake.file_hits.get(fp.id, 0) == 0
             continue
-        assert row.state == PostState.downloaded, (fp.id, row.state, row.reason)
+        assert row.state == PostState.done, (fp.id, row.state, row.reason)
         stored = settings_data / row.stored_path
         assert stored.stem == fp.md5, "files are named by content hash, not by the remote name"
         assert hashlib.md5(stored.read_bytes()).hexdigest() == fp.md5
@@ -119,12 +122,19 @@ async def test_full_run_downloads_every_image_once(fake: FakeSafebooru, service_
     code, out, err = await run_cli(env, "status", "--json")
     assert code == 0, err
     status = json.loads(out)
-    assert status["posts"]["downloaded"] == len(originals) == len(posts) - 1
+    assert status["posts"]["done"] == len(originals) == len(posts) - 1
     assert status["posts"]["skipped"] == 1
     assert status["posts"]["failed"] == 2
     assert {r["count"] for r in status["failure_reasons"]} == {1}
     assert set(status["characters"]) == set(tags)
-    assert status["queues"]["io"] == 0
+    assert status["queues"]["io"] == 0 and status["queues"]["cpu"] == 0
+    # the face pipeline ran behind the downloads: faces are cropped, labelled and split
+    faces = status["faces"]
+    assert faces["states"]["ready"] >= len(originals) * 0.9
+    assert faces["states"]["detected"] == 0
+    assert faces["label_sources"]["tag"] >= len(originals) * 0.7
+    assert faces["posts_without_face"] <= len(originals) * 0.05
+    assert set(faces["per_character"]) <= set(tags)
 
 
 async def test_lost_messages_are_reconciled(fake: FakeSafebooru, service_env: dict[str, str], start_worker,
@@ -148,6 +158,6 @@ async def test_lost_messages_are_reconciled(fake: FakeSafebooru, service_env: di
     assert redis_client.llen("io") == len(posts)
 
     start_worker(extra_env={"WAIFU_SAFEBOORU_URL": fake.base_url})
-    await wait_for(all_settled(len(posts)), 180, "reconciled posts to download")
-    assert posts_by_state() == {PostState.downloaded: len(posts)}
+    await wait_for(all_settled(len(posts)), 240, "reconciled posts to be processed")
+    assert posts_by_state() == {PostState.done: len(posts)}
     assert all(fake.file_hits[p.id] == 1 for p in posts)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def downloaded_count(url: str) -> int:
     try:
         with Session(engine_for(url)) as session:
-            return len(session.exec(select(Post).where(Post.state == PostState.downloaded)).all())
+            return len(session.exec(select(Post).where(Post.state == PostState.done)).all())
     except Exception:  # the file or its tables may not exist yet
         return 0
 
