@@ -11,7 +11,7 @@ from tests.fake_safebooru import RAW_DIR, SHARED_DIR, shared_images
 from waifu.settings import Settings
 from worker import detect
 from worker.detect import DetectorUnavailable, detect_animeface, detect_faces, detect_lbpcascade, suppress
-from worker.imaging import annotate, crop_face, square_crop_box
+from worker.imaging import annotate, crop_face, square_crop_box, to_rgb
 
 CASCADE = SHARED_DIR / "models" / "lbpcascade_animeface.xml"
 # illustrations in which both detectors find a face (checked by hand with `waifu detect --annotate`)
@@ -29,7 +29,7 @@ def raw_detections(settings: Settings) -> dict[str, dict[str, list]]:
     """Both detectors on every raw illustration, computed once (about a minute on one core)."""
     out = {}
     for _tag, path in shared_images():
-        image = Image.open(path).convert("RGB")
+        image = to_rgb(Image.open(path))
         out[str(path)] = {"animeface": detect_animeface(image), "lbpcascade": detect_lbpcascade(image, settings),
                           "size": image.size}
     return out
@@ -54,7 +54,7 @@ def test_detection_rates_match_the_measured_figures(raw_detections: dict) -> Non
 @pytest.mark.parametrize("which", ["animeface", "lbpcascade"])
 def test_each_detector_really_finds_faces(settings: Settings, name: str, which: str) -> None:
     """Fails loudly when a library pin breaks a detector silently (Pillow >= 12, OpenCV 5 wheels)."""
-    image = Image.open(RAW_DIR / name).convert("RGB")
+    image = to_rgb(Image.open(RAW_DIR / name))
     found = detect_faces(image, which, Settings(_env_file=None, lbpcascade_path=CASCADE, detector_fallbacks=False))
     assert found, f"{which} found no face on {name}: check the Pillow (<12) and OpenCV (4.x) pins"
 

@@ -181,3 +181,16 @@ def test_label_rule() -> None:
     assert label_for(["maki", "riko"], 1) == (None, LabelSource.ambiguous)
     assert label_for([], 1) == (None, LabelSource.ambiguous)
 
+
+
+def test_missing_detector_model_leaves_the_post_waiting(chars, monkeypatch) -> None:
+    from waifu.settings import reset_settings_cache
+
+    monkeypatch.setenv("WAIFU_LBPCASCADE_PATH", "/nonexistent/lbpcascade_animeface.xml")
+    monkeypatch.setenv("WAIFU_DETECTOR", "lbpcascade")
+    reset_settings_cache()
+    post_id = store_post(40, MAKI.read_bytes(), ["nishikino_maki"])
+    assert run_pipeline(post_id) == []
+    row = post_row(post_id)
+    assert row.state == PostState.downloaded, "a machine problem must not fail the image"
+    assert "waiting for the detector" in row.reason and "WAIFU_LBPCASCADE_PATH" in row.reason

@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 from db.engine import engine_for
 from db.models import Post, PostState
 from tests.conftest import PROJECT_ROOT
-from tests.fake_safebooru import FakeSafebooru, load_shared
+from tests.fake_safebooru import SHARED_DIR, FakeSafebooru, load_shared
 from tests.test_end_to_end import run_cli
 
 pytestmark = pytest.mark.slow
@@ -40,27 +40,34 @@ async def test_run_uses_embedded_redis_collects_and_stops_cleanly(fake: FakeSafe
         "WAIFU_SAFEBOORU_URL": fake.base_url,
         "WAIFU_REQUESTS_PER_SECOND": "20",
         "WAIFU_DOWNLOADS_PER_SECOND": "50",
+        "WAIFU_LBPCASCADE_PATH": str(SHARED_DIR / "models" / "lbpcascade_animeface.xml"),
     }
     assert (await run_cli(env, "characters", "add", *tags))[0] == 0
 
+    log_path = tmp_path / "run.log"  # a file, not a pipe: nobody must block on a full pipe
+    log_file = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "waifu.cli", "run", env={**os.environ, **env}, cwd=PROJECT_ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        stdout=log_file, stderr=log_file, start_new_session=True,
     )
     url = f"sqlite:///{data_dir / 'waifu.db'}"
     try:
         deadline = time.monotonic() + 180
         while downloaded_count(url) < len(posts):
-            assert proc.returncode is None, "waifu run exited early"
-            assert time.monotonic() < deadline, f"only {downloaded_count(url)} of {len(posts)} downloaded"
+            assert proc.returncode is None, "waifu run exited early: " + log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, (f"only {downloaded_count(url)} of {len(posts)} done: "
+                                                 + log_path.read_text()[-3000:])
             await asyncio.sleep(0.5)
         assert (data_dir / "redis" / "redis.log").exists(), "the embedded Redis keeps its files in the data dir"
 
         proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal does
-        stderr = (await asyncio.wait_for(proc.communicate(), 90))[1].decode()
+        await asyncio.wait_for(proc.wait(), 90)
     finally:
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        log_file.close()
+    stderr = log_path.read_text(errors="replace")
     assert proc.returncode == 0, stderr[-3000:]
     for child in ("worker-io-cpu", "worker-train", "beat", "scraper"):
         assert f"stopped child={child}" in stderr

@@ -14,7 +14,7 @@ from rich.table import Table
 def detect_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, detector: str,
                  console: Console) -> list[dict]:
     from worker.detect import detect_faces, pin_opencv_threads
-    from worker.imaging import annotate
+    from worker.imaging import annotate, to_rgb
 
     pin_opencv_threads()
     results = []
@@ -23,7 +23,7 @@ def detect_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, de
     for path in track(paths, description="detecting", console=console, disable=as_json or len(paths) < 3):
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB")
+                image = to_rgb(im)
         except Exception as exc:
             results.append({"path": str(path), "error": f"not an image: {exc}", "faces": []})
             continue

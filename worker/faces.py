@@ -77,9 +77,11 @@ def open_post_image(post: Post, settings: Settings) -> Image.Image:
         raise FileNotFoundError(f"post {post.id} has no stored file")
     path = settings.data_dir / post.stored_path
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    from worker.imaging import to_rgb
+
     with Image.open(path) as im:
         im.load()
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -97,7 +99,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 # ------------------------------------------------------------------------ steps ---------------
 def detect_post(post_id: int, settings: Settings) -> DetectOutcome:
     """Detects every face of a downloaded post; a post without a face ends `done` with faces=0."""
-    from worker.detect import detect_faces, pin_opencv_threads
+    from worker.detect import DetectorUnavailable, detect_faces, pin_opencv_threads
     from worker.imaging import square_crop_box
 
     pin_opencv_threads()
@@ -108,6 +110,12 @@ def detect_post(post_id: int, settings: Settings) -> DetectOutcome:
         try:
             image = open_post_image(post, settings)
             detections = detect_faces(image, settings.detector)
+        except DetectorUnavailable as exc:
+            # the machine's fault, not the image's: the row waits (reconcile retries it), it does not fail
+            post.reason = f"waiting for the detector: {exc}"
+            post.updated_at = utcnow()
+            log.error(kv("detector unavailable", post=post.id, error=exc))
+            return DetectOutcome(post.state)
         except Exception as exc:  # a bad file must not stop the queue; the row says what happened
             post.attempts += 1
             transition(post, PostState.failed, f"face detection failed: {type(exc).__name__}: {exc}")

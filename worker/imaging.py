@@ -9,6 +9,15 @@ from worker.detect import Detection
 BOX_COLOURS = {"animeface": (255, 64, 64), "lbpcascade": (64, 160, 255)}
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB on white: palette/alpha images are composed first (transparent areas would turn black)."""
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
 def square_crop_box(det: Detection, image_size: tuple[int, int], margin: float = 0.2) -> tuple[int, int, int, int]:
     """A square around the face, `margin` of its side added on every side, shifted/shrunk to fit the image.
 
