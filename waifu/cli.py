@@ -220,6 +220,40 @@ def reconcile(
     console.print(", ".join(f"{state}: {n} re-enqueued" for state, n in counts.items()))
 
 
+@app.command()
+def healthcheck(
+    http: Annotated[str, typer.Option(help="Also require this URL to answer (any status below 500)")] = "",
+) -> None:
+    """Exit 0 when the database is migrated and the broker answers (container HEALTHCHECK)."""
+    from alembic.script import ScriptDirectory
+
+    from db.migrate import alembic_config, current_revision
+    from waifu.runner import broker_reachable
+
+    settings = get_settings()
+    problems = []
+    try:
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        if current_revision() != head:
+            problems.append(f"database not at migration head {head}")
+    except Exception as exc:  # any failure to reach the database is the answer
+        problems.append(f"database unreachable: {exc}")
+    if not broker_reachable(settings.broker_url):
+        problems.append(f"broker unreachable at {settings.broker_url}")
+    if http:
+        import httpx
+
+        try:
+            if httpx.get(http, timeout=5).status_code >= 500:  # 401 is fine: auth is on, the server is up
+                problems.append(f"{http} answers with a server error")
+        except httpx.HTTPError as exc:
+            problems.append(f"{http} unreachable: {exc}")
+    if problems:
+        err.print("unhealthy: " + "; ".join(problems))
+        raise typer.Exit(1)
+    console.print("healthy")
+
+
 # ---------------------------------------------------------------------------------- faces ----
 @faces_app.command("label")
 def faces_label(face_id: int, tag: str) -> None:
