@@ -28,6 +28,7 @@ lint: install
 
 bench: install
 	$(PY) -m bench.collect
+	$(PY) -m bench.faces
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
