@@ -10,12 +10,12 @@ BOX_COLOURS = {"animeface": (255, 64, 64), "lbpcascade": (64, 160, 255)}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB on white: palette/alpha images are composed first (transparent areas would turn black)."""
+    """RGB with alpha dropped, as OpenCV's imread does: the detectors' published rates were measured so
+    (composing on white lowered lbpcascade from 92.5 % to 88.8 % on the shared set). Going through RGBA
+    keeps palette transparency from warning."""
     if image.mode == "RGB":
         return image
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGBA").convert("RGB") if image.mode in ("P", "PA", "LA") else image.convert("RGB")
 
 
 def square_crop_box(det: Detection, image_size: tuple[int, int], margin: float = 0.2) -> tuple[int, int, int, int]:
