@@ -161,3 +161,27 @@ async def test_lost_messages_are_reconciled(fake: FakeSafebooru, service_env: di
     await wait_for(all_settled(len(posts)), 240, "reconciled posts to be processed")
     assert posts_by_state() == {PostState.done: len(posts)}
     assert all(fake.file_hits[p.id] == 1 for p in posts)
+
+
+async def test_scrape_polls_until_sigterm_and_stops_cleanly(fake: FakeSafebooru, service_env: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    import signal
+
+    posts = load_shared(fake, limit_per_tag=2)
+    tags = sorted({p.tags.split()[1] for p in posts})
+    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_POLL_INTERVAL": "0.5"}
+    assert (await run_cli(env, "characters", "add", *tags))[0] == 0
+    log_path = tmp_path / "scrape.log"
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "waifu.cli", "scrape", env={**os.environ, **env}, cwd=PROJECT_ROOT,
+            stdout=log_file, stderr=log_file,
+        )
+        # it keeps polling: after the first pass, idle polls go on at the interval (one request per tag)
+        await wait_for(lambda: len(fake.api_requests()) >= 3 * len(tags), 60, "several polls")
+        assert len(character_links()) == len(posts)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)
+    log = log_path.read_text()
+    assert proc.returncode == 0, log[-2000:]
+    assert "scraper stopped" in log and "Traceback" not in log
