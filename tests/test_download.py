@@ -13,15 +13,61 @@ import threading
 import time
 
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from db.engine import session_scope
 from db.models import Post, PostState
 from tests.fake_safebooru import FakePost, FakeSafebooru, load_shared
-from tests.test_scraper_client import max_in_window
 from waifu.settings import Settings, get_settings, reset_settings_cache
 from worker.download import download_post
-from worker.hostlimit import wait_for_slot
+from worker.hostlimit import rate_item, wait_for_slot
+
+
+class StreamingFake(FakeSafebooru):
+    """The fake plus two file faults this module needs: "chunked" (no Content-Length, so the size cap can
+    only be enforced on the running count) and "429_once" (rate limited once, with a Retry-After)."""
+
+    retry_after_file: str = "7"
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        post = next((p for p in self.posts.values() if p.image == name), None)
+        if post is None or post.fault not in ("chunked", "429_once"):
+            return await super()._file(request)
+        self._record(request)
+        self.file_hits[post.id] = self.file_hits.get(post.id, 0) + 1
+        if post.fault == "429_once" and self.file_hits[post.id] == 1:
+            return web.Response(status=429, text="slow down", headers={"Retry-After": self.retry_after_file})
+        if post.fault == "429_once":
+            return web.Response(body=post.data, content_type="image/png")
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(post.data), 4096):
+            await response.write(post.data[start : start + 4096])
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def fake() -> StreamingFake:
+    """Overrides conftest's fake for this module with the subclass above."""
+    site = StreamingFake()
+    await site.start()
+    yield site
+    await site.stop()
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """Most events inside any sliding window of `window` seconds."""
+    times = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
 
 
 @pytest.fixture
@@ -69,15 +115,21 @@ def new(fake: FakeSafebooru, data: bytes, **kw) -> FakePost:
 
 
 async def test_good_file_is_stored_by_hash_and_verified(dl_settings, fake, good) -> None:
-    row = await run_download(list_post(fake, good), dl_settings)
+    outcome = await asyncio.to_thread(download_post, list_post(fake, good), dl_settings)
+    assert outcome.state is PostState.downloaded and outcome.retry_in is None
+    with session_scope() as session:
+        row = session.get(Post, good.id)
     assert row.state == PostState.downloaded and row.reason is None and row.attempts == 1
     stored = dl_settings.data_dir / row.stored_path
     assert stored.name == f"{good.md5}.png" and stored.parent.name == good.md5[:2]
     assert hashlib.md5(stored.read_bytes()).hexdigest() == good.md5
     assert row.file_size == len(good.data)
     # a duplicate message is a no-op: no second request
-    assert (await asyncio.to_thread(download_post, good.id, dl_settings)).state == PostState.downloaded
+    again = await asyncio.to_thread(download_post, good.id, dl_settings)
+    assert again.state is PostState.downloaded
     assert fake.file_hits[good.id] == 1
+    with session_scope() as session:
+        assert session.get(Post, good.id).attempts == 1
 
 
 @pytest.mark.parametrize(
@@ -97,6 +149,7 @@ async def test_good_file_is_stored_by_hash_and_verified(dl_settings, fake, good)
     ids=["md5-mismatch", "html", "not-image", "pixel-bomb", "offsite-redirect", "404", "truncated"],
 )
 async def test_bad_input_fails_with_reason_and_good_row_goes_on(dl_settings, fake, good, make, reason) -> None:
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     bad = make(fake, good)
     bad_id, good_id = list_post(fake, bad), list_post(fake, good)
     bad_row = await run_download(bad_id, dl_settings)
@@ -107,21 +160,27 @@ async def test_bad_input_fails_with_reason_and_good_row_goes_on(dl_settings, fak
     assert good_row.state == PostState.downloaded
     leftovers = [p.name for p in dl_settings.images_dir.rglob(".download-*")]
     assert leftovers == [], "temp files must be cleaned up"
+    assert pillow_limit == Image.MAX_IMAGE_PIXELS, "Pillow's own bomb guard must be restored for the process"
 
 
 async def test_image_name_with_path_traversal_is_refused_before_any_request(dl_settings, fake, good) -> None:
     evil = new(fake, good.data + b"e")
     row = await run_download(list_post(fake, evil, image="../../../etc/passwd.jpg"), dl_settings)
-    assert row.state == PostState.failed and "unsafe image name" in row.reason
+    assert row.state == PostState.failed and "unsafe image name" in row.reason and "../" in row.reason
     assert fake.file_hits.get(evil.id, 0) == 0
+    assert (await run_download(list_post(fake, good), dl_settings)).state == PostState.downloaded
 
 
 async def test_url_off_the_allow_list_is_refused(dl_settings, fake, good) -> None:
     with session_scope() as session:
         session.add(Post(id=1, md5=good.md5, file_url="https://evil.example.org/x.jpg"))
         session.add(Post(id=2, md5=good.md5[::-1], file_url="file:///etc/passwd"))
+        session.add(Post(id=3, md5=good.md5[::-1], file_url=f"{fake.base_url}/images/1000/%2e%2e/secret.jpg"))
     assert "not on the allow-list" in (await run_download(1, dl_settings)).reason
     assert "refused URL scheme 'file'" in (await run_download(2, dl_settings)).reason
+    assert "path traversal in URL refused" in (await run_download(3, dl_settings)).reason
+    assert fake.file_requests() == [], "refused before any request"
+    assert (await run_download(list_post(fake, good), dl_settings)).state == PostState.downloaded
 
 
 async def test_same_host_redirect_is_followed(dl_settings, fake, good) -> None:
@@ -153,11 +212,48 @@ async def test_same_md5_under_another_id_is_skipped(dl_settings, fake, good) -> 
     assert fake.file_hits.get(repost.id, 0) == 0
 
 
-async def test_size_cap_is_enforced_while_streaming(dl_settings, fake, good, monkeypatch) -> None:
-    monkeypatch.setenv("WAIFU_MAX_DOWNLOAD_BYTES", str(len(good.data) - 1))
+async def test_429_retry_after_is_honoured(dl_settings, fake, good) -> None:
+    limited = new(fake, good.data + b"9", fault="429_once")
+    limited.announced_md5 = None
+    first = await asyncio.to_thread(download_post, list_post(fake, limited), dl_settings)
+    assert first.state is PostState.discovered and first.retry_in == 7.0 and "HTTP 429" in first.reason
+    # PNG with trailing bytes still loads: the retry stores it
+    assert (await run_download(limited.id, dl_settings)).state == PostState.downloaded
+
+
+@pytest.mark.parametrize("fault", [None, "chunked"], ids=["content-length", "running-count"])
+async def test_size_cap_is_enforced_while_streaming(dl_settings, fake, good, monkeypatch, fault) -> None:
+    monkeypatch.setenv("WAIFU_MAX_DOWNLOAD_BYTES", str(len(good.data) + 1000))
     reset_settings_cache()
-    row = await run_download(list_post(fake, good), get_settings())
-    assert row.state == PostState.failed and "byte cap" in row.reason
+    settings = get_settings()
+    big = new(fake, good.data + bytes(50_000), fault=fault)
+    bad_row = await run_download(list_post(fake, big), settings)
+    good_row = await run_download(list_post(fake, good), settings)
+    assert bad_row.state == PostState.failed and bad_row.stored_path is None
+    expected = f"file is {len(big.data)} bytes, over the" if fault is None else "(stopped after"
+    assert expected in bad_row.reason and f"{len(good.data) + 1000} byte cap" in bad_row.reason
+    assert good_row.state == PostState.downloaded
+    assert list(settings.images_dir.rglob(".download-*")) == []
+
+
+async def test_chunked_body_without_length_is_stored(dl_settings, fake, good) -> None:
+    chunked = new(fake, good.data + b"c", fault="chunked")
+    row = await run_download(list_post(fake, chunked), dl_settings)
+    assert row.state == PostState.downloaded and row.file_size == len(chunked.data)
+    assert hashlib.md5((dl_settings.data_dir / row.stored_path).read_bytes()).hexdigest() == chunked.md5
+
+
+async def test_unexpected_error_fails_the_row_with_its_text(dl_settings, fake, good) -> None:
+    dl_settings.data_dir.mkdir(parents=True, exist_ok=True)
+    dl_settings.images_dir.write_text("a file where the images dir should be")
+    row = await run_download(list_post(fake, good), dl_settings)
+    assert row.state == PostState.failed and row.reason.startswith("unexpected error: FileExistsError")
+
+
+def test_fractional_rates_become_whole_seconds() -> None:
+    assert (rate_item(2).amount, rate_item(2).multiples) == (2, 1)
+    assert (rate_item(0.5).amount, rate_item(0.5).multiples) == (1, 2)
+    assert (rate_item(0.25).amount, rate_item(0.25).multiples) == (1, 4)
 
 
 def test_host_limit_is_shared_across_threads(service_env, monkeypatch: pytest.MonkeyPatch, redis_client) -> None:
@@ -168,17 +264,17 @@ def test_host_limit_is_shared_across_threads(service_env, monkeypatch: pytest.Mo
     lock = threading.Lock()
 
     def hammer() -> None:
-        deadline = time.monotonic() + 2.6
+        deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
             wait_for_slot("img.example", settings)
             with lock:
                 grants.append(time.monotonic())
 
-    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(grants) >= 5
+    assert len(grants) >= 6, "the limit must let the rate through, not just block"
     # grants are timestamped after the call returns: allow 20 ms of measurement jitter on the window
     assert max_in_window(grants, window=0.98) <= 2

@@ -11,7 +11,10 @@ import logging
 import os
 import random
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -31,7 +34,8 @@ from worker.hostlimit import wait_for_slot
 log = logging.getLogger("waifu.download")
 
 STORED_STATES = (PostState.downloaded, PostState.detected, PostState.done)
-FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
+# MPO is how Pillow reports multi-picture JPEGs (camera files): still a .jpg
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
 CHUNK = 64 * 1024
 
 
@@ -49,9 +53,14 @@ class Transient(Exception):
 
 @dataclass
 class DownloadOutcome:
-    state: str | None
-    retry_in: float | None = None
+    state: PostState | None
+    retry_in: float | None = None  # seconds after which the caller should call again
     reason: str | None = None
+
+
+def outcome(post: Post) -> DownloadOutcome:
+    """The row's state as a PostState (a freshly loaded row holds the plain string) and its reason."""
+    return DownloadOutcome(PostState(post.state), reason=post.reason)
 
 
 @dataclass
@@ -100,10 +109,35 @@ def describe_start(head: bytes) -> str:
     return f"starts with {text[:16]!r}"
 
 
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextmanager
+def own_pixel_check() -> Iterator[None]:
+    """Pillow's own bomb guard raises before the size is known; lift it around our open only (we check the
+    size ourselves, with a readable reason) and restore it, so other code in the process keeps its guard."""
+    with _PILLOW_LIMIT:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def read_head(path: Path, size: int = 64) -> bytes:
+    with path.open("rb") as f:
+        return f.read(size)
+
+
 def verify_image(path: Path, settings: Settings) -> tuple[str, int, int]:
     """Returns (format, width, height); refuses non-images and pixel bombs before decoding them."""
-    head = path.read_bytes()[:64]
-    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, with a readable reason
+    with own_pixel_check():
+        return _verify_image(path, settings)
+
+
+def _verify_image(path: Path, settings: Settings) -> tuple[str, int, int]:
+    fmt = ""
     try:
         with Image.open(path) as im:
             fmt, (width, height) = im.format or "", im.size
@@ -117,7 +151,7 @@ def verify_image(path: Path, settings: Settings) -> tuple[str, int, int]:
     except Refused:
         raise
     except UnidentifiedImageError as exc:
-        raise Refused(f"not an image: {describe_start(head)}") from exc
+        raise Refused(f"not an image: {describe_start(read_head(path))}") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise Refused(f"broken image ({fmt or 'unknown format'}): {exc}") from exc
     if fmt not in FORMAT_EXTENSIONS:
@@ -132,7 +166,7 @@ def fetch(url: str, settings: Settings, workdir: Path) -> Fetched:
                       headers={"User-Agent": "waifu-collector/0.1"}) as client:
         for _hop in range(settings.max_redirects + 1):
             host = check_url(url, settings)
-            wait_for_slot(host, settings)
+            take_slot(host, settings)
             try:
                 with client.stream("GET", url) as resp:
                     if resp.is_redirect:
@@ -152,6 +186,14 @@ def fetch(url: str, settings: Settings, workdir: Path) -> Fetched:
             except httpx.TransportError as exc:
                 raise Transient(f"network error: {type(exc).__name__}: {exc}") from exc
         raise Refused(f"more than {settings.max_redirects} redirects")
+
+
+def take_slot(host: str, settings: Settings) -> None:
+    """Waits for the shared per-host limit; a Redis outage is worth a retry, not a failed row."""
+    try:
+        wait_for_slot(host, settings)
+    except Exception as exc:  # redis.exceptions.* (and limits' own storage errors)
+        raise Transient(f"host rate limiter unavailable: {type(exc).__name__}: {exc}") from exc
 
 
 def check_status(resp: httpx.Response) -> None:
@@ -198,6 +240,8 @@ def stream_to_file(resp: httpx.Response, settings: Settings, workdir: Path) -> F
 # ------------------------------------------------------------------------- the step -----------
 def find_original(session, post: Post) -> int | None:  # noqa: ANN001
     """An earlier stored post with the same md5 makes this one a repost."""
+    if not post.md5:
+        return None  # an empty md5 would match every other empty one
     return session.exec(
         select(Post.id).where(Post.md5 == post.md5, Post.id != post.id, col(Post.state).in_(STORED_STATES))
         .order_by(Post.id)
@@ -217,14 +261,13 @@ def download_post(post_id: int, settings: Settings) -> DownloadOutcome:
         if post is None:
             return DownloadOutcome(None, reason="no such post")
         if post.state != PostState.discovered:
-            return DownloadOutcome(post.state)  # a duplicate message: already handled
+            return outcome(post)  # a duplicate message: already handled
         post.attempts += 1
         original = find_original(session, post)
         if original is not None:
-            transition(post, PostState.skipped, f"duplicate of post {original} (same md5 {post.md5})")
-            post.duplicate_of = original
-            return DownloadOutcome(post.state, reason=post.reason)
-        url, md5, attempts = post.file_url, post.md5, post.attempts
+            skip_as_duplicate(post, original)
+            return outcome(post)
+        url, md5, attempts = post.file_url, (post.md5 or "").strip().lower(), post.attempts
         image_name = post.image
 
     fetched: Fetched | None = None
@@ -233,9 +276,10 @@ def download_post(post_id: int, settings: Settings) -> DownloadOutcome:
         settings.images_dir.mkdir(parents=True, exist_ok=True)
         fetched = fetch(url, settings, settings.images_dir)
         if fetched.md5 != md5:
-            raise Refused(f"md5 mismatch: API announced {md5}, file is {fetched.md5}")
+            raise Refused(f"md5 mismatch: API announced {md5 or 'nothing'}, file is {fetched.md5}")
         fmt, width, height = verify_image(fetched.path, settings)
-        relative = Path("images") / md5[:2] / f"{md5}.{FORMAT_EXTENSIONS[fmt]}"
+        # named by the hash we computed ourselves: nothing from the remote side reaches the path
+        relative = Path("images") / fetched.md5[:2] / f"{fetched.md5}.{FORMAT_EXTENSIONS[fmt]}"
         (settings.data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         os.replace(fetched.path, settings.data_dir / relative)
         fetched = None
@@ -256,12 +300,17 @@ def download_post(post_id: int, settings: Settings) -> DownloadOutcome:
             fetched.path.unlink(missing_ok=True)
 
 
+def skip_as_duplicate(post: Post, original: int) -> None:
+    transition(post, PostState.skipped, f"duplicate of post {original} (same md5 {post.md5})")
+    post.duplicate_of = original
+
+
 def record(post_id: int, state: PostState, reason: str) -> DownloadOutcome:
     with session_scope() as session:
         post = session.get(Post, post_id)
-        if post.state == PostState.discovered:
+        if post.state == PostState.discovered:  # another worker may have finished it meanwhile
             transition(post, state, reason)
-        return DownloadOutcome(post.state, reason=post.reason)
+        return outcome(post)
 
 
 def record_retry(post_id: int, reason: str) -> None:
@@ -276,14 +325,13 @@ def record_stored(post_id: int, relative: Path, width: int, height: int, setting
     with session_scope() as session:
         post = session.get(Post, post_id)
         if post.state != PostState.discovered:
-            return DownloadOutcome(post.state)
+            return outcome(post)
         original = find_original(session, post)  # another worker may have stored the same file meanwhile
         if original is not None:
-            transition(post, PostState.skipped, f"duplicate of post {original} (same md5 {post.md5})")
-            post.duplicate_of = original
-            return DownloadOutcome(post.state, reason=post.reason)
+            skip_as_duplicate(post, original)
+            return outcome(post)
         post.stored_path = relative.as_posix()
         post.file_size = (settings.data_dir / relative).stat().st_size
         post.width, post.height = post.width or width, post.height or height
         transition(post, PostState.downloaded)
-        return DownloadOutcome(post.state)
+        return outcome(post)
