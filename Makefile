@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,train]"
 	touch $(STAMP)
 
 run: install
@@ -29,6 +29,7 @@ lint: install
 bench: install
 	$(PY) -m bench.collect
 	$(PY) -m bench.faces
+	$(PY) -m bench.train --models classical-plain,classical,smallcnn-64,chosen --seeds 0,1 --folds 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

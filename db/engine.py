@@ -25,11 +25,19 @@ def engine_for(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn):  # noqa: ANN001
+            # Take the write lock at the start: a deferred transaction that read first cannot upgrade once
+            # another process committed (SQLITE_BUSY at once, busy_timeout does not help). Worker processes
+            # then queue for the lock instead of failing.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":

@@ -194,3 +194,18 @@ def test_missing_detector_model_leaves_the_post_waiting(chars, monkeypatch) -> N
     row = post_row(post_id)
     assert row.state == PostState.downloaded, "a machine problem must not fail the image"
     assert "waiting for the detector" in row.reason and "WAIFU_LBPCASCADE_PATH" in row.reason
+
+
+def test_faces_of_one_post_finished_concurrently_close_the_post(chars) -> None:
+    """Two workers cropping the two faces of one post at once: the later one must see the other `ready`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = get_settings()
+    for post_id in (50, 51, 52):
+        store_post(post_id, side_by_side(MAKI, RIKO) + bytes([post_id]), ["nishikino_maki"])
+        face_ids = detect_post(post_id, settings).face_ids
+        assert len(face_ids) >= 2
+        with ThreadPoolExecutor(max_workers=len(face_ids)) as pool:
+            states = list(pool.map(lambda f: resize_face(f, settings), face_ids))
+        assert set(states) == {FaceState.ready}
+        assert post_row(post_id).state == PostState.done

@@ -257,7 +257,7 @@ def backoff(settings: Settings, attempts: int, retry_after: float | None) -> flo
 def download_post(post_id: int, settings: Settings) -> DownloadOutcome:
     """Fetches, verifies and stores one post; records every outcome on its row."""
     with session_scope() as session:
-        post = session.get(Post, post_id)
+        post = session.get(Post, post_id, with_for_update=True)
         if post is None:
             return DownloadOutcome(None, reason="no such post")
         if post.state != PostState.discovered:
@@ -307,7 +307,7 @@ def skip_as_duplicate(post: Post, original: int) -> None:
 
 def record(post_id: int, state: PostState, reason: str) -> DownloadOutcome:
     with session_scope() as session:
-        post = session.get(Post, post_id)
+        post = session.get(Post, post_id, with_for_update=True)
         if post.state == PostState.discovered:  # another worker may have finished it meanwhile
             transition(post, state, reason)
         return outcome(post)
@@ -315,7 +315,7 @@ def record(post_id: int, state: PostState, reason: str) -> DownloadOutcome:
 
 def record_retry(post_id: int, reason: str) -> None:
     with session_scope() as session:
-        post = session.get(Post, post_id)
+        post = session.get(Post, post_id, with_for_update=True)
         post.reason = reason
         touch(post)
         log.info(kv("retry", post=post_id, reason=reason))
@@ -323,7 +323,7 @@ def record_retry(post_id: int, reason: str) -> None:
 
 def record_stored(post_id: int, relative: Path, width: int, height: int, settings: Settings) -> DownloadOutcome:
     with session_scope() as session:
-        post = session.get(Post, post_id)
+        post = session.get(Post, post_id, with_for_update=True)
         if post.state != PostState.discovered:
             return outcome(post)
         original = find_original(session, post)  # another worker may have stored the same file meanwhile

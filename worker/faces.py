@@ -104,7 +104,8 @@ def detect_post(post_id: int, settings: Settings) -> DetectOutcome:
 
     pin_opencv_threads()
     with session_scope() as session:
-        post = session.get(Post, post_id)
+        # the row lock makes a duplicate message wait, then see `detected`, instead of detecting twice
+        post = session.get(Post, post_id, with_for_update=True)
         if post is None or post.state != PostState.downloaded:
             return DetectOutcome(post.state if post else None)
         try:
@@ -148,9 +149,13 @@ def resize_face(face_id: int, settings: Settings) -> str | None:
 
     with session_scope() as session:
         face = session.get(Face, face_id)
-        if face is None or face.state != FaceState.detected:
-            return face.state if face else None
-        post = session.get(Post, face.post_id)
+        if face is None:
+            return None
+        # faces of one post finish one at a time: the last one must see the others `ready` to close the post
+        post = session.get(Post, face.post_id, with_for_update=True)
+        session.refresh(face)
+        if face.state != FaceState.detected:
+            return face.state
         try:
             image = open_post_image(post, settings)
             crop = crop_face(image, (face.crop_left, face.crop_top, face.crop_right, face.crop_bottom),
