@@ -162,3 +162,31 @@ class Face(SQLModel, table=True):
 
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, nullable=False, index=True)
+
+
+class ModelStatus(StrEnum):
+    current = "current"  # the model predictions use
+    candidate = "candidate"  # trained, did not beat the current one (reason says by how much)
+    retired = "retired"  # was current, replaced by a better one
+    failed = "failed"  # training did not finish; reason says why
+
+
+class ModelVersion(SQLModel, table=True):
+    """One retrain: its metrics, data, settings and where its artifacts live."""
+
+    __tablename__ = "model_version"
+
+    id: int | None = Field(default=None, primary_key=True)
+    status: str = Field(default=ModelStatus.candidate, sa_column=Column(String(16), nullable=False, index=True))
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    current_accuracy: float | None = None  # the then-current model on the same test split, same run
+    metrics: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))  # JSON
+    counts: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))  # JSON: per class
+    hyperparameters: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))  # JSON
+    labelled_faces: int = 0  # labelled faces in the database when training started
+    duration_s: float | None = None
+    code_version: str = Field(default="", sa_column=Column(String(64), nullable=False, default=""))
+    artifact_dir: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # relative to data dir
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)

@@ -254,6 +254,44 @@ def healthcheck(
     console.print("healthy")
 
 
+@app.command("retrain")
+def retrain_cmd(
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if few new faces arrived")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress and print the metrics")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most")] = 6 * 3600,
+) -> None:
+    """Enqueue a retrain on the `train` queue (one at a time)."""
+    from worker.app import app as celery_app
+    from worker.retrain import retrain_running
+
+    if retrain_running():
+        console.print("a retrain is already running; not starting another")
+        raise typer.Exit(1)
+    result = celery_app.send_task("worker.tasks.retrain", kwargs={"force": force})
+    console.print(f"retrain enqueued: task {result.id}")
+    if not wait:
+        return
+    from waifu.retrain_view import follow
+
+    summary = follow(result, console, timeout)
+    if summary.get("status") in ("busy", "skipped", "failed"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="illustrations or face crops")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image")] = False,
+    annotate: Annotated[Path | None, typer.Option(help="Write each image with boxes and names here")] = None,
+) -> None:
+    """Detect faces and name each with the current model (top 3 with probabilities)."""
+    from waifu.predict_view import predict_paths
+
+    _ensure_db()
+    if not predict_paths(_path_list(paths), as_json=as_json, annotate_dir=annotate, console=console):
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------------------------- faces ----
 @faces_app.command("label")
 def faces_label(face_id: int, tag: str) -> None:

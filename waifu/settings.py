@@ -75,6 +75,17 @@ class Settings(BaseSettings):
         6, ge=0, le=32, description="Max pHash Hamming distance for two faces to count as the same picture"
     )
 
+    # --- training (retrain task) ---------------------------------------------------------------
+    backbone_weights: str = Field(
+        "none", description="`imagenet` (Keras download, cached under the data dir), a weights file, or `none`"
+    )
+    retrain_interval: float = Field(86400.0, gt=0, description="Seconds between two scheduled retrain checks")
+    retrain_min_new_faces: int = Field(
+        50, ge=0, description="Labelled faces that must arrive since the current model for a scheduled retrain"
+    )
+    train_epochs: int | None = Field(None, ge=1, description="Epochs of the CNN (default: the chosen design's)")
+    train_threads: int | None = Field(None, ge=1, description="TensorFlow threads (default: TensorFlow's choice)")
+
     # --- operations ----------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Log level of every process (read by waifu.logs at start-up)")
 

@@ -51,6 +51,11 @@ def celery_config(settings: Settings) -> dict:
                 "schedule": settings.reconcile_interval,
                 "options": {"queue": "io", "expires": settings.reconcile_interval},
             },
+            "maybe-retrain": {
+                "task": "worker.tasks.maybe_retrain",
+                "schedule": settings.retrain_interval,
+                "options": {"queue": "train", "expires": settings.retrain_interval},
+            },
         },
         "timezone": "UTC",
     }

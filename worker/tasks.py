@@ -67,3 +67,38 @@ def reconcile() -> dict[str, int]:
     from worker.reconcile import reconcile_stuck
 
     return reconcile_stuck(get_settings())
+
+
+def _retrain_outcome(force: bool, progress=None) -> dict:  # noqa: ANN001
+    from worker.retrain import NotEnoughData, RetrainBusy, run_retrain, should_retrain
+
+    settings = get_settings()
+    if not force:
+        go, why = should_retrain(settings)
+        if not go:
+            return {"status": "skipped", "reason": why}
+    try:
+        return run_retrain(settings, progress=progress)
+    except RetrainBusy as exc:
+        return {"status": "busy", "reason": str(exc)}
+    except NotEnoughData as exc:
+        return {"status": "skipped", "reason": str(exc)}
+
+
+@app.task(name="worker.tasks.retrain", bind=True)
+def retrain(self, force: bool = True) -> dict:
+    """Train, evaluate against the current model, promote if better (queue `train`, solo pool).
+
+    Flower: `POST /api/task/async-apply/worker.tasks.retrain`. One at a time: a second answers `busy`.
+    """
+
+    def progress(info: dict) -> None:
+        self.update_state(state="PROGRESS", meta={k: v for k, v in info.items() if isinstance(v, int | float | str)})
+
+    return _retrain_outcome(force, progress)
+
+
+@app.task(name="worker.tasks.maybe_retrain")
+def maybe_retrain() -> dict:
+    """The beat trigger: retrains only when enough new labelled faces arrived (queue `train`)."""
+    return _retrain_outcome(force=False)

@@ -1,0 +1,208 @@
+"""Retraining as plain functions: dataset from the database, train, evaluate against the current model on
+today's test split in the same run, register the version, promote only if it is better.
+
+TensorFlow is imported only inside worker.training's functions, which this module calls lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session, col, func, select
+
+from db.engine import session_scope
+from db.models import Face, FaceState, LabelSource, ModelStatus, ModelVersion, utcnow
+from waifu import __version__
+from waifu.logs import kv
+from waifu.settings import Settings
+from worker.inflight import redis_client
+
+log = logging.getLogger("waifu.retrain")
+
+LOCK_NAME = "waifu:retrain-lock"
+LOCK_SECONDS = 12 * 3600  # a crashed trainer frees the lock after this at the latest
+TRAINABLE = (LabelSource.tag, LabelSource.manual)
+MIN_PER_CLASS = 2
+
+
+class RetrainBusy(RuntimeError):
+    """Another retrain holds the lock."""
+
+
+class NotEnoughData(RuntimeError):
+    """Too few labelled faces to train or to evaluate."""
+
+
+def retrain_lock(timeout: float = LOCK_SECONDS):  # noqa: ANN201
+    return redis_client().lock(LOCK_NAME, timeout=timeout, blocking=False)
+
+
+def retrain_running() -> bool:
+    return bool(redis_client().exists(LOCK_NAME))
+
+
+# ---------------------------------------------------------------------------- data ------------
+def labelled_faces(session: Session, settings: Settings, split: str) -> list[tuple[Path, str]]:
+    rows = session.exec(
+        select(Face.path, Face.label).where(
+            Face.state == FaceState.ready, col(Face.label).is_not(None), col(Face.label_source).in_(TRAINABLE),
+            Face.split == split,
+        ).order_by(Face.id)
+    ).all()
+    return [(settings.data_dir / path, label) for path, label in rows]
+
+
+def labelled_count(session: Session) -> int:
+    return int(session.exec(select(func.count()).select_from(Face).where(
+        Face.state == FaceState.ready, col(Face.label).is_not(None), col(Face.label_source).in_(TRAINABLE))).one())
+
+
+def current_version(session: Session) -> ModelVersion | None:
+    return session.exec(select(ModelVersion).where(ModelVersion.status == ModelStatus.current)
+                        .order_by(col(ModelVersion.id).desc())).first()
+
+
+def should_retrain(settings: Settings) -> tuple[bool, str]:
+    """The beat rule: retrain only when enough new labelled faces arrived since the current model."""
+    with session_scope() as session:
+        now = labelled_count(session)
+        current = current_version(session)
+    before = current.labelled_faces if current else 0
+    new = now - before
+    if new < settings.retrain_min_new_faces:
+        return False, f"only {new} new labelled faces since the current model (need {settings.retrain_min_new_faces})"
+    return True, f"{new} new labelled faces"
+
+
+# ---------------------------------------------------------------------------- training --------
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def train_config(settings: Settings, overrides: dict[str, Any] | None = None):  # noqa: ANN201
+    from worker.training import TrainConfig
+
+    extra: dict[str, Any] = {"cache_dir": str((settings.models_dir / "keras").resolve())}
+    if settings.train_epochs:
+        extra["epochs"] = settings.train_epochs
+    if settings.train_threads:
+        extra["threads"] = settings.train_threads
+    return TrainConfig.recommended(settings.backbone_weights, **{**extra, **(overrides or {})})
+
+
+def accuracy_on(classifier, images, true_names: list[str]) -> float:  # noqa: ANN001
+    """Accuracy of any version on today's test faces; a class it never learnt counts as a miss."""
+    from worker.training import predict
+
+    if not true_names:
+        return 0.0
+    predicted = predict(classifier, images).argmax(axis=1)
+    hits = sum(classifier.class_names[p] == t for p, t in zip(predicted, true_names, strict=True))
+    return hits / len(true_names)
+
+
+def run_retrain(settings: Settings, progress: Callable[[dict[str, Any]], None] | None = None,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trains one version under the lock; returns a summary (status, metrics, reason)."""
+    lock = retrain_lock()
+    if not lock.acquire(blocking=False):
+        raise RetrainBusy("a retrain is already running")
+    try:
+        return _retrain(settings, progress, overrides)
+    finally:
+        try:
+            lock.release()
+        except Exception:  # expired meanwhile: nothing to release
+            log.warning(kv("retrain lock already released"))
+
+
+def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa: ANN001
+    from worker.training import evaluate, load_artifacts, load_dataset, save_artifacts, train
+
+    with session_scope() as session:
+        train_items = labelled_faces(session, settings, "train")
+        test_items = labelled_faces(session, settings, "test")
+        labelled = labelled_count(session)
+        current = current_version(session)
+    counts: dict[str, int] = {}
+    for _, label in train_items:
+        counts[label] = counts.get(label, 0) + 1
+    classes = sorted(c for c, n in counts.items() if n >= MIN_PER_CLASS)
+    if len(classes) < 2:
+        raise NotEnoughData(f"need 2 characters with >= {MIN_PER_CLASS} labelled train faces; have {counts}")
+    test_items = [(p, label) for p, label in test_items if label in counts]
+    if not test_items:
+        raise NotEnoughData("no labelled test faces yet: nothing to evaluate on")
+
+    config = train_config(settings, overrides)
+    train_set = load_dataset([(p, label) for p, label in train_items if label in classes], classes, size=96)
+    test_set = load_dataset(test_items, classes, size=96)
+    # faces of characters the new model cannot know still count against it, as for the current model
+    true_names = [label for _, label in test_items]
+    from worker.features import load_images
+
+    all_test_images = load_images([str(p) for p, _ in test_items], 96)
+
+    with session_scope() as session:
+        version = ModelVersion(status=ModelStatus.candidate, hyperparameters=json.dumps(config.to_dict()),
+                               counts=json.dumps(train_set.counts()), labelled_faces=labelled,
+                               code_version=code_version())
+        session.add(version)
+        session.flush()
+        version_id = version.id
+    log.info(kv("retrain started", version=version_id, classes=len(classes), train=len(train_set.labels),
+                test=len(test_items)))
+    try:
+        result = train(train_set, config, progress)
+        metrics = evaluate(result.classifier, test_set)
+        accuracy = accuracy_on(result.classifier, all_test_images, true_names)
+        directory = settings.models_dir / f"v{version_id}"
+        save_artifacts(result.classifier, directory, metrics)
+        (directory / "history.json").write_text(json.dumps(result.history))
+        from worker.pictures import confusion_png, training_curves_png
+
+        training_curves_png(result.history, directory / "training_curves.png")
+        confusion_png(metrics.confusion, metrics.class_names, directory / "confusion_matrix.png")
+        current_accuracy = None
+        if current is not None and current.artifact_dir:
+            previous = load_artifacts(settings.data_dir / current.artifact_dir)
+            current_accuracy = accuracy_on(previous, all_test_images, true_names)
+    except Exception as exc:
+        with session_scope() as session:
+            row = session.get(ModelVersion, version_id)
+            row.status, row.reason = ModelStatus.failed, f"{type(exc).__name__}: {exc}"[:2000]
+        raise
+
+    with session_scope() as session:
+        row = session.get(ModelVersion, version_id)
+        row.accuracy, row.macro_f1, row.current_accuracy = accuracy, metrics.macro_f1, current_accuracy
+        row.metrics = json.dumps(metrics.to_dict())
+        row.duration_s = result.duration_s
+        row.artifact_dir = directory.relative_to(settings.data_dir).as_posix()
+        if current_accuracy is None or accuracy > current_accuracy:
+            for old in session.exec(select(ModelVersion).where(ModelVersion.status == ModelStatus.current)):
+                old.status, old.reason = ModelStatus.retired, f"replaced by v{version_id} on {utcnow():%Y-%m-%d}"
+            row.status = ModelStatus.current
+            row.reason = ("first model" if current_accuracy is None else
+                          f"beat v{current.id}: {accuracy:.3f} vs {current_accuracy:.3f} on today's test split")
+        else:
+            row.status = ModelStatus.candidate
+            row.reason = (f"did not beat current v{current.id}: {accuracy:.3f} vs {current_accuracy:.3f} "
+                          f"on today's test split ({len(true_names)} faces)")
+        summary = {"status": row.status, "version": version_id, "accuracy": accuracy, "macro_f1": metrics.macro_f1,
+                   "current_accuracy": current_accuracy, "reason": row.reason, "test_faces": len(true_names),
+                   "train_faces": int(len(train_set.labels)), "duration_s": round(result.duration_s, 1),
+                   "per_class": metrics.per_class}
+    log.info(kv("retrain finished", version=version_id, status=summary["status"], accuracy=round(accuracy, 4),
+                reason=summary["reason"]))
+    return summary
