@@ -132,3 +132,29 @@ def test_retrain_task_through_a_real_train_worker(labelled_db, start_worker) -> 
     assert "model v1: current (first model)" in cli.stdout
     assert "macro-F1" in cli.stdout
     assert [v.status for v in versions()] == [ModelStatus.current]
+
+
+def test_suggestions_for_ambiguous_faces_and_the_report(labelled_db, tmp_path) -> None:
+    from worker.report import write_report
+    from worker.retrain import suggest_for_ambiguous
+
+    settings = get_settings()
+    with session_scope() as session:  # two test faces become ambiguous (e.g. a post with two characters)
+        ambiguous = session.exec(select(Face).where(Face.split == "test").order_by(Face.id).limit(2)).all()
+        ids = [f.id for f in ambiguous]
+        for face in ambiguous:
+            face.label, face.label_source = None, LabelSource.ambiguous
+    assert suggest_for_ambiguous(settings) == 0, "no model yet: nothing to suggest"
+    run_retrain(settings)
+    assert suggest_for_ambiguous(settings) == 2
+    with session_scope() as session:
+        for face in (session.get(Face, i) for i in ids):
+            assert face.suggestion in labelled_db and 0 < face.suggestion_score <= 1
+            assert face.label is None and face.label_source == LabelSource.ambiguous  # never a label
+
+    page = write_report(settings, tmp_path / "report")
+    text = page.read_text()
+    assert "Current model <b>v1</b>" in text
+    for name in ("training_curves.png", "confusion_matrix.png", "test_predictions.png", "faces_over_time.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 5000, name
+        assert name in text

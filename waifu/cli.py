@@ -292,6 +292,16 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command()
+def report(out: Annotated[Path, typer.Option(help="Directory for the PNGs and index.html")] = Path("report")) -> None:
+    """Write PNGs (training curves, confusion matrix, test predictions, growth) and one HTML page."""
+    from worker.report import write_report
+
+    _ensure_db()
+    page = write_report(get_settings(), out)
+    console.print(f"report written: {page}")
+
+
 # ---------------------------------------------------------------------------------- faces ----
 @faces_app.command("label")
 def faces_label(face_id: int, tag: str) -> None:

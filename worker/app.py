@@ -19,7 +19,7 @@ TASK_ROUTES = {
     "worker.tasks.reconcile": {"queue": "io"},
     "worker.tasks.detect_faces": {"queue": "cpu"},
     "worker.tasks.resize_face": {"queue": "cpu"},
-    "worker.tasks.classify": {"queue": "cpu"},
+    "worker.tasks.classify": {"queue": "train"},
     "worker.tasks.retrain": {"queue": "train"},
     "worker.tasks.maybe_retrain": {"queue": "train"},
 }

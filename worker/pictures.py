@@ -52,3 +52,39 @@ def confusion_png(confusion: Sequence[Sequence[int]], names: Sequence[str], path
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def face_grid_png(images: Sequence, captions: Sequence[tuple[str, str]], path: Path, columns: int = 6) -> Path:
+    """Faces with `predicted / true` under each; wrong ones in red."""
+    plt = _pyplot()
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.2), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, (predicted, true) in zip(axes.flat, images, captions, strict=False):
+        ax.imshow(image)
+        ax.set_title(f"{predicted}\n(true: {true})", fontsize=7, color="black" if predicted == true else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def growth_png(series: dict[str, list[tuple]], path: Path) -> Path:
+    """Labelled faces per character over time (cumulative)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, points in sorted(series.items()):
+        if points:
+            days, totals = zip(*points, strict=True)
+            ax.step(days, totals, where="post", label=name)
+    ax.set_ylabel("labelled faces")
+    ax.set_title("faces per character over time")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -206,3 +206,31 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa
     log.info(kv("retrain finished", version=version_id, status=summary["status"], accuracy=round(accuracy, 4),
                 reason=summary["reason"]))
     return summary
+
+
+def suggest_for_ambiguous(settings: Settings, face_ids: list[int] | None = None) -> int:
+    """Attaches the current model's best guess to ambiguous faces: a suggestion, never a label."""
+    from worker.features import load_images
+    from worker.training import load_artifacts, predict
+
+    with session_scope() as session:
+        current = current_version(session)
+        query = select(Face).where(Face.state == FaceState.ready, Face.label_source == LabelSource.ambiguous)
+        if face_ids is not None:
+            query = query.where(col(Face.id).in_(face_ids))
+        faces = [(f.id, f.path) for f in session.exec(query.order_by(Face.id)).all()]
+    if current is None or not current.artifact_dir or not faces:
+        return 0
+    classifier = load_artifacts(settings.data_dir / current.artifact_dir)
+    done = 0
+    for start in range(0, len(faces), 256):
+        batch = faces[start:start + 256]
+        probabilities = predict(classifier, load_images([str(settings.data_dir / p) for _, p in batch], 96))
+        with session_scope() as session:
+            for (face_id, _), row in zip(batch, probabilities, strict=True):
+                face = session.get(Face, face_id)
+                best = int(row.argmax())
+                face.suggestion, face.suggestion_score = classifier.class_names[best], float(row[best])
+                done += 1
+    log.info(kv("suggestions", model=current.id, faces=done))
+    return done

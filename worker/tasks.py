@@ -78,11 +78,22 @@ def _retrain_outcome(force: bool, progress=None) -> dict:  # noqa: ANN001
         if not go:
             return {"status": "skipped", "reason": why}
     try:
-        return run_retrain(settings, progress=progress)
+        summary = run_retrain(settings, progress=progress)
     except RetrainBusy as exc:
         return {"status": "busy", "reason": str(exc)}
     except NotEnoughData as exc:
         return {"status": "skipped", "reason": str(exc)}
+    if summary["status"] == "current":
+        app.send_task("worker.tasks.classify")  # a new model: refresh the suggestions on ambiguous faces
+    return summary
+
+
+@app.task(name="worker.tasks.classify")
+def classify(face_ids: list[int] | None = None) -> int:
+    """The current model's suggestion for ambiguous faces (queue `train`: TensorFlow stays in one process)."""
+    from worker.retrain import suggest_for_ambiguous
+
+    return suggest_for_ambiguous(get_settings(), face_ids)
 
 
 @app.task(name="worker.tasks.retrain", bind=True)

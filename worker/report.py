@@ -1,0 +1,104 @@
+"""`waifu report`: PNGs and one HTML page about the current model and the collected faces."""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from pathlib import Path
+
+from sqlmodel import col, select
+
+from db.engine import session_scope
+from db.models import Face, FaceState, ModelVersion
+from waifu.settings import Settings
+from worker.pictures import face_grid_png, growth_png
+from worker.retrain import TRAINABLE, current_version
+
+GRID_FACES = 30
+
+
+def growth_series(settings: Settings) -> dict[str, list[tuple]]:
+    with session_scope() as session:
+        rows = session.exec(select(Face.label, Face.created_at).where(
+            Face.state == FaceState.ready, col(Face.label).is_not(None), col(Face.label_source).in_(TRAINABLE),
+        ).order_by(Face.created_at)).all()
+    series: dict[str, list[tuple]] = {}
+    for label, created in rows:
+        points = series.setdefault(label, [])
+        points.append((created, len(points) + 1))
+    return series
+
+
+def test_grid(settings: Settings, version: ModelVersion, out: Path) -> Path | None:
+    import numpy as np
+
+    from worker.features import load_images
+    from worker.training import load_artifacts, predict
+
+    with session_scope() as session:
+        faces = session.exec(select(Face.path, Face.label).where(
+            Face.state == FaceState.ready, Face.split == "test", col(Face.label).is_not(None),
+            col(Face.label_source).in_(TRAINABLE)).order_by(Face.id).limit(GRID_FACES)).all()
+    if not faces:
+        return None
+    classifier = load_artifacts(settings.data_dir / version.artifact_dir)
+    images = load_images([str(settings.data_dir / p) for p, _ in faces], 96)
+    predicted = np.asarray(predict(classifier, images)).argmax(axis=1)
+    captions = [(classifier.class_names[i], label) for i, (_, label) in zip(predicted, faces, strict=True)]
+    return face_grid_png(list(images), captions, out / "test_predictions.png")
+
+
+def write_report(settings: Settings, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    pictures: list[tuple[str, str]] = []
+    with session_scope() as session:
+        version = current_version(session)
+        history = list(session.exec(select(ModelVersion).order_by(col(ModelVersion.id).desc()).limit(10)).all())
+    growth = growth_png(growth_series(settings), out / "faces_over_time.png")
+    pictures.append(("Labelled faces per character over time", growth.name))
+    metrics: dict = {}
+    if version is not None and version.artifact_dir:
+        source = settings.data_dir / version.artifact_dir
+        for name, title in (("training_curves.png", "Training curves"), ("confusion_matrix.png", "Confusion matrix")):
+            if (source / name).exists():
+                shutil.copy(source / name, out / name)
+                pictures.insert(0, (title, name))
+        grid = test_grid(settings, version, out)
+        if grid:
+            pictures.insert(0, (f"{GRID_FACES} test faces: predicted (true)", grid.name))
+        metrics = json.loads(version.metrics or "{}")
+    (out / "index.html").write_text(render_html(version, metrics, history, pictures))
+    return out / "index.html"
+
+
+def render_html(version: ModelVersion | None, metrics: dict, history: list[ModelVersion],
+                pictures: list[tuple[str, str]]) -> str:
+    esc = html.escape
+    if version is None:
+        head = "<p>No model yet: run <code>waifu retrain --force --wait</code>.</p>"
+    else:
+        head = (f"<p>Current model <b>v{version.id}</b> ({esc(version.created_at.strftime('%Y-%m-%d %H:%M'))} UTC, "
+                f"code {esc(version.code_version)}): accuracy <b>{version.accuracy:.3f}</b>, macro-F1 "
+                f"<b>{version.macro_f1:.3f}</b> on {metrics.get('n', '?')} test faces. {esc(version.reason or '')}</p>")
+    per_class = "".join(
+        f"<tr><td>{esc(name)}</td><td>{row['precision']:.2f}</td><td>{row['recall']:.2f}</td>"
+        f"<td>{row['f1']:.2f}</td><td>{int(row['support'])}</td></tr>"
+        for name, row in metrics.get("per_class", {}).items()
+    )
+    versions = "".join(
+        f"<tr><td>v{v.id}</td><td>{esc(v.status)}</td><td>{'' if v.accuracy is None else f'{v.accuracy:.3f}'}</td>"
+        f"<td>{esc(v.reason or '')}</td></tr>" for v in history
+    )
+    figures = "".join(f"<figure><img src='{esc(src)}' alt='{esc(title)}'><figcaption>{esc(title)}</figcaption>"
+                      f"</figure>" for title, src in pictures)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>waifu report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px}}img{{max-width:100%}}figure{{margin:2em 0}}</style></head>
+<body><h1>waifu report</h1>{head}
+<h2>Per character (test split)</h2><table><tr><th>character</th><th>precision</th><th>recall</th><th>F1</th>
+<th>faces</th></tr>{per_class}</table>
+<h2>Model versions</h2><table><tr><th>version</th><th>status</th><th>accuracy</th><th>why</th></tr>{versions}</table>
+{figures}</body></html>
+"""
