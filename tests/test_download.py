@@ -19,6 +19,7 @@ from PIL import Image
 from db.engine import session_scope
 from db.models import Post, PostState
 from tests.fake_safebooru import FakePost, FakeSafebooru, load_shared
+from tests.test_scraper_client import max_in_window
 from waifu.settings import Settings, get_settings, reset_settings_cache
 from worker.download import download_post
 from worker.hostlimit import rate_item, wait_for_slot
@@ -57,17 +58,6 @@ async def fake() -> StreamingFake:
     await site.start()
     yield site
     await site.stop()
-
-
-def max_in_window(times: list[float], window: float = 1.0) -> int:
-    """Most events inside any sliding window of `window` seconds."""
-    times = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 @pytest.fixture
