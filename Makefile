@@ -29,6 +29,7 @@ lint: install
 bench: install
 	$(PY) -m bench.collect
 	$(PY) -m bench.faces
+	$(PY) -m bench.predict
 	$(PY) -m bench.train --models classical-plain,classical,smallcnn-64,chosen --seeds 0,1 --folds 3
 
 clean:
