@@ -36,6 +36,8 @@ log = logging.getLogger("waifu.download")
 STORED_STATES = (PostState.downloaded, PostState.detected, PostState.done)
 # MPO is how Pillow reports multi-picture JPEGs (camera files): still a .jpg
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
+# the only decoders Pillow may try on fetched bytes (no EPS via Ghostscript, no PSD...); JPEG also yields MPO
+OPEN_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 CHUNK = 64 * 1024
 
 
@@ -79,9 +81,16 @@ def check_url(url: str, settings: Settings) -> str:
     host = (parts.hostname or "").lower()
     if host not in settings.allowed_hosts:
         raise Refused(f"host {host or '?'!r} is not on the allow-list ({', '.join(sorted(settings.allowed_hosts))})")
-    if ".." in unquote(parts.path).split("/"):
+    if ".." in path_segments(parts.path):
         raise Refused(f"path traversal in URL refused: {parts.path[:200]!r}")
     return host
+
+
+def path_segments(path: str) -> list[str]:
+    """Segments after decoding up to three times (`%252e%252e` is `..` to a server that decodes twice)."""
+    for _ in range(3):
+        path = unquote(path)
+    return path.replace("\\", "/").split("/")
 
 
 def check_image_name(name: str) -> None:
@@ -103,10 +112,18 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def describe_start(head: bytes) -> str:
-    text = head[:40]
-    if text.lstrip().lower().startswith((b"<!doctype html", b"<html")):
-        return f"an HTML page (starts with {text.lstrip()[:15]!r})"
-    return f"starts with {text[:16]!r}"
+    """What the bytes look like, for a person: an HTML page is named as such, text is quoted as text."""
+    text = head.lstrip()
+    if not head:
+        return "an empty file"
+    if text.lower().startswith((b"<!doctype html", b"<html")):
+        return f"an HTML page, starts with {quote_bytes(text[:15])}"
+    return f"starts with {quote_bytes(head[:16])}"
+
+
+def quote_bytes(data: bytes) -> str:
+    text = data.decode("latin-1")
+    return repr(text) if text.isascii() and text.isprintable() else repr(data)
 
 
 _PILLOW_LIMIT = threading.Lock()
@@ -139,19 +156,20 @@ def verify_image(path: Path, settings: Settings) -> tuple[str, int, int]:
 def _verify_image(path: Path, settings: Settings) -> tuple[str, int, int]:
     fmt = ""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=OPEN_FORMATS) as im:
             fmt, (width, height) = im.format or "", im.size
             pixels = width * height
             if pixels > settings.max_image_pixels:
                 raise Refused(f"image is {width}x{height} = {pixels / 1e6:.0f} MP, over the "
                               f"{settings.max_image_pixels / 1e6:.0f} MP limit (decompression bomb?)")
             im.verify()
-        with Image.open(path) as im:
+        with Image.open(path, formats=OPEN_FORMATS) as im:
             im.load()  # verify() does not decode: a truncated file only shows here
     except Refused:
         raise
     except UnidentifiedImageError as exc:
-        raise Refused(f"not an image: {describe_start(read_head(path))}") from exc
+        raise Refused(f"not an image: {describe_start(read_head(path))} "
+                      f"(accepted: {', '.join(OPEN_FORMATS)})") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise Refused(f"broken image ({fmt or 'unknown format'}): {exc}") from exc
     if fmt not in FORMAT_EXTENSIONS:
@@ -183,6 +201,8 @@ def fetch(url: str, settings: Settings, workdir: Path) -> Fetched:
                 raise Transient(f"timed out after {settings.http_timeout:.0f} s: {type(exc).__name__}") from exc
             except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 raise Transient(f"connection broke off mid-body (truncated?): {exc}") from exc
+            except httpx.DecodingError as exc:
+                raise Transient(f"body could not be decoded: {exc}") from exc
             except httpx.TransportError as exc:
                 raise Transient(f"network error: {type(exc).__name__}: {exc}") from exc
         raise Refused(f"more than {settings.max_redirects} redirects")
@@ -206,7 +226,7 @@ def check_status(resp: httpx.Response) -> None:
         raise Transient(f"{phrase}: rate limited by the image host", wait)
     if status >= 500:
         raise Transient(phrase, retry_after_seconds(resp.headers.get("retry-after")))
-    if status == 404:
+    if status in (404, 410):
         raise Refused(f"{phrase}: file gone (post deleted after listing?)")
     if status in (401, 403):
         raise Refused(f"{phrase}: the image host refuses access")
@@ -229,8 +249,9 @@ def stream_to_file(resp: httpx.Response, settings: Settings, workdir: Path) -> F
                     raise Refused(f"file exceeds the {cap} byte cap (stopped after {size} bytes)")
                 md5.update(chunk)
                 out.write(chunk)
-        if announced and announced.isdigit() and size < int(announced):
-            raise Transient(f"truncated body: got {size} of {announced} bytes")
+        # raw bytes, not decoded ones: Content-Length counts the body as sent (gzip included)
+        if announced and announced.isdigit() and resp.num_bytes_downloaded < int(announced):
+            raise Transient(f"truncated body: got {resp.num_bytes_downloaded} of {announced} bytes")
         return Fetched(path, md5.hexdigest(), size)
     except BaseException:
         path.unlink(missing_ok=True)
@@ -289,7 +310,7 @@ def download_post(post_id: int, settings: Settings) -> DownloadOutcome:
     except Transient as exc:
         if attempts <= settings.download_retries:
             delay = backoff(settings, attempts, exc.retry_after)
-            record_retry(post_id, f"retrying (attempt {attempts} of {settings.download_retries + 1}): {exc}")
+            record_retry(post_id, f"retrying: {exc} (attempt {attempts} of {settings.download_retries + 1})")
             return DownloadOutcome(PostState.discovered, retry_in=delay, reason=str(exc))
         return record(post_id, PostState.failed, f"gave up after {attempts} attempts: {exc}")
     except Exception as exc:  # never lose a row to a bug: say what happened on it
@@ -308,6 +329,8 @@ def skip_as_duplicate(post: Post, original: int) -> None:
 def record(post_id: int, state: PostState, reason: str) -> DownloadOutcome:
     with session_scope() as session:
         post = session.get(Post, post_id, with_for_update=True)
+        if post is None:  # deleted while we fetched
+            return DownloadOutcome(None, reason="no such post")
         if post.state == PostState.discovered:  # another worker may have finished it meanwhile
             transition(post, state, reason)
         return outcome(post)
@@ -316,6 +339,8 @@ def record(post_id: int, state: PostState, reason: str) -> DownloadOutcome:
 def record_retry(post_id: int, reason: str) -> None:
     with session_scope() as session:
         post = session.get(Post, post_id, with_for_update=True)
+        if post is None or post.state != PostState.discovered:
+            return  # deleted, or finished by another worker meanwhile: nothing to retry
         post.reason = reason
         touch(post)
         log.info(kv("retry", post=post_id, reason=reason))
@@ -324,6 +349,8 @@ def record_retry(post_id: int, reason: str) -> None:
 def record_stored(post_id: int, relative: Path, width: int, height: int, settings: Settings) -> DownloadOutcome:
     with session_scope() as session:
         post = session.get(Post, post_id, with_for_update=True)
+        if post is None:
+            return DownloadOutcome(None, reason="no such post")
         if post.state != PostState.discovered:
             return outcome(post)
         original = find_original(session, post)  # another worker may have stored the same file meanwhile

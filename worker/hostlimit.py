@@ -6,8 +6,8 @@ across processes and machines that share the broker's Redis.
 
 from __future__ import annotations
 
+import math
 import time
-from fractions import Fraction
 from functools import lru_cache
 
 from limits import RateLimitItem, RateLimitItemPerSecond
@@ -17,12 +17,33 @@ from limits.strategies import MovingWindowRateLimiter
 from waifu.settings import Settings
 
 NAMESPACE = "waifu-download"
+# longest window tried for a fractional rate: longer ones would allow a long silence followed by a burst
+MAX_PERIOD = 60
 
 
-def rate_item(per_second: float) -> RateLimitItem:
-    """`limits` wants an integer amount per whole number of seconds: 2/s -> 2 per 1 s, 0.5/s -> 1 per 2 s."""
-    ratio = Fraction(per_second).limit_denominator(60)
-    return RateLimitItemPerSecond(max(1, ratio.numerator), max(1, ratio.denominator), namespace=NAMESPACE)
+def whole_rate(per_second: float) -> tuple[int, int]:
+    """(amount, seconds) with whole numbers, as `limits` wants them, never faster than `per_second`:
+    2/s -> 2 per 1 s, 0.5/s -> 1 per 2 s, 0.3/s -> 3 per 10 s, 0.005/s -> 1 per 200 s."""
+    best = (0, 1)
+    for period in range(1, MAX_PERIOD + 1):
+        amount = math.floor(round(per_second * period, 9))  # round: 0.1 * 3 is 0.30000000000000004
+        if amount * best[1] > best[0] * period:  # strictly better: the shortest window wins ties
+            best = (amount, period)
+    if best[0] == 0:  # slower than one per minute
+        return 1, math.ceil(round(1 / per_second, 9))
+    return best
+
+
+@lru_cache(maxsize=16)
+def rate_items(per_second: float) -> tuple[RateLimitItem, ...]:
+    """The limits one grant must pass. A multi-second window (7 per 10 s) would let its 7 grants come at
+    once, so it gets a 1-second companion (1 per 1 s): no second ever holds more than ceil(rate)."""
+    amount, period = whole_rate(per_second)
+    window = RateLimitItemPerSecond(amount, period, namespace=NAMESPACE)
+    burst = math.ceil(per_second)
+    if amount <= burst:
+        return (window,)
+    return RateLimitItemPerSecond(burst, 1, namespace=NAMESPACE), window
 
 
 @lru_cache(maxsize=4)
@@ -30,12 +51,28 @@ def _limiter(redis_url: str) -> MovingWindowRateLimiter:
     return MovingWindowRateLimiter(storage_from_string(redis_url))
 
 
+def _hit_all(limiter: MovingWindowRateLimiter, items: tuple[RateLimitItem, ...], host: str) -> bool:
+    # Each hit is atomic in Redis, the pair is not: testing first keeps a full long window from eating
+    # 1-second slots. A lost race only wastes a slot (slower), never grants one too many.
+    if not all(limiter.test(item, host) for item in items):
+        return False
+    return all(limiter.hit(item, host) for item in items)
+
+
+def _until_free(limiter: MovingWindowRateLimiter, items: tuple[RateLimitItem, ...], host: str,
+                poll: float) -> float:
+    """Seconds until the fullest window frees a slot (polled at least every second: other hosts' clocks)."""
+    now = time.time()
+    waits = [stats.reset_time - now for item in items
+             if (stats := limiter.get_window_stats(item, host)).remaining <= 0]
+    return min(1.0, max(poll, *waits))
+
+
 def wait_for_slot(host: str, settings: Settings, poll: float = 0.05) -> float:
     """Blocks until a download from `host` may start; returns the seconds waited."""
     limiter = _limiter(settings.broker_url)
-    item = rate_item(settings.downloads_per_second)
+    items = rate_items(settings.downloads_per_second)
     started = time.monotonic()
-    while not limiter.hit(item, host):
-        reset_at, _remaining = limiter.get_window_stats(item, host)
-        time.sleep(min(1.0, max(poll, reset_at - time.time())))
+    while not _hit_all(limiter, items, host):
+        time.sleep(_until_free(limiter, items, host, poll))
     return time.monotonic() - started
