@@ -14,10 +14,16 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY waifu ./waifu
-COPY db ./db
+COPY core ./core
 COPY scraper ./scraper
+COPY download ./download
+COPY detect ./detect
+COPY crop ./crop
+COPY train ./train
+COPY predict ./predict
 COPY worker ./worker
+COPY db ./db
+COPY waifu ./waifu
 RUN pip install ".[train,flower]"
 
 RUN useradd --create-home --uid 10001 waifu && mkdir -p /data && chown waifu:waifu /data

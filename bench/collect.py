@@ -56,13 +56,13 @@ async def main() -> int:
     from rich.table import Table
     from sqlmodel import select
 
+    from core.settings import get_settings, reset_settings_cache
     from db.engine import session_scope
     from db.migrate import upgrade
     from db.models import Post, PostState
+    from scraper.characters import add_characters
     from scraper.poller import poll_once
     from tests.fake_safebooru import FakeSafebooru, load_shared
-    from waifu.characters import add_characters
-    from waifu.settings import get_settings, reset_settings_cache
 
     console = Console()
     fake = FakeSafebooru()

@@ -35,13 +35,12 @@ def images() -> list[Path]:
 
 
 def detector_table(console, paths: list[Path]) -> None:  # noqa: ANN001
-    from PIL import Image
     from rich.progress import track
     from rich.table import Table
 
-    from waifu.settings import Settings
-    from worker.detect import detect_faces, pin_opencv_threads
-    from worker.imaging import to_rgb
+    from core.images import open_image
+    from core.settings import Settings
+    from detect.detectors import find_faces, pin_opencv_threads
 
     pin_opencv_threads(1)
     variants = {
@@ -53,13 +52,13 @@ def detector_table(console, paths: list[Path]) -> None:  # noqa: ANN001
     table = Table(title=f"face detection on the shared raw set ({len(paths)} images, 1 thread)")
     for col in ("detector", "images with a face", "faces", "median s", "p90 s"):
         table.add_column(col, justify="right" if col != "detector" else "left")
-    loaded = [to_rgb(Image.open(p)) for p in paths]
+    loaded = [open_image(p) for p in paths]
     for name, (detector, fallbacks) in variants.items():
         settings = Settings(_env_file=None, lbpcascade_path=CASCADE, detector_fallbacks=fallbacks)
         times, hits, faces = [], 0, 0
         for image in track(loaded, description=name, console=console, transient=True):
             started = time.perf_counter()
-            found = detect_faces(image, detector, settings)
+            found = find_faces(image, detector, settings)
             times.append(time.perf_counter() - started)
             hits += bool(found)
             faces += len(found)
@@ -93,11 +92,11 @@ def queue_run(paths: list[Path], workers: int, tmp: Path) -> tuple[float, int]:
     import redis
     from sqlmodel import func, select
 
+    from core.settings import get_settings, reset_settings_cache
     from db.engine import session_scope
     from db.migrate import upgrade
     from db.models import Face, Post, PostState
-    from waifu.settings import get_settings, reset_settings_cache
-    from worker.enqueue import enqueue_detections
+    from worker.steps import enqueue
 
     data = tmp / f"data-{workers}"
     os.environ["WAIFU_DATA_DIR"] = str(data)
@@ -124,7 +123,7 @@ def queue_run(paths: list[Path], workers: int, tmp: Path) -> tuple[float, int]:
     try:
         time.sleep(4)  # worker start-up is not part of the measured time
         started = time.perf_counter()
-        enqueue_detections(range(1, len(paths) + 1))
+        enqueue("detect", range(1, len(paths) + 1))
         while True:
             with session_scope() as session:
                 pending = session.exec(select(func.count()).select_from(Post).where(

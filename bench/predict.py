@@ -30,18 +30,18 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=None, help="CNN epochs (default: the chosen design's)")
     args = parser.parse_args()
     os.environ["WAIFU_LBPCASCADE_PATH"] = str(SHARED / "models" / "lbpcascade_animeface.xml")
-    from PIL import Image
     from rich.console import Console
     from rich.progress import track
     from rich.table import Table
 
+    from core.images import open_image
+    from core.settings import Settings
+    from crop.imaging import crop_face, square_crop_box
+    from crop.rules import split_for
+    from detect.detectors import find_faces, pin_opencv_threads
+    from predict.classify import classify_image
     from tests.fake_safebooru import shared_images
-    from waifu.predict_view import classify_image
-    from waifu.settings import Settings
-    from worker.detect import detect_faces, pin_opencv_threads
-    from worker.faces import split_for
-    from worker.imaging import crop_face, square_crop_box, to_rgb
-    from worker.training import TrainConfig, load_dataset, train
+    from train.model import TrainConfig, load_dataset, train
 
     console = Console()
     settings = Settings(_env_file=None, lbpcascade_path=os.environ["WAIFU_LBPCASCADE_PATH"])
@@ -53,8 +53,8 @@ def main() -> int:
         if hashlib.md5(data).hexdigest() in seen:  # the repost in the shared set
             continue
         seen.add(hashlib.md5(data).hexdigest())
-        image = to_rgb(Image.open(io.BytesIO(data)))
-        faces = detect_faces(image, settings.detector, settings)
+        image = open_image(data)
+        faces = find_faces(image, settings.detector, settings)
         if len(faces) != 1:
             continue  # ambiguous or faceless: not trained on, as in the service
         crop = crop_face(image, square_crop_box(faces[0], image.size, settings.face_margin), 96)
@@ -75,7 +75,7 @@ def main() -> int:
     right, timings = 0, []
     for tag, image in test_posts:
         t = time.perf_counter()
-        faces = classify_image(result.classifier, image)
+        faces = classify_image(result.classifier, image, settings)
         timings.append(time.perf_counter() - t)
         right += bool(faces) and faces[0]["top"][0]["name"] == tag
     table = Table(title="waifu predict on held-out illustrations (shared raw set, weights=none)")

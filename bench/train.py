@@ -33,8 +33,8 @@ DATA = ROOT.parent / "shared" / "data" / "transfer-learning-anime"
 
 def designs(weights_path: str | None) -> dict[str, Any]:
     """name -> TrainConfig. Imported lazily so the parent process stays free of TensorFlow."""
-    from worker.features import ClassicalConfig, FeatureConfig
-    from worker.training import TrainConfig
+    from train.features import ClassicalConfig, FeatureConfig
+    from train.model import TrainConfig
 
     scratch = TrainConfig(weights="none")  # the chosen design: small CNN at 64x64 + classical, 0.5 each
     backbone_scratch = replace(scratch, input_size=96, epochs=80, patience=20, classical_weight=0.0)
@@ -66,7 +66,7 @@ def run_one(design: str, split: str, seed: int, folds: int, weights_path: str | 
     """Train one design on one split (``test`` or ``cv<i>``) in this process; return its numbers."""
     import resource
 
-    from worker.training import evaluate, items_from_dir, load_dataset, predict, train
+    from train.model import evaluate, items_from_dir, load_dataset, predict, train
 
     cfg = replace(designs(weights_path)[design], seed=seed, threads=threads)
     train_set = load_dataset(items_from_dir(DATA / "resized_for_training"))
@@ -117,7 +117,7 @@ def _cv_fold(train_set: Any, test_set: Any, fold: int, folds: int) -> tuple[Any,
     import numpy as np
     from sklearn.model_selection import StratifiedKFold
 
-    from worker.training import Dataset
+    from train.model import Dataset
 
     images = np.concatenate([train_set.images, test_set.images])
     labels = np.concatenate([train_set.labels, test_set.labels])

@@ -1,4 +1,10 @@
-"""Engine and sessions built from settings; one engine per URL per process."""
+"""Engine and sessions built from settings; one engine per URL per process.
+
+SQLite is the embedded default, not a toy: WAL (readers never wait for the writer), a busy timeout, write
+transactions that take the lock at BEGIN (a deferred one that read first cannot upgrade once another
+process committed), read-only sessions that take no lock at all. Write transactions are kept short by
+the steps (db.claims); what still fails transiently is recognised by `is_transient` and retried.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,14 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, create_engine
 
-from waifu.settings import get_settings
+from core.settings import get_settings
+
+READONLY = "waifu_readonly"
+BUSY_TIMEOUT_MS = 30_000
 
 
 @lru_cache(maxsize=8)
@@ -20,24 +29,23 @@ def engine_for(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        # several worker processes share the file: wait for locks instead of failing at once
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # WAL keeps the database consistent; fewer fsyncs
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(conn):  # noqa: ANN001
-            # Take the write lock at the start: a deferred transaction that read first cannot upgrade once
-            # another process committed (SQLITE_BUSY at once, busy_timeout does not help). Worker processes
-            # then queue for the lock instead of failing.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn):  # noqa: ANN001
+            # Writers take the lock at the start and queue for it (busy_timeout); readers take none (WAL).
+            readonly = conn.get_execution_options().get(READONLY, False)
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
@@ -51,12 +59,37 @@ def get_engine() -> Engine:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    with Session(get_engine(), expire_on_commit=False) as session:
+def session_scope(readonly: bool = False) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error. `readonly` sessions take no SQLite
+    write lock (status pages, counts): they must not write."""
+    engine = get_engine()
+    bind = engine.execution_options(**{READONLY: True}) if readonly else engine
+    with Session(bind, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()
         except BaseException:
             session.rollback()
             raise
+
+
+# SQLSTATEs worth another try: serialization failure, deadlock, and the connection classes
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "08000", "08001", "08003", "08004", "08006", "57P01", "57P02", "57P03"}
+
+
+def is_transient(error: BaseException) -> bool:
+    """A database error that says "not now" rather than "never": SQLite busy/locked, a PostgreSQL
+    serialization failure or deadlock, a lost or refused connection. Worth a retry with backoff."""
+    if not isinstance(error, exc.DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    orig = error.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "diag", None), "sqlstate", None)
+    if sqlstate in _TRANSIENT_SQLSTATES:
+        return True
+    text = str(orig).lower()
+    if isinstance(error, exc.OperationalError):
+        return any(word in text for word in ("database is locked", "database is busy", "locked", "busy",
+                                             "could not connect", "connection", "server closed"))
+    return False

@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from waifu.settings import get_settings
+from core.settings import get_settings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 

@@ -84,6 +84,9 @@ class Post(SQLModel, table=True):
     stored_path: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     # filled by face detection: how many faces the image holds (0 is a valid, final answer)
     faces: int | None = None
+    # who works on this row now (a task id) and until when (see db.claims)
+    claim_token: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    claimed_until: datetime | None = None
 
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, nullable=False, index=True)
@@ -159,9 +162,26 @@ class Face(SQLModel, table=True):
     # the classifier's guess for ambiguous faces: a suggestion, never a label
     suggestion: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
     suggestion_score: float | None = None
+    # who works on this row now (a task id) and until when (see db.claims)
+    claim_token: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    claimed_until: datetime | None = None
 
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, nullable=False, index=True)
+
+
+class FaceHashBand(SQLModel, table=True):
+    """One byte of a ready face's 64-bit perceptual hash. Two hashes within 7 bits of each other agree
+    on at least one of their 8 bytes (pigeonhole), so a near-duplicate lookup compares only the faces
+    that share a band with the new one instead of every face in the collection."""
+
+    __tablename__ = "face_hash_band"
+
+    band: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    value: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    face_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("face.id", ondelete="CASCADE"), primary_key=True, index=True)
+    )
 
 
 class ModelStatus(StrEnum):

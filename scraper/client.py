@@ -24,8 +24,8 @@ from aiolimiter import AsyncLimiter
 from pydantic import BaseModel, ValidationError, field_validator, model_validator
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from waifu.logs import kv
-from waifu.settings import Settings
+from core.logs import kv
+from core.settings import Settings
 
 log = logging.getLogger("waifu.scraper.client")
 

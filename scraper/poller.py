@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import aiohttp
 from sqlmodel import select
 
+from core.logs import kv
+from core.settings import Settings
 from db.engine import session_scope
 from db.models import Character, ScrapeCursor, utcnow
 from scraper.client import ApiError, ApiPost, SafebooruClient, Unusable, make_limiter
 from scraper.store import record_unusable, upsert_posts
-from waifu.logs import kv
-from waifu.settings import Settings
 
 log = logging.getLogger("waifu.scraper")
 
@@ -57,9 +57,9 @@ class PollReport:
 
 
 def _default_enqueue(ids: Iterable[int]) -> int:
-    from worker.enqueue import enqueue_downloads
+    from worker.steps import enqueue
 
-    return enqueue_downloads(ids)
+    return enqueue("download", ids)
 
 
 class TagPoller:

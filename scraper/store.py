@@ -6,10 +6,10 @@ import logging
 
 from sqlmodel import Session, col, select
 
+from core.logs import kv
 from db.models import Character, Post, PostCharacter, PostState
 from db.states import log as transition_log
 from scraper.client import ApiPost, Unusable
-from waifu.logs import kv
 
 ACTIVE_STATES = (PostState.discovered, PostState.downloaded, PostState.detected, PostState.done)
 

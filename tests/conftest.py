@@ -29,8 +29,8 @@ os.environ["WAIFU_EMBEDDED_REDIS"] = "false"
 import redis  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
+from core.settings import reset_settings_cache  # noqa: E402
 from tests.fake_safebooru import SHARED_DIR, FakeSafebooru  # noqa: E402
-from waifu.settings import reset_settings_cache  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

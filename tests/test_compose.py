@@ -11,8 +11,8 @@ import pytest
 import typer
 import yaml
 
+from core.settings import Settings
 from waifu.cli import app as cli_app
-from waifu.settings import Settings
 from worker.app import QUEUES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,11 +8,11 @@ import pytest
 from sqlalchemy import inspect
 from sqlmodel import select
 
+from core.settings import get_settings
 from db.engine import get_engine, session_scope
 from db.migrate import current_revision
 from db.models import Character, Post, PostCharacter, PostState, utcnow
-from waifu.characters import add_characters, list_characters, remove_characters
-from waifu.settings import get_settings
+from scraper.characters import add_characters, list_characters, remove_characters
 from waifu.status import collect_status, reason_category
 from worker import inflight
 from worker.reconcile import reconcile_stuck, retry_failed

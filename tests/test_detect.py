@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from core.errors import DetectorUnavailable
+from core.images import to_rgb
+from core.settings import Settings
+from crop.imaging import crop_face, square_crop_box
+from detect import detectors as detect
+from detect.annotate import annotate
+from detect.detectors import detect_animeface, detect_lbpcascade, find_faces, suppress
 from tests.fake_safebooru import RAW_DIR, SHARED_DIR, shared_images
-from waifu.settings import Settings
-from worker import detect
-from worker.detect import DetectorUnavailable, detect_animeface, detect_faces, detect_lbpcascade, suppress
-from worker.imaging import annotate, crop_face, square_crop_box, to_rgb
 
 CASCADE = SHARED_DIR / "models" / "lbpcascade_animeface.xml"
 # illustrations in which both detectors find a face (checked by hand with `waifu detect --annotate`)
@@ -55,7 +58,7 @@ def test_detection_rates_match_the_measured_figures(raw_detections: dict) -> Non
 def test_each_detector_really_finds_faces(settings: Settings, name: str, which: str) -> None:
     """Fails loudly when a library pin breaks a detector silently (Pillow >= 12, OpenCV 5 wheels)."""
     image = to_rgb(Image.open(RAW_DIR / name))
-    found = detect_faces(image, which, Settings(_env_file=None, lbpcascade_path=CASCADE, detector_fallbacks=False))
+    found = find_faces(image, which, Settings(_env_file=None, lbpcascade_path=CASCADE, detector_fallbacks=False))
     assert found, f"{which} found no face on {name}: check the Pillow (<12) and OpenCV (4.x) pins"
 
 
@@ -65,7 +68,7 @@ def test_several_faces_yield_several_detections(settings: Settings) -> None:
     both = Image.new("RGB", (left.width * 2, left.height), "white")
     both.paste(left, (0, 0))
     both.paste(right, (left.width, 0))
-    found = detect_faces(both, "both", settings)
+    found = find_faces(both, "both", settings)
     assert len(found) >= 2
     assert any(d.x + d.w <= left.width for d in found) and any(d.x >= left.width for d in found)
 
@@ -95,26 +98,24 @@ def test_crop_boxes_are_square_and_inside_the_image(raw_detections: dict) -> Non
 
 def test_crop_and_annotate_make_pictures(settings: Settings) -> None:
     image = Image.open(RAW_DIR / KNOWN_FACES[0]).convert("RGB")
-    found = detect_faces(image, "both", settings)
+    found = find_faces(image, "both", settings)
     crop = crop_face(image, square_crop_box(found[0], image.size), size=96)
     assert crop.size == (96, 96) and crop.mode == "RGB"
     drawn = annotate(image, found, labels=["maki"] * len(found))
     assert drawn.size == image.size and drawn.tobytes() != image.tobytes()
 
 
-def test_cascade_download_is_checked_against_the_pinned_hash(tmp_path: Path, monkeypatch) -> None:
-    wrong = tmp_path / "wrong.xml"
-    wrong.write_text("<opencv_storage></opencv_storage>")
+def test_shipped_cascade_is_checked_against_the_pinned_hash(tmp_path: Path, monkeypatch) -> None:
     settings = Settings(_env_file=None, data_dir=tmp_path / "data", lbpcascade_path=None)
-    monkeypatch.setattr(detect, "LBPCASCADE_URL", wrong.as_uri())
+    assert detect.cascade_path(settings) == detect.SHIPPED_CASCADE
+    assert detect.sha256_of(detect.SHIPPED_CASCADE) == detect.LBPCASCADE_SHA256
+    assert "The MIT License" in detect.SHIPPED_CASCADE.read_text()[:2000], "the licence header ships with it"
+
+    wrong = tmp_path / "lbpcascade_animeface.xml"
+    wrong.write_text("<opencv_storage></opencv_storage>")
+    monkeypatch.setattr(detect, "SHIPPED_CASCADE", wrong)
     with pytest.raises(DetectorUnavailable, match="expected 9376d30a"):
         detect.cascade_path(settings)
-    assert not (tmp_path / "data" / "models" / "lbpcascade_animeface.xml").exists()
-
-    monkeypatch.setattr(detect, "LBPCASCADE_URL", CASCADE.as_uri())  # stands in for the upstream file
-    path = detect.cascade_path(settings)
-    assert path == tmp_path / "data" / "models" / "lbpcascade_animeface.xml"
-    assert detect.sha256_of(path) == detect.LBPCASCADE_SHA256
 
 
 def test_missing_local_cascade_is_a_clear_error(tmp_path: Path) -> None:
@@ -125,5 +126,5 @@ def test_missing_local_cascade_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_unknown_detector_is_refused(settings: Settings) -> None:
     with pytest.raises(ValueError, match="unknown detector"):
-        detect_faces(Image.new("RGB", (10, 10)), "yolo", settings)
+        find_faces(Image.new("RGB", (10, 10)), "yolo", settings)
 

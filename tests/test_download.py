@@ -19,14 +19,14 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from core.settings import Settings, get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import Post, PostState
+from download.hostlimit import rate_items, wait_for_slot, whole_rate
+from download.step import download_post
 from tests.conftest import TEST_REDIS_URL
 from tests.fake_safebooru import FakePost, FakeSafebooru, load_shared
 from tests.test_scraper_client import max_in_window
-from waifu.settings import Settings, get_settings, reset_settings_cache
-from worker.download import download_post
-from worker.hostlimit import rate_items, wait_for_slot, whole_rate
 
 
 class StreamingFake(FakeSafebooru):

@@ -11,12 +11,15 @@ import pytest
 from PIL import Image
 from sqlmodel import select
 
+from core.settings import get_settings
+from crop.labels import set_manual_label
+from crop.rules import label_for, split_for
+from crop.step import crop_face
 from db.engine import session_scope
 from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, Split
+from detect.step import detect_post
+from scraper.characters import add_characters
 from tests.fake_safebooru import RAW_DIR
-from waifu.characters import add_characters
-from waifu.settings import get_settings
-from worker.faces import detect_post, label_for, resize_face, set_manual_label, split_for
 
 MAKI = RAW_DIR / "nishikino_maki" / "1.png"
 RIKO = RAW_DIR / "sakurauchi_riko" / "1.jpg"
@@ -43,8 +46,8 @@ def store_post(post_id: int, data: bytes, tags: list[str], suffix: str = "png") 
 def run_pipeline(post_id: int) -> list[Face]:
     settings = get_settings()
     outcome = detect_post(post_id, settings)
-    for face_id in outcome.face_ids:
-        resize_face(face_id, settings)
+    for face_id in outcome.next_ids:
+        crop_face(face_id, settings)
     with session_scope() as session:
         return list(session.exec(select(Face).where(Face.post_id == post_id).order_by(Face.id)).all())
 
@@ -90,7 +93,7 @@ def test_one_character_one_face_is_labelled_by_tag(chars) -> None:
     row = post_row(post_id)
     assert row.state == PostState.done and row.faces == 1
     # a repeated message is a no-op
-    assert detect_post(post_id, get_settings()).face_ids == []
+    assert detect_post(post_id, get_settings()).next_ids == []
 
 
 def test_every_face_is_kept_and_several_faces_are_ambiguous(chars) -> None:
@@ -184,7 +187,7 @@ def test_label_rule() -> None:
 
 
 def test_missing_detector_model_leaves_the_post_waiting(chars, monkeypatch) -> None:
-    from waifu.settings import reset_settings_cache
+    from core.settings import reset_settings_cache
 
     monkeypatch.setenv("WAIFU_LBPCASCADE_PATH", "/nonexistent/lbpcascade_animeface.xml")
     monkeypatch.setenv("WAIFU_DETECTOR", "lbpcascade")
@@ -203,9 +206,9 @@ def test_faces_of_one_post_finished_concurrently_close_the_post(chars) -> None:
     settings = get_settings()
     for post_id in (50, 51, 52):
         store_post(post_id, side_by_side(MAKI, RIKO) + bytes([post_id]), ["nishikino_maki"])
-        face_ids = detect_post(post_id, settings).face_ids
+        face_ids = detect_post(post_id, settings).next_ids
         assert len(face_ids) >= 2
         with ThreadPoolExecutor(max_workers=len(face_ids)) as pool:
-            states = list(pool.map(lambda f: resize_face(f, settings), face_ids))
+            states = list(pool.map(lambda f: crop_face(f, settings).state, face_ids))
         assert set(states) == {FaceState.ready}
         assert post_row(post_id).state == PostState.done

@@ -11,14 +11,14 @@ import hashlib
 import pytest
 from sqlmodel import select
 
+from core.settings import get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import Character, Post, PostCharacter, PostState, ScrapeCursor
+from scraper.characters import add_characters
 from scraper.poller import poll_once, run_forever
 from tests.fake_safebooru import FakePost, FakeSafebooru, load_shared
 from tests.test_db import queued_ids
 from tests.test_scraper_client import max_in_window
-from waifu.characters import add_characters
-from waifu.settings import get_settings, reset_settings_cache
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ import sys
 import pytest
 from sqlmodel import select
 
+from core.settings import get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import Face, FaceState, LabelSource, ModelStatus, ModelVersion, Post
 from tests.conftest import PROJECT_ROOT
 from tests.fake_safebooru import RAW_DIR, SHARED_DIR
-from waifu.settings import get_settings, reset_settings_cache
-from worker.retrain import NotEnoughData, RetrainBusy, retrain_lock, run_retrain, should_retrain
+from train.step import NotEnoughData, RetrainBusy, retrain_lock, run_retrain, should_retrain
 from worker.tasks import _retrain_outcome
 
 CROPS = SHARED_DIR / "data" / "transfer-learning-anime"
@@ -135,8 +135,8 @@ def test_retrain_task_through_a_real_train_worker(labelled_db, start_worker) -> 
 
 
 def test_suggestions_for_ambiguous_faces_and_the_report(labelled_db, tmp_path) -> None:
-    from worker.report import write_report
-    from worker.retrain import suggest_for_ambiguous
+    from train.report import write_report
+    from train.step import suggest_for_ambiguous
 
     settings = get_settings()
     with session_scope() as session:  # two test faces become ambiguous (e.g. a post with two characters)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from core.settings import Settings
 from scraper.client import ApiError, ApiPost, DeepPaginationError, SafebooruClient, make_limiter, parse_posts
 from tests.fake_safebooru import FakePost, FakeSafebooru, load_shared
-from waifu.settings import Settings
 
 
 def settings_for(fake: FakeSafebooru, **overrides) -> Settings:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from waifu.settings import Settings
+from core.settings import Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

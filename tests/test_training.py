@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.features import ClassicalConfig, ClassicalModel, fit_classical
-from worker.training import (
+from train.features import ClassicalConfig, ClassicalModel, fit_classical
+from train.model import (
     WEIGHTS_SETTING,
     BackboneWeightsError,
     Dataset,
@@ -132,7 +132,7 @@ def test_pretrained_path_from_local_file(splits: tuple[Dataset, Dataset], tmp_pa
 
 def test_missing_weights_file_names_the_setting(tmp_path: Path) -> None:
     pytest.importorskip("keras")
-    from worker.training import build_model
+    from train.model import build_model
 
     with pytest.raises(BackboneWeightsError, match=WEIGHTS_SETTING):
         build_model(3, "mobilenetv2", 64, str(tmp_path / "nope.h5"))

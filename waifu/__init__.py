@@ -1,3 +1,5 @@
-"""waifu: continuous collection of anime character faces from safebooru."""
+"""waifu: continuous collection of anime character faces from safebooru; the command line and its views."""
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

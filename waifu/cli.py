@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from waifu.logs import setup_logging
-from waifu.settings import get_settings
+from core.logs import setup_logging
+from core.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, help="Collect anime character faces from safebooru; keep a classifier.")
 characters_app = typer.Typer(no_args_is_help=True, help="Tracked characters (safebooru tags).")
@@ -64,7 +64,7 @@ def characters_add(
     ratings: Annotated[str, typer.Option(help="Ratings to keep, comma separated (default: all)")] = "",
 ) -> None:
     """Track characters; the next poll starts collecting them."""
-    from waifu.characters import add_characters
+    from scraper.characters import add_characters
 
     _ensure_db()
     added, updated = add_characters(tags, extra_terms=extra, ratings=ratings)
@@ -77,7 +77,7 @@ def characters_add(
 @characters_app.command("list")
 def characters_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
     """List tracked characters with their post counts."""
-    from waifu.characters import list_characters
+    from scraper.characters import list_characters
 
     _ensure_db()
     rows = list_characters()
@@ -96,7 +96,7 @@ def characters_list(as_json: Annotated[bool, typer.Option("--json", help="Machin
 @characters_app.command("remove")
 def characters_remove(tags: Annotated[list[str], typer.Argument(help="tags to stop tracking")]) -> None:
     """Stop tracking characters (their posts and files stay)."""
-    from waifu.characters import remove_characters
+    from scraper.characters import remove_characters
 
     _ensure_db()
     removed = remove_characters(tags)
@@ -261,8 +261,8 @@ def retrain_cmd(
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most")] = 6 * 3600,
 ) -> None:
     """Enqueue a retrain on the `train` queue (one at a time)."""
+    from train.step import retrain_running
     from worker.app import app as celery_app
-    from worker.retrain import retrain_running
 
     if retrain_running():
         console.print("a retrain is already running; not starting another")
@@ -288,14 +288,14 @@ def predict(
     from waifu.predict_view import predict_paths
 
     _ensure_db()
-    if not predict_paths(_path_list(paths), as_json=as_json, annotate_dir=annotate, console=console):
+    if not predict_paths(paths, as_json=as_json, annotate_dir=annotate, console=console):
         raise typer.Exit(1)
 
 
 @app.command()
 def report(out: Annotated[Path, typer.Option(help="Directory for the PNGs and index.html")] = Path("report")) -> None:
     """Write PNGs (training curves, confusion matrix, test predictions, growth) and one HTML page."""
-    from worker.report import write_report
+    from train.report import write_report
 
     _ensure_db()
     page = write_report(get_settings(), out)
@@ -306,7 +306,7 @@ def report(out: Annotated[Path, typer.Option(help="Directory for the PNGs and in
 @faces_app.command("label")
 def faces_label(face_id: int, tag: str) -> None:
     """Give a face a character by hand (overrides the automatic label)."""
-    from worker.faces import set_manual_label
+    from crop.labels import set_manual_label
 
     _ensure_db()
     try:
@@ -320,7 +320,7 @@ def faces_label(face_id: int, tag: str) -> None:
 @faces_app.command("reject")
 def faces_reject(face_id: int) -> None:
     """Mark a detection as not a usable face (never trained on)."""
-    from worker.faces import set_manual_label
+    from crop.labels import set_manual_label
 
     _ensure_db()
     try:
@@ -339,18 +339,13 @@ def detect(
     detector: Annotated[str, typer.Option(help="animeface, lbpcascade or both (default: WAIFU_DETECTOR)")] = "",
 ) -> None:
     """Detect faces locally (no broker, no database) and show what was found."""
-    from waifu.detect_report import detect_paths
+    from waifu.detect_view import detect_paths
 
-    detect_paths(_path_list(paths), as_json=as_json, annotate_dir=annotate,
-                 detector=detector or get_settings().detector, console=console)
-
-
-def _path_list(paths: list[Path]) -> list[Path]:
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        err.print(f"[red]no such file: {', '.join(map(str, missing))}[/red]")
-        raise typer.Exit(2)
-    return paths
+    settings = get_settings()
+    results = detect_paths(paths, as_json=as_json, annotate_dir=annotate, detector=detector or settings.detector,
+                           console=console, max_pixels=settings.max_image_pixels)
+    if any("error" in entry for entry in results):
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import redis
 
-from waifu.logs import kv
-from waifu.settings import Settings
+from core.logs import kv
+from core.settings import Settings
 
 log = logging.getLogger("waifu.run")
 

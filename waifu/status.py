@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
+from core.settings import Settings
 from db.engine import session_scope
 from db.models import Character, Face, FaceState, Post, PostCharacter, PostState, ScrapeCursor
-from waifu.settings import Settings
 from worker.app import QUEUES
 
 TOP_REASONS = 5

@@ -1,6 +1,7 @@
 """The Celery app: Redis broker, JSON only, late acks, one queue per kind of resource.
 
-Queues: `io` (downloads, reconcile), `cpu` (face detection, resizing), `train` (retraining; solo pool).
+Queues: `io` (downloads, reconcile: threads, they mostly wait), `cpu` (detection, crops: one process per
+core), `train` (retraining: solo pool). Routes come from the one declaration in worker.steps.
 Importing this module must stay cheap: no TensorFlow, no OpenCV.
 """
 
@@ -9,20 +10,10 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from waifu.settings import Settings, get_settings
+from core.settings import Settings, get_settings
+from worker.steps import JOBS, QUEUES, TASK_ROUTES
 
-QUEUES = ("io", "cpu", "train")
-
-# Stable task names: Flower's `POST /api/task/async-apply/<name>` and other tools rely on them.
-TASK_ROUTES = {
-    "worker.tasks.download": {"queue": "io"},
-    "worker.tasks.reconcile": {"queue": "io"},
-    "worker.tasks.detect_faces": {"queue": "cpu"},
-    "worker.tasks.resize_face": {"queue": "cpu"},
-    "worker.tasks.classify": {"queue": "train"},
-    "worker.tasks.retrain": {"queue": "train"},
-    "worker.tasks.maybe_retrain": {"queue": "train"},
-}
+__all__ = ["QUEUES", "app", "celery_config"]
 
 
 def celery_config(settings: Settings) -> dict:
@@ -33,9 +24,13 @@ def celery_config(settings: Settings) -> dict:
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
-        # the row is the truth, but the message should survive a worker crash mid-task too
+        # the row is the truth, but the message should survive a worker crash mid-task too: a pool process
+        # killed mid-task gets its message requeued at once (reject_on_worker_lost); a whole worker killed
+        # gets it back after the visibility timeout, and reconcile recovers the row sooner (worker.reconcile)
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "worker_prefetch_multiplier": 1,
         "task_default_queue": "io",
         "task_queues": [Queue(name) for name in QUEUES],
@@ -47,14 +42,14 @@ def celery_config(settings: Settings) -> dict:
         "worker_hijack_root_logger": False,
         "beat_schedule": {
             "reconcile": {
-                "task": "worker.tasks.reconcile",
+                "task": JOBS["reconcile"][0],
                 "schedule": settings.reconcile_interval,
-                "options": {"queue": "io", "expires": settings.reconcile_interval},
+                "options": {"queue": JOBS["reconcile"][1], "expires": settings.reconcile_interval},
             },
             "maybe-retrain": {
-                "task": "worker.tasks.maybe_retrain",
+                "task": JOBS["maybe_retrain"][0],
                 "schedule": settings.retrain_interval,
-                "options": {"queue": "train", "expires": settings.retrain_interval},
+                "options": {"queue": JOBS["maybe_retrain"][1], "expires": settings.retrain_interval},
             },
         },
         "timezone": "UTC",

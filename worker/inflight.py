@@ -1,30 +1,19 @@
 """Markers in Redis for messages in flight, so reconcile re-enqueues only what the broker really lost.
 
-A marker is set when a task is enqueued and cleared when the task reaches a final outcome. Markers
-live in the broker's own Redis: if Redis loses its messages (restart without persistence, FLUSHALL),
-it loses the markers with them, and reconcile sees those rows as orphaned.
+A marker says "a message for this row is queued". It is set when a step is enqueued and cleared when a
+task takes the message; from then on the row's claim (db.claims) says someone works on it. Markers live
+in the broker's own Redis: if Redis loses its messages (restart without persistence, FLUSHALL), it loses
+the markers with them, and reconcile sees those rows as orphaned.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import lru_cache
 
-import redis
-
-from waifu.settings import get_settings
+from core.broker import redis_client
 
 # Safety net: a marker whose task vanished without clearing it stops protecting the row after this.
 MARKER_TTL_SECONDS = 6 * 3600
-
-
-@lru_cache(maxsize=4)
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url)
-
-
-def redis_client() -> redis.Redis:
-    return _client(get_settings().broker_url)
 
 
 def _key(kind: str, item_id: int) -> str:

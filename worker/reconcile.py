@@ -1,7 +1,11 @@
-"""Finds rows whose message the broker lost and enqueues them again.
+"""Finds rows whose step will never run by itself and enqueues them again.
 
-A row is orphaned when it has sat in a non-terminal state longer than `stuck_after` AND no
-in-flight marker exists for it (markers vanish with the broker's data, see worker.inflight).
+A row waiting for a step (worker.steps) is orphaned when
+- no message for it is queued (no in-flight marker: the broker lost it, or a task died after taking it),
+- no worker holds a live claim on it (db.claims: a claim of a killed worker runs out after
+  WAIFU_CLAIM_TIMEOUT), and
+- it has not changed for WAIFU_STUCK_AFTER seconds.
+So a worker killed mid-step costs at most max(claim timeout, stuck after) + the reconcile interval.
 """
 
 from __future__ import annotations
@@ -9,50 +13,54 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlmodel import col, select
+from sqlmodel import col, or_, select
 
+from core.logs import kv
+from core.settings import Settings
 from db.engine import session_scope
-from db.models import Face, FaceState, Post, PostState, utcnow
-from waifu.logs import kv
-from waifu.settings import Settings
+from db.models import Post, PostState, utcnow
+from db.states import hand_over_reposts, orphaned_reposts, transition
 from worker import inflight
-from worker.enqueue import enqueue_detections, enqueue_downloads, enqueue_resizes
+from worker.steps import STEPS, enqueue
 
 log = logging.getLogger("waifu.reconcile")
 
-# (table, non-terminal state, label in reports, marker kind, enqueue function)
-PENDING_STEPS = (
-    (Post, PostState.discovered, "discovered", "download", enqueue_downloads),
-    (Post, PostState.downloaded, "downloaded", "detect", enqueue_detections),
-    (Face, FaceState.detected, "face detected", "resize", enqueue_resizes),
-)
-
 
 def reconcile_stuck(settings: Settings, older_than: float | None = None) -> dict[str, int]:
-    """Returns how many rows were re-enqueued per state."""
-    cutoff = utcnow() - timedelta(seconds=settings.stuck_after if older_than is None else older_than)
+    """Returns how many rows were re-enqueued per waiting state (and posts completed, reposts handed over)."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.stuck_after if older_than is None else older_than)
     counts: dict[str, int] = {}
-    for table, state, label, kind, enqueue_fn in PENDING_STEPS:
-        with session_scope() as session:
+    for step in STEPS.values():
+        table = step.table
+        with session_scope(readonly=True) as session:
             ids = list(session.exec(
-                select(table.id).where(table.state == state, col(table.updated_at) <= cutoff).order_by(table.id)
+                select(table.id).where(table.state == step.waits_in, col(table.updated_at) <= cutoff,
+                                       or_(col(table.claimed_until).is_(None), col(table.claimed_until) < now))
+                .order_by(table.id)
             ).all())
-        in_flight = inflight.marked(kind, ids)
+        in_flight = inflight.marked(step.name, ids)
         orphaned = [i for i in ids if i not in in_flight]
         if orphaned:
             with session_scope() as session:
                 for row in session.exec(select(table).where(col(table.id).in_(orphaned))):
                     row.updated_at = utcnow()
-            enqueue_fn(orphaned)
-            log.info(kv("reconcile", state=label, requeued=len(orphaned), stale=len(ids)))
-        counts[label] = len(orphaned)
+            enqueue(step.name, orphaned)
+            log.info(kv("reconcile", step=step.name, state=step.waits_in, requeued=len(orphaned), stale=len(ids)))
+        counts[label(step)] = len(orphaned)
     counts["completed"] = complete_finished_posts(cutoff)
+    counts["reposts"] = hand_over_orphaned_reposts()
     return counts
+
+
+def label(step) -> str:  # noqa: ANN001
+    """How reports name a step's waiting rows ("discovered", "downloaded", "face detected")."""
+    return f"face {step.waits_in}" if step.table.__tablename__ == "face" else str(step.waits_in)
 
 
 def complete_finished_posts(cutoff: datetime) -> int:
     """Posts left `detected` although none of their faces waits any more (a lost last step)."""
-    from worker.faces import finish_post_if_complete
+    from crop.step import finish_post_if_complete
 
     done = 0
     with session_scope() as session:
@@ -64,10 +72,19 @@ def complete_finished_posts(cutoff: datetime) -> int:
     return done
 
 
-def retry_failed(settings: Settings) -> int:
-    """Moves every failed post back to `discovered` and enqueues it (`waifu retry-failed`)."""
-    from db.states import transition
+def hand_over_orphaned_reposts() -> int:
+    """Reposts listed while their original was failing: the earliest one is collected instead."""
+    heirs = []
+    with session_scope() as session:
+        for original in orphaned_reposts(session):
+            heir = hand_over_reposts(session, original)
+            if heir is not None:
+                heirs.append(heir)
+    return enqueue("download", heirs)
 
+
+def retry_failed(settings: Settings) -> int:
+    """Moves every failed post back to its waiting state and enqueues it (`waifu retry-failed`)."""
     with session_scope() as session:
         failed = session.exec(select(Post).where(Post.state == PostState.failed)).all()
         to_download, to_detect = [], []
@@ -77,4 +94,4 @@ def retry_failed(settings: Settings) -> int:
             transition(post, resume, reason=f"retry requested after: {post.reason}")
             post.attempts = 0
             (to_detect if post.stored_path else to_download).append(post.id)
-    return enqueue_downloads(to_download) + enqueue_detections(to_detect)
+    return enqueue("download", to_download) + enqueue("detect", to_detect)

@@ -1,76 +1,84 @@
-"""Celery tasks: thin shells that load a row, call a plain function, and record the outcome.
+"""Celery tasks: thin shells derived from the step declaration (worker.steps) plus the jobs that are not
+per-row steps. A step task calls its plain function and enqueues what the function hands on.
 
-Task names are part of the public contract (Flower's async-apply, `waifu` CLI, other tools).
+Task names are part of the public contract (Flower's async-apply, the `waifu` CLI, other tools).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 
-from db.models import PostState
-from waifu.logs import kv
-from waifu.settings import get_settings
+from celery import Task
+
+from core.logs import kv
+from core.settings import get_settings
+from db.engine import is_transient
 from worker import inflight
 from worker.app import app
-from worker.enqueue import enqueue_detections, enqueue_resizes
+from worker.steps import JOBS, STEPS, Step, enqueue
 
 log = logging.getLogger("waifu.tasks")
 
+# a transient database error (SQLite busy, serialization failure, lost connection) is retried this often,
+# with jittered exponential backoff, before the row is left to reconcile
+DB_RETRIES = 8
+DB_BACKOFF_MAX = 60.0
 
-@app.task(name="worker.tasks.download", bind=True, max_retries=None)
-def download(self, post_id: int) -> str:
-    """Fetch, verify and store one post's file (queue `io`)."""
-    from worker.download import download_post
 
+def db_backoff(retries: int) -> float:
+    return min(DB_BACKOFF_MAX, 0.5 * 2**retries) * random.uniform(0.5, 1.5)
+
+
+def run_step(task: Task, step: Step, row_id: int) -> dict:
+    """Runs one step for one row; every outcome is on the row, this only moves messages."""
+    # The message has arrived: from here the row's claim (db.claims) protects it, not the marker.
+    inflight.clear(step.name, row_id)
     try:
-        outcome = download_post(post_id, get_settings())
-    except Exception:
-        # the row stays non-terminal; reconcile picks it up once the marker is gone
-        inflight.clear("download", post_id)
-        raise
+        outcome = step.load()(row_id, get_settings(), token=task.request.id or None)
+    except Exception as exc:
+        if not is_transient(exc) or task.request.retries >= DB_RETRIES:
+            raise  # the row stays where it was; reconcile takes it up again once its claim runs out
+        countdown = db_backoff(task.request.retries)
+        log.warning(kv("database busy, retrying", step=step.name, row=row_id, countdown=round(countdown, 2),
+                       error=type(exc).__name__))
+        inflight.mark(step.name, [row_id])
+        raise task.retry(countdown=countdown, exc=exc, max_retries=DB_RETRIES) from exc
     if outcome.retry_in is not None:
-        log.info(kv("retry", task="download", post=post_id, countdown=round(outcome.retry_in, 2)))
-        raise self.retry(countdown=outcome.retry_in)
-    if outcome.state == PostState.downloaded:
-        enqueue_detections([post_id])  # the row is committed: the next step may start
-    inflight.clear("download", post_id)
-    return str(outcome.state)
+        log.info(kv("retry", step=step.name, row=row_id, countdown=round(outcome.retry_in, 2)))
+        inflight.mark(step.name, [row_id])
+        raise task.retry(countdown=outcome.retry_in, max_retries=None)
+    if outcome.next_ids and step.next:
+        enqueue(step.next, outcome.next_ids)  # committed by the step: the next one may start
+    if outcome.again_ids:
+        enqueue(step.name, outcome.again_ids)
+    return {"state": outcome.state, "next": len(outcome.next_ids), "reason": outcome.reason}
 
 
-@app.task(name="worker.tasks.detect_faces")
-def detect_faces(post_id: int) -> dict:
-    """Find every face of a downloaded post (queue `cpu`)."""
-    from worker.faces import detect_post
+def _register(step: Step) -> Task:
+    def shell(self: Task, row_id: int) -> dict:
+        return run_step(self, step, row_id)
 
-    try:
-        outcome = detect_post(post_id, get_settings())
-        enqueue_resizes(outcome.face_ids)
-    finally:
-        inflight.clear("detect", post_id)
-    return {"state": outcome.state, "faces": len(outcome.face_ids)}
+    shell.__name__ = shell.__qualname__ = step.name
+    shell.__doc__ = f"Step `{step.name}` for one {step.table.__tablename__} row (queue `{step.queue}`)."
+    return app.task(name=step.task, bind=True, max_retries=None)(shell)
 
 
-@app.task(name="worker.tasks.resize_face")
-def resize_face(face_id: int) -> str | None:
-    """Write one face's square crop, label and split it (queue `cpu`)."""
-    from worker.faces import resize_face as resize
-
-    try:
-        return resize(face_id, get_settings())
-    finally:
-        inflight.clear("resize", face_id)
+download = _register(STEPS["download"])
+detect_faces = _register(STEPS["detect"])
+resize_face = _register(STEPS["crop"])
 
 
-@app.task(name="worker.tasks.reconcile")
+@app.task(name=JOBS["reconcile"][0])
 def reconcile() -> dict[str, int]:
-    """Re-enqueue rows stuck in a non-terminal state whose message was lost (queue `io`, beat)."""
+    """Re-enqueue rows stuck in a waiting state whose message was lost or whose worker died (beat)."""
     from worker.reconcile import reconcile_stuck
 
     return reconcile_stuck(get_settings())
 
 
 def _retrain_outcome(force: bool, progress=None) -> dict:  # noqa: ANN001
-    from worker.retrain import NotEnoughData, RetrainBusy, run_retrain, should_retrain
+    from train.step import NotEnoughData, RetrainBusy, run_retrain, should_retrain
 
     settings = get_settings()
     if not force:
@@ -84,19 +92,19 @@ def _retrain_outcome(force: bool, progress=None) -> dict:  # noqa: ANN001
     except NotEnoughData as exc:
         return {"status": "skipped", "reason": str(exc)}
     if summary["status"] == "current":
-        app.send_task("worker.tasks.classify")  # a new model: refresh the suggestions on ambiguous faces
+        app.send_task(JOBS["classify"][0])  # a new model: refresh the suggestions on ambiguous faces
     return summary
 
 
-@app.task(name="worker.tasks.classify")
+@app.task(name=JOBS["classify"][0])
 def classify(face_ids: list[int] | None = None) -> int:
     """The current model's suggestion for ambiguous faces (queue `train`: TensorFlow stays in one process)."""
-    from worker.retrain import suggest_for_ambiguous
+    from train.step import suggest_for_ambiguous
 
     return suggest_for_ambiguous(get_settings(), face_ids)
 
 
-@app.task(name="worker.tasks.retrain", bind=True)
+@app.task(name=JOBS["retrain"][0], bind=True)
 def retrain(self, force: bool = True) -> dict:
     """Train, evaluate against the current model, promote if better (queue `train`, solo pool).
 
@@ -109,7 +117,7 @@ def retrain(self, force: bool = True) -> dict:
     return _retrain_outcome(force, progress)
 
 
-@app.task(name="worker.tasks.maybe_retrain")
+@app.task(name=JOBS["maybe_retrain"][0])
 def maybe_retrain() -> dict:
     """The beat trigger: retrains only when enough new labelled faces arrived (queue `train`)."""
     return _retrain_outcome(force=False)

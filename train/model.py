@@ -10,7 +10,7 @@ The model is an ensemble, chosen by the numbers in ``bench/train.py``:
   ImageNet weights are available: frozen first, then its top blocks fine-tuned. From scratch
   (``weights="none"``) those backbones barely learn from a few dozen faces per class, so the offline
   default is a small 4-block CNN at 64x64;
-- the classical HOG + colour-histogram logistic regression of :mod:`worker.features`, which from
+- the classical HOG + colour-histogram logistic regression of :mod:`train.features`, which from
   scratch generalises as well as the CNN and makes different mistakes;
 
 averaged (``classical_weight``, default 0.5) with mirror test-time augmentation. One artifact directory
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.features import ClassicalConfig, ClassicalModel, FeatureConfig, fit_classical, load_images
+from train.features import ClassicalConfig, ClassicalModel, FeatureConfig, fit_classical, load_images
 
 BACKBONES = ("mobilenetv2", "efficientnetb0", "smallcnn", "none")
 KERAS_FILE = "model.keras"

@@ -1,7 +1,7 @@
 """Retraining as plain functions: dataset from the database, train, evaluate against the current model on
 today's test split in the same run, register the version, promote only if it is better.
 
-TensorFlow is imported only inside worker.training's functions, which this module calls lazily.
+TensorFlow is imported only inside train.model's functions, which this module calls lazily.
 """
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session, col, func, select
+from sqlmodel import col, select
 
+from core import __version__
+from core.broker import redis_client
+from core.logs import kv
+from core.settings import Settings
 from db.engine import session_scope
 from db.models import Face, FaceState, LabelSource, ModelStatus, ModelVersion, utcnow
-from waifu import __version__
-from waifu.logs import kv
-from waifu.settings import Settings
-from worker.inflight import redis_client
+from train.registry import current_version, labelled_count, labelled_faces
 
 log = logging.getLogger("waifu.retrain")
 
 LOCK_NAME = "waifu:retrain-lock"
 LOCK_SECONDS = 12 * 3600  # a crashed trainer frees the lock after this at the latest
-TRAINABLE = (LabelSource.tag, LabelSource.manual)
 MIN_PER_CLASS = 2
 
 
@@ -46,30 +46,9 @@ def retrain_running() -> bool:
     return bool(redis_client().exists(LOCK_NAME))
 
 
-# ---------------------------------------------------------------------------- data ------------
-def labelled_faces(session: Session, settings: Settings, split: str) -> list[tuple[Path, str]]:
-    rows = session.exec(
-        select(Face.path, Face.label).where(
-            Face.state == FaceState.ready, col(Face.label).is_not(None), col(Face.label_source).in_(TRAINABLE),
-            Face.split == split,
-        ).order_by(Face.id)
-    ).all()
-    return [(settings.data_dir / path, label) for path, label in rows]
-
-
-def labelled_count(session: Session) -> int:
-    return int(session.exec(select(func.count()).select_from(Face).where(
-        Face.state == FaceState.ready, col(Face.label).is_not(None), col(Face.label_source).in_(TRAINABLE))).one())
-
-
-def current_version(session: Session) -> ModelVersion | None:
-    return session.exec(select(ModelVersion).where(ModelVersion.status == ModelStatus.current)
-                        .order_by(col(ModelVersion.id).desc())).first()
-
-
 def should_retrain(settings: Settings) -> tuple[bool, str]:
     """The beat rule: retrain only when enough new labelled faces arrived since the current model."""
-    with session_scope() as session:
+    with session_scope(readonly=True) as session:
         now = labelled_count(session)
         current = current_version(session)
     before = current.labelled_faces if current else 0
@@ -90,7 +69,7 @@ def code_version() -> str:
 
 
 def train_config(settings: Settings, overrides: dict[str, Any] | None = None):  # noqa: ANN201
-    from worker.training import TrainConfig
+    from train.model import TrainConfig
 
     extra: dict[str, Any] = {"cache_dir": str((settings.models_dir / "keras").resolve())}
     if settings.train_epochs:
@@ -102,7 +81,7 @@ def train_config(settings: Settings, overrides: dict[str, Any] | None = None):  
 
 def accuracy_on(classifier, images, true_names: list[str]) -> float:  # noqa: ANN001
     """Accuracy of any version on today's test faces; a class it never learnt counts as a miss."""
-    from worker.training import predict
+    from train.model import predict
 
     if not true_names:
         return 0.0
@@ -127,7 +106,7 @@ def run_retrain(settings: Settings, progress: Callable[[dict[str, Any]], None] |
 
 
 def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa: ANN001
-    from worker.training import evaluate, load_artifacts, load_dataset, save_artifacts, train
+    from train.model import evaluate, load_artifacts, load_dataset, save_artifacts, train
 
     with session_scope() as session:
         train_items = labelled_faces(session, settings, "train")
@@ -149,7 +128,7 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa
     test_set = load_dataset(test_items, classes, size=96)
     # faces of characters the new model cannot know still count against it, as for the current model
     true_names = [label for _, label in test_items]
-    from worker.features import load_images
+    from train.features import load_images
 
     all_test_images = load_images([str(p) for p, _ in test_items], 96)
 
@@ -169,7 +148,7 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa
         directory = settings.models_dir / f"v{version_id}"
         save_artifacts(result.classifier, directory, metrics)
         (directory / "history.json").write_text(json.dumps(result.history))
-        from worker.pictures import confusion_png, training_curves_png
+        from train.pictures import confusion_png, training_curves_png
 
         training_curves_png(result.history, directory / "training_curves.png")
         confusion_png(metrics.confusion, metrics.class_names, directory / "confusion_matrix.png")
@@ -210,8 +189,8 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa
 
 def suggest_for_ambiguous(settings: Settings, face_ids: list[int] | None = None) -> int:
     """Attaches the current model's best guess to ambiguous faces: a suggestion, never a label."""
-    from worker.features import load_images
-    from worker.training import load_artifacts, predict
+    from train.features import load_images
+    from train.model import load_artifacts, predict
 
     with session_scope() as session:
         current = current_version(session)

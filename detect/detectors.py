@@ -11,25 +11,27 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import threading
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from waifu.logs import kv
-from waifu.settings import Settings, get_settings
+from core.errors import DetectorUnavailable
+from core.logs import kv
+from core.settings import Settings, get_settings
 
 log = logging.getLogger("waifu.detect")
 
-LBPCASCADE_URL = "https://raw.githubusercontent.com/nagadomi/lbpcascade_animeface/master/lbpcascade_animeface.xml"
+# nagadomi's lbpcascade_animeface.xml (MIT licence, header in the file), shipped as package data; upstream:
+# https://raw.githubusercontent.com/nagadomi/lbpcascade_animeface/master/lbpcascade_animeface.xml
+SHIPPED_CASCADE = Path(__file__).with_name("lbpcascade_animeface.xml")
 LBPCASCADE_SHA256 = "9376d30ac38db6bda2a68b88b3b76bbd7e6aa33af47f7f5c76bc88ca75f1ce30"
 DETECTORS = ("animeface", "lbpcascade", "both")
 
 _lock = threading.Lock()
 _cascades: dict[str, object] = {}
+_verified: set[Path] = set()
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,6 @@ class Detection:
         return self.w * self.h
 
 
-class DetectorUnavailable(RuntimeError):
-    """A detector cannot run here (missing model file, wrong library build); says how to fix it."""
-
-
 def pin_opencv_threads(threads: int = 1) -> None:
     """N prefork processes should use N cores, not N times all of them."""
     import cv2
@@ -63,31 +61,23 @@ def sha256_of(path: Path) -> str:
 
 
 def cascade_path(settings: Settings) -> Path:
-    """The configured copy, or one downloaded once into the data dir and checked against the pinned hash."""
+    """The configured copy (WAIFU_LBPCASCADE_PATH), else the one shipped in this package, checked against
+    its pinned hash: detection never depends on a third party being up."""
     if settings.lbpcascade_path:
         path = Path(settings.lbpcascade_path)
         if not path.is_file():
             raise DetectorUnavailable(f"WAIFU_LBPCASCADE_PATH={path} does not exist")
         return path
-    path = settings.models_dir / "lbpcascade_animeface.xml"
-    if path.is_file() and sha256_of(path) == LBPCASCADE_SHA256:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(LBPCASCADE_URL, timeout=30) as resp, tmp.open("wb") as out:
-            shutil.copyfileobj(resp, out)
-    except OSError as exc:
-        raise DetectorUnavailable(
-            f"cannot download lbpcascade_animeface.xml ({exc}); set WAIFU_LBPCASCADE_PATH to a local copy"
-        ) from exc
-    digest = sha256_of(tmp)
-    if digest != LBPCASCADE_SHA256:
-        tmp.unlink(missing_ok=True)
-        raise DetectorUnavailable(f"downloaded lbpcascade_animeface.xml has sha256 {digest}, "
-                                  f"expected {LBPCASCADE_SHA256}: refused")
-    tmp.replace(path)
-    return path
+    if SHIPPED_CASCADE not in _verified:
+        if not SHIPPED_CASCADE.is_file():
+            raise DetectorUnavailable(f"the shipped cascade {SHIPPED_CASCADE} is missing: reinstall waifu, "
+                                      f"or set WAIFU_LBPCASCADE_PATH to a copy of lbpcascade_animeface.xml")
+        digest = sha256_of(SHIPPED_CASCADE)
+        if digest != LBPCASCADE_SHA256:
+            raise DetectorUnavailable(f"the shipped cascade {SHIPPED_CASCADE} has sha256 {digest}, expected "
+                                      f"{LBPCASCADE_SHA256}: refused (reinstall, or set WAIFU_LBPCASCADE_PATH)")
+        _verified.add(SHIPPED_CASCADE)
+    return SHIPPED_CASCADE
 
 
 def load_cascade(path: Path):  # noqa: ANN201
@@ -191,7 +181,7 @@ def rotated_pass(image: Image.Image, detector: str, settings: Settings, angle: f
     return out
 
 
-def detect_faces(image: Image.Image, detector: str = "both", settings: Settings | None = None) -> list[Detection]:
+def find_faces(image: Image.Image, detector: str = "both", settings: Settings | None = None) -> list[Detection]:
     """Every face in `image`, in its own pixel coordinates.
 
     When the plain pass finds nothing, fallback passes run (cost only on misses): an upscaled copy for

@@ -14,7 +14,7 @@ from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from waifu.settings import Settings
+from core.settings import Settings
 
 NAMESPACE = "waifu-download"
 # longest window tried for a fractional rate: longer ones would allow a long silence followed by a burst

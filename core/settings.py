@@ -56,9 +56,20 @@ class Settings(BaseSettings):
     download_backoff: float = Field(5.0, ge=0, description="First retry delay of a download (doubles)")
     max_redirects: int = Field(5, ge=0, description="Redirect hops followed (each checked against the list)")
 
-    # --- reconcile -----------------------------------------------------------------------------
-    stuck_after: float = Field(900.0, gt=0, description="Seconds a row may sit in a non-terminal state")
-    reconcile_interval: float = Field(300.0, gt=0, description="Seconds between two reconcile runs")
+    # --- recovery ------------------------------------------------------------------------------
+    stuck_after: float = Field(
+        120.0, gt=0, description="Seconds an unclaimed row may wait with no queued message before reconcile"
+    )
+    reconcile_interval: float = Field(60.0, gt=0, description="Seconds between two reconcile runs (beat)")
+    claim_timeout: float = Field(
+        120.0, gt=0, description="Seconds a worker's claim on a row holds; a killed worker's row is retaken after it"
+    )
+    visibility_timeout: float = Field(
+        3600.0, gt=0, description="Seconds before Redis redelivers an unacknowledged message (Celery's default)"
+    )
+    retry_after_max: float = Field(
+        600.0, ge=0, description="Cap on any wait a server asks for with Retry-After (API and downloads)"
+    )
 
     # --- faces (face pipeline) -----------------------------------------------------------------
     detector: str = Field("both", description="`animeface`, `lbpcascade` or `both`")
@@ -87,7 +98,7 @@ class Settings(BaseSettings):
     train_threads: int | None = Field(None, ge=1, description="TensorFlow threads (default: TensorFlow's choice)")
 
     # --- operations ----------------------------------------------------------------------------
-    log_level: str = Field("INFO", description="Log level of every process (read by waifu.logs at start-up)")
+    log_level: str = Field("INFO", description="Log level of every process (read by core.logs at start-up)")
 
     @field_validator("detector_angles", mode="before")
     @classmethod

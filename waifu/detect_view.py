@@ -1,20 +1,23 @@
-"""`waifu detect`: run the face detector on local files and show the result to a person."""
+"""`waifu detect`: run the face detector on local files and show the result to a person.
+Imports neither Celery nor database code: it works with no broker and no database configured."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from PIL import Image
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
 
 def detect_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, detector: str,
-                 console: Console) -> list[dict]:
-    from worker.detect import detect_faces, pin_opencv_threads
-    from worker.imaging import annotate, to_rgb
+                 console: Console, max_pixels: int) -> list[dict]:
+    """One entry per path; a path that cannot be read gets an `error` and the others go on."""
+    from core.errors import Refused
+    from core.images import open_image
+    from detect.annotate import annotate
+    from detect.detectors import find_faces, pin_opencv_threads
 
     pin_opencv_threads()
     results = []
@@ -22,12 +25,11 @@ def detect_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, de
         annotate_dir.mkdir(parents=True, exist_ok=True)
     for path in track(paths, description="detecting", console=console, disable=as_json or len(paths) < 3):
         try:
-            with Image.open(path) as im:
-                image = to_rgb(im)
-        except Exception as exc:
-            results.append({"path": str(path), "error": f"not an image: {exc}", "faces": []})
+            image = open_image(path, max_pixels)
+        except Refused as exc:
+            results.append({"path": str(path), "error": str(exc), "faces": []})
             continue
-        detections = detect_faces(image, detector)
+        detections = find_faces(image, detector)
         faces = [{"box": [d.x, d.y, d.w, d.h], "detector": d.detector,
                   "score": None if d.score is None else round(float(d.score), 4)} for d in detections]
         entry = {"path": str(path), "width": image.width, "height": image.height, "faces": faces}

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from sqlmodel import col, select
 
+from core.settings import Settings
 from db.engine import session_scope
 from db.models import Face, FaceState, ModelVersion
-from waifu.settings import Settings
-from worker.pictures import face_grid_png, growth_png
-from worker.retrain import TRAINABLE, current_version
+from train.pictures import face_grid_png, growth_png
+from train.registry import TRAINABLE, current_version
 
 GRID_FACES = 30
 
@@ -33,8 +33,8 @@ def growth_series(settings: Settings) -> dict[str, list[tuple]]:
 def test_grid(settings: Settings, version: ModelVersion, out: Path) -> Path | None:
     import numpy as np
 
-    from worker.features import load_images
-    from worker.training import load_artifacts, predict
+    from train.features import load_images
+    from train.model import load_artifacts, predict
 
     with session_scope() as session:
         faces = session.exec(select(Face.path, Face.label).where(

@@ -1,0 +1,52 @@
+"""Near-duplicate faces (the same picture reposted, resized or recompressed) by perceptual hash, with an
+index whose lookup cost does not grow with the collection.
+
+A 64-bit pHash is cut into 8 one-byte bands (table face_hash_band). Two hashes within 7 bits of each
+other agree on at least one band (8 bands, at most 7 of them touched by the differing bits), so the
+lookup fetches only faces that share a band with the new one and compares those. Distances above 7 fall
+back to a full scan (slow, and never the default: WAIFU_NEAR_DUPLICATE_DISTANCE is 6).
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+from sqlalchemy import and_, or_
+from sqlmodel import Session, col, select
+
+from db.models import Face, FaceHashBand, FaceState
+
+BANDS = 8
+MAX_INDEXED_DISTANCE = BANDS - 1
+
+
+def hamming(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def perceptual_hash(image: Image.Image) -> str:
+    import imagehash
+
+    return str(imagehash.phash(image))
+
+
+def bands(phash: str) -> list[tuple[int, int]]:
+    value = int(phash, 16)
+    return [(band, (value >> (8 * band)) & 0xFF) for band in range(BANDS)]
+
+
+def find_near_duplicate(session: Session, face_id: int | None, phash: str, max_distance: int) -> Face | None:
+    """The earliest ready face that shows the same picture, or None; follows that face to its own original."""
+    query = select(Face).where(Face.state == FaceState.ready, col(Face.phash).is_not(None), Face.id != face_id)
+    if max_distance <= MAX_INDEXED_DISTANCE:
+        sharing = select(FaceHashBand.face_id).where(
+            or_(*(and_(FaceHashBand.band == b, FaceHashBand.value == v) for b, v in bands(phash))))
+        query = query.where(col(Face.id).in_(sharing))
+    for other in session.exec(query.order_by(Face.id)):
+        if hamming(other.phash, phash) <= max_distance:
+            return session.get(Face, other.duplicate_of) if other.duplicate_of else other
+    return None
+
+
+def index_face(session: Session, face: Face) -> None:
+    """Adds a ready face's bands to the index (in the caller's transaction)."""
+    session.add_all(FaceHashBand(band=b, value=v, face_id=face.id) for b, v in bands(face.phash))

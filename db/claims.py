@@ -1,0 +1,109 @@
+"""Claim a row, work with no transaction open, then commit only if the row is still where we left it.
+
+No step holds a transaction or a row lock while it downloads, detects or crops: on SQLite a write
+transaction locks the whole database, on PostgreSQL a row lock makes every other writer of that row wait.
+Instead a step
+
+1. claims the row in a short transaction: the row must be in the state the step works on, and not claimed
+   by someone else whose claim has not run out; the claim writes the worker's token (the Celery task id,
+   which a redelivered message keeps) and how long it holds;
+2. does its work with no transaction open;
+3. commits the result in a short transaction that checks the row is still in that state and still
+   carries its token (a compare-and-set). A duplicate message finds the row claimed or already past the
+   step and costs nothing; a worker killed mid-work leaves a claim that runs out, after which the row is
+   taken up again (see worker.reconcile).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from sqlmodel import Session, SQLModel
+
+from core.logs import kv
+from db.engine import session_scope
+from db.models import utcnow
+
+log = logging.getLogger("waifu.claims")
+
+Row = TypeVar("Row", bound=SQLModel)
+
+
+def new_token() -> str:
+    """A token for a caller outside Celery (the CLI, tests); tasks use their task id."""
+    return f"local-{uuid.uuid4().hex}"
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes (stored as UTC), PostgreSQL aware ones: compare them as UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def held_by_other(row: SQLModel, token: str, now: datetime) -> bool:
+    until = as_utc(row.claimed_until)
+    return row.claim_token not in (None, token) and until is not None and until > now
+
+
+def claim(table: type[Row], row_id: int, state: str, token: str, seconds: float,
+          on_claim: Callable[[Session, Row], None] | None = None) -> Row | None:
+    """The row, detached, if it is in `state` and free (or ours): claimed for `seconds`. Else None.
+
+    `on_claim` runs in the claiming transaction (count an attempt, settle a duplicate at once); if it
+    moves the row out of `state`, the claim is dropped and the row comes back in its new state."""
+    now = utcnow()
+    with session_scope() as session:
+        row = session.get(table, row_id, with_for_update=True)
+        if row is None or row.state != state or held_by_other(row, token, now):
+            return None
+        row.claim_token, row.claimed_until, row.updated_at = token, now + timedelta(seconds=seconds), now
+        if on_claim is not None:
+            on_claim(session, row)
+            if row.state != state:
+                row.claim_token, row.claimed_until = None, None
+        session.flush()
+        session.expunge(row)
+        return row
+
+
+def peek(table: type[Row], row_id: int) -> Row | None:
+    """The row as it is now (detached), to tell a caller why a claim was refused."""
+    with session_scope(readonly=True) as session:
+        row = session.get(table, row_id)
+        if row is not None:
+            session.expunge(row)
+        return row
+
+
+@contextmanager
+def still_claimed(table: type[Row], row_id: int, state: str, token: str,
+                  keep: bool = False) -> Iterator[tuple[Session, Row | None]]:
+    """A short transaction on the row if it is still in `state` under our claim (else the row is None and
+    nothing may be written). The claim is released when the block ends without an error, unless `keep`."""
+    with session_scope() as session:
+        row = session.get(table, row_id, with_for_update=True)
+        if row is None or row.state != state or row.claim_token != token:
+            log.info(kv("claim lost", table=table.__tablename__, row=row_id, token=token,
+                        state=None if row is None else row.state))
+            yield session, None
+            return
+        yield session, row
+        if not keep:
+            row.claim_token, row.claimed_until = None, None
+
+
+def release(table: type[Row], row_id: int, token: str, reason: str | None = None) -> None:
+    """Gives a claim back without changing the state (work to be retried later); records `reason`."""
+    with session_scope() as session:
+        row = session.get(table, row_id, with_for_update=True)
+        if row is None or row.claim_token != token:
+            return
+        row.claim_token, row.claimed_until, row.updated_at = None, None, utcnow()
+        if reason is not None:
+            row.reason = reason[:2000]
