@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: a SQLite file `waifu.db` under the data dir"
     )
+    sqlite_busy_timeout: float = Field(
+        30.0, gt=0, description="Seconds a SQLite writer waits for the lock before 'database is locked' (then retried)"
+    )
 
     # --- broker --------------------------------------------------------------------------------
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL of the Celery broker")

@@ -5,6 +5,7 @@ ends `done` with faces=0; a file that cannot be read fails with the reason."""
 from __future__ import annotations
 
 import logging
+import time
 
 from core.errors import DetectorUnavailable, Refused
 from core.images import open_image
@@ -35,6 +36,7 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
     post = claim(Post, post_id, WAITING, token, settings.claim_timeout)
     if post is None:
         return _now_state(post_id)  # gone, past this step, or another worker has it now
+    started = time.time()
     try:
         if not post.stored_path:
             raise Refused("no stored file to detect faces in")
@@ -55,6 +57,7 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
             return StepOutcome(row.state, row.reason)
 
     boxes = [square_crop_box(det, image.size, settings.face_margin) for det in detections]
+    work = (started, time.time())
     with still_claimed(Post, post_id, WAITING, token) as (session, row):
         if row is None:
             return _now_state(post_id)
@@ -68,4 +71,4 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
         else:
             transition(row, PostState.done, "no face found")
         session.flush()
-        return StepOutcome(row.state, row.reason, next_ids=[f.id for f in faces])
+        return StepOutcome(row.state, row.reason, next_ids=[f.id for f in faces], work=work)

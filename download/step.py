@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -62,6 +63,7 @@ def download_post(post_id: int, settings: Settings, token: str | None = None) ->
     attempts = post.attempts
 
     fetched: Fetched | None = None
+    started = time.time()
     try:
         check_image_name(post.image)
         settings.images_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,9 @@ def download_post(post_id: int, settings: Settings, token: str | None = None) ->
         (settings.data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         os.replace(fetched.path, settings.data_dir / relative)
         fetched = None
-        return record_stored(post_id, token, relative, width, height, settings)
+        stored = record_stored(post_id, token, relative, width, height, settings)
+        stored.work = (started, time.time())
+        return stored
     except Refused as exc:
         return record_failed(post_id, token, str(exc))
     except (Retryable, Unavailable) as exc:

@@ -36,8 +36,10 @@ DEEP_PAGINATION_MESSAGE = "Too deep! Pull it back some. Holy fuck."
 #   "redirect_local"    302 to another path on the same host (allowed)
 #   "404"           the file is gone (post deleted after listing)
 #   "503_once"      the first request for the file answers 503, later ones succeed
+#   "slow_once"     the first request's body trickles out over `slow_seconds` (a download to kill a worker in)
 FILE_FAULTS = {
     "html", "not_image", "md5_mismatch", "truncated", "redirect_offsite", "redirect_local", "404", "503_once",
+    "slow_once",
 }
 
 
@@ -85,6 +87,7 @@ class FakeSafebooru:
     deep_offset: int = 20000  # pid * limit beyond this is refused, as on the real site
     file_hits: dict[int, int] = field(default_factory=dict)
     offsite_url: str = "http://evil.example.invalid/x.jpg"
+    slow_seconds: float = 20.0
     _runner: web.AppRunner | None = None
     base_url: str = ""
 
@@ -253,6 +256,8 @@ class FakeSafebooru:
             raise web.HTTPFound(f"/images/{directory}/{name}?moved=1")
         if fault == "truncated":
             return await _truncated(request, post.data, "image/jpeg")
+        if fault == "slow_once" and self.file_hits[post.id] == 1:
+            return await _trickle(request, post.data, self.slow_seconds)
         content_type = "text/html" if fault == "html" else "image/jpeg"
         return web.Response(body=post.data, content_type=content_type)
 
@@ -265,6 +270,18 @@ async def _truncated(request: web.Request, body: bytes, content_type: str) -> we
     await asyncio.sleep(0.05)
     if request.transport is not None:
         request.transport.close()
+    return response
+
+
+async def _trickle(request: web.Request, body: bytes, seconds: float, steps: int = 40) -> web.StreamResponse:
+    """The whole body, announced up front, sent in `steps` pieces spread over `seconds`."""
+    response = web.StreamResponse(headers={"Content-Type": "image/jpeg", "Content-Length": str(len(body))})
+    await response.prepare(request)
+    size = -(-len(body) // steps)
+    for start in range(0, len(body), size):
+        await response.write(body[start : start + size])
+        await asyncio.sleep(seconds / steps)
+    await response.write_eof()
     return response
 
 

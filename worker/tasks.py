@@ -52,7 +52,7 @@ def run_step(task: Task, step: Step, row_id: int) -> dict:
         enqueue(step.next, outcome.next_ids)  # committed by the step: the next one may start
     if outcome.again_ids:
         enqueue(step.name, outcome.again_ids)
-    return {"state": outcome.state, "next": len(outcome.next_ids), "reason": outcome.reason}
+    return {"state": outcome.state, "next": len(outcome.next_ids), "reason": outcome.reason, "work": outcome.work}
 
 
 def _register(step: Step) -> Task:
