@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,train]"
 	touch $(STAMP)
 
+# `make run CHARACTERS="nishikino_maki sakurauchi_riko"` tracks them first (they stay tracked for later runs);
+# RUN_ARGS passes options on, e.g. RUN_ARGS=--verbose
+CHARACTERS ?=
+RUN_ARGS ?=
+
 run: install
-	$(VENV)/bin/waifu run
+ifneq ($(strip $(CHARACTERS)),)
+	$(VENV)/bin/waifu characters add $(CHARACTERS)
+endif
+	$(VENV)/bin/waifu run $(RUN_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -30,6 +38,8 @@ bench: install
 	$(PY) -m bench.collect
 	$(PY) -m bench.faces
 	$(PY) -m bench.predict
+	$(PY) -m bench.pipeline
+	$(PY) -m bench.web
 	$(PY) -m bench.train --models classical-plain,classical,smallcnn-64,chosen --seeds 0,1 --folds 3
 
 clean:

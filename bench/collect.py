@@ -1,4 +1,4 @@
-"""Collection benchmark: the shared set through the fake safebooru at the default limits.
+"""Collection benchmark: the real test set (tests/testdata.py) through the fake safebooru at the default limits.
 
 Runs the real path (scraper poll -> Redis -> Celery io worker processes -> download -> database) and
 prints the achieved rate against the ceiling the configured limits allow. The ceiling is set by the slower
@@ -62,7 +62,7 @@ async def main() -> int:
     from db.models import Post, PostState
     from scraper.characters import add_characters
     from scraper.poller import poll_once
-    from tests.fake_safebooru import FakeSafebooru, load_shared
+    from tests.fake_safebooru import FakeSafebooru, load_illustrations
 
     console = Console()
     fake = FakeSafebooru()
@@ -72,7 +72,7 @@ async def main() -> int:
     redis.Redis.from_url(settings.broker_url).flushdb()
     (tmp / "data").mkdir(parents=True)
     upgrade()
-    posts = load_shared(fake)
+    posts = load_illustrations(fake)
     add_characters(sorted({p.tags.split()[1] for p in posts}))
 
     worker = subprocess.Popen(
@@ -104,7 +104,7 @@ async def main() -> int:
     # the two overlap, so the slower one sets the floor of the wall time
     floor = max(api_requests / args.rps, n / args.dps)
     achieved, ceiling = n / elapsed, n / floor
-    table = Table(title=f"collection of the shared set ({n} posts, {args.workers} io workers)")
+    table = Table(title=f"collection of the real test set ({n} posts, {args.workers} io workers)")
     for col in ("posts done", "API requests", "elapsed s", "achieved posts/s", "ceiling posts/s", "ratio"):
         table.add_column(col, justify="right")
     table.add_row(str(done), str(api_requests), f"{elapsed:.1f}", f"{achieved:.2f}", f"{ceiling:.2f}",

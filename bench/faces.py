@@ -1,4 +1,4 @@
-"""Face benchmark on the shared raw set (107 real illustrations).
+"""Face benchmark on the raw illustrations of the test set (107 real ones, tests/testdata.py).
 
 1. Per detector: share of images with a face, faces found, latency median and p90 (one process, one thread).
 2. Throughput of the cpu queue (real Celery worker processes: detect_faces + resize_face through Redis and
@@ -24,14 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("WAIFU_SHARED_DIR", ROOT.parent / "shared"))
-CASCADE = SHARED / "models" / "lbpcascade_animeface.xml"
 
 
 def images() -> list[Path]:
-    from tests.fake_safebooru import shared_images
+    from tests.testdata import raw_images  # a local copy (WAIFU_TEST_DATA) or the pinned, checksummed fetch
 
-    return [p for _t, p in shared_images()]
+    return [p for _t, p in raw_images()]
 
 
 def detector_table(console, paths: list[Path]) -> None:  # noqa: ANN001
@@ -49,12 +47,12 @@ def detector_table(console, paths: list[Path]) -> None:  # noqa: ANN001
         "both (no fallbacks)": ("both", False),
         "both + fallbacks (default)": ("both", True),
     }
-    table = Table(title=f"face detection on the shared raw set ({len(paths)} images, 1 thread)")
+    table = Table(title=f"face detection on the raw test set ({len(paths)} images, 1 thread)")
     for col in ("detector", "images with a face", "faces", "median s", "p90 s"):
         table.add_column(col, justify="right" if col != "detector" else "left")
     loaded = [open_image(p) for p in paths]
     for name, (detector, fallbacks) in variants.items():
-        settings = Settings(_env_file=None, lbpcascade_path=CASCADE, detector_fallbacks=fallbacks)
+        settings = Settings(_env_file=None, detector_fallbacks=fallbacks)
         times, hits, faces = [], 0, 0
         for image in track(loaded, description=name, console=console, transient=True):
             started = time.perf_counter()
@@ -72,8 +70,10 @@ def notebook_loop(paths: list[Path], out: Path) -> float:
     """The original notebook's way: lbpcascade, crop the box, resize to 96x96, save; one file at a time."""
     import cv2
 
+    from detect.detectors import SHIPPED_CASCADE
+
     cv2.setNumThreads(1)
-    cascade = cv2.CascadeClassifier(str(CASCADE))
+    cascade = cv2.CascadeClassifier(str(SHIPPED_CASCADE))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for i, path in enumerate(paths):
@@ -142,7 +142,6 @@ def main() -> int:
     parser.add_argument("--skip-queue", action="store_true", help="only the per-detector table")
     args = parser.parse_args()
     os.environ.setdefault("WAIFU_BROKER_URL", os.environ.get("WAIFU_BENCH_REDIS_URL", "redis://127.0.0.1:6379/11"))
-    os.environ["WAIFU_LBPCASCADE_PATH"] = str(CASCADE)
     os.environ["WAIFU_LOG_LEVEL"] = "WARNING"
     from rich.console import Console
     from rich.table import Table

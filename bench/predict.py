@@ -1,4 +1,5 @@
-"""End-to-end prediction benchmark on the shared raw illustrations, with the service's own pipeline.
+"""End-to-end prediction benchmark on the raw test illustrations (tests/testdata.py), with the service's own
+pipeline.
 
 Every illustration goes through the face pipeline's functions (detect with the default detector, square
 crop with margin, 96x96); a picture with exactly one face is labelled by its folder (the `tag` rule) and
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
 import sys
 import tempfile
 import time
@@ -22,14 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("WAIFU_SHARED_DIR", ROOT.parent / "shared"))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=None, help="CNN epochs (default: the chosen design's)")
     args = parser.parse_args()
-    os.environ["WAIFU_LBPCASCADE_PATH"] = str(SHARED / "models" / "lbpcascade_animeface.xml")
     from rich.console import Console
     from rich.progress import track
     from rich.table import Table
@@ -40,17 +38,17 @@ def main() -> int:
     from crop.rules import split_for
     from detect.detectors import find_faces, pin_opencv_threads
     from predict.classify import classify_image
-    from tests.fake_safebooru import shared_images
+    from tests.testdata import raw_images
     from train.model import TrainConfig, load_dataset, train
 
     console = Console()
-    settings = Settings(_env_file=None, lbpcascade_path=os.environ["WAIFU_LBPCASCADE_PATH"])
+    settings = Settings(_env_file=None)  # the cascade shipped in detect/
     pin_opencv_threads(1)
     work = Path(tempfile.mkdtemp(prefix="waifu-bench-predict-"))
     train_items, test_posts, seen = [], [], set()
-    for tag, path in track(shared_images(), description="detect + crop", console=console):
+    for tag, path in track(raw_images(), description="detect + crop", console=console):
         data = path.read_bytes()
-        if hashlib.md5(data).hexdigest() in seen:  # the repost in the shared set
+        if hashlib.md5(data).hexdigest() in seen:  # the repost in the set (takimoto_hifumi 3.jpg = 11.jpg)
             continue
         seen.add(hashlib.md5(data).hexdigest())
         image = open_image(data)
@@ -78,7 +76,7 @@ def main() -> int:
         faces = classify_image(result.classifier, image, settings)
         timings.append(time.perf_counter() - t)
         right += bool(faces) and faces[0]["top"][0]["name"] == tag
-    table = Table(title="waifu predict on held-out illustrations (shared raw set, weights=none)")
+    table = Table(title="waifu predict on held-out illustrations (raw test set, weights=none)")
     for col in ("train faces", "test illustrations", "named right", "accuracy", "train s", "predict s/image"):
         table.add_column(col, justify="right")
     table.add_row(str(len(train_items)), str(len(test_posts)), str(right),

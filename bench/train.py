@@ -1,6 +1,6 @@
 """Classifier benchmark: the classical baselines, CNNs from scratch and the chosen ensemble, side by side.
 
-On the shared 96x96 crops (../shared/data/transfer-learning-anime: resized_for_training, resized_for_test)
+On the real 96x96 crops of the test set (tests/testdata.py: resized_for_training, resized_for_test)
 it trains each design with several seeds and reports test accuracy and macro-F1 on resized_for_test, a
 stratified k-fold cross-validation over train+test pooled (the 18-face test split is too small to decide
 alone), training wall time, peak memory and prediction latency per face after warm-up.
@@ -28,7 +28,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "transfer-learning-anime"
 
 
 def designs(weights_path: str | None) -> dict[str, Any]:
@@ -69,8 +68,11 @@ def run_one(design: str, split: str, seed: int, folds: int, weights_path: str | 
     from train.model import evaluate, items_from_dir, load_dataset, predict, train
 
     cfg = replace(designs(weights_path)[design], seed=seed, threads=threads)
-    train_set = load_dataset(items_from_dir(DATA / "resized_for_training"))
-    test_set = load_dataset(items_from_dir(DATA / "resized_for_test"), train_set.class_names)
+    from tests.testdata import crop_dirs
+
+    train_dir, test_dir = crop_dirs()
+    train_set = load_dataset(items_from_dir(train_dir))
+    test_set = load_dataset(items_from_dir(test_dir), train_set.class_names)
     if split.startswith("cv"):
         fold = int(split[2:])
         train_set, test_set = _cv_fold(train_set, test_set, fold, folds)
@@ -171,7 +173,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         return f"{v[0]:{fmt}} ± {v[1]:{fmt}}"
 
     table = Table(
-        title=f"classifiers on the shared crops (seeds {args.seeds}, {args.folds}-fold CV on train+test, "
+        title=f"classifiers on the real test crops (seeds {args.seeds}, {args.folds}-fold CV on train+test, "
         f"{args.threads} thread(s))"
     )
     for col in ("design", "test acc", "macro-F1", f"CV acc ({args.folds} folds)", "train s", "peak RSS MB",

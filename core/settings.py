@@ -9,12 +9,21 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_SAFEBOORU_URL = "https://safebooru.org"
+from core.sites import DEFAULT_SITE, KNOWN_SITES, Site, configured
+
+DEFAULT_SAFEBOORU_URL = KNOWN_SITES[DEFAULT_SITE].url
+
+
+class SiteOverride(BaseModel):
+    """What settings may change about a known site: where it is, and the credentials it wants."""
+
+    url: str | None = None
+    api_key: str | None = None
+    user_id: str | None = None
 
 
 class Settings(BaseSettings):
@@ -35,10 +44,14 @@ class Settings(BaseSettings):
         True, description="`waifu run` starts an embedded Redis when the broker is unreachable"
     )
 
-    # --- safebooru API -------------------------------------------------------------------------
-    safebooru_url: str = Field(DEFAULT_SAFEBOORU_URL, description="Base URL of the safebooru-like API")
-    api_key: str | None = Field(None, description="Optional Gelbooru-0.2 `api_key` parameter")
-    user_id: str | None = Field(None, description="Optional Gelbooru-0.2 `user_id` parameter")
+    # --- sites (Gelbooru-0.2 APIs, see core.sites) ----------------------------------------------
+    safebooru_url: str = Field(DEFAULT_SAFEBOORU_URL, description="Base URL of the default site (safebooru)")
+    api_key: str | None = Field(None, description="Gelbooru-0.2 `api_key` for every site without its own")
+    user_id: str | None = Field(None, description="Gelbooru-0.2 `user_id` for every site without its own")
+    sites: dict[str, SiteOverride] = Field(
+        default_factory=dict,
+        description='Per-site overrides as JSON, e.g. {"gelbooru": {"api_key": "...", "user_id": "..."}}',
+    )
     requests_per_second: float = Field(1.0, gt=0, description="Ceiling for all requests to the API host")
     page_size: int = Field(100, ge=1, le=1000, description="Posts per API request (safebooru: max 100)")
     backfill_pages: int = Field(3, ge=0, description="Pages a tag's first sync walks back (0: none)")
@@ -77,6 +90,9 @@ class Settings(BaseSettings):
     # --- faces (face pipeline) -----------------------------------------------------------------
     detector: str = Field("both", description="`animeface`, `lbpcascade` or `both`")
     lbpcascade_path: Path | None = Field(None, description="Local lbpcascade_animeface.xml (else download)")
+    detector_max_pixels: int = Field(
+        500_000, ge=0, description="Detect on a copy of at most this many pixels, boxes mapped back (0: full size)"
+    )
     detector_fallbacks: bool = Field(True, description="When nothing is found: retry upscaled, then rotated")
     detector_upscale: float = Field(2.0, ge=1, le=4, description="Upscale factor of the small-face fallback pass")
     detector_angles: Annotated[list[float], NoDecode] = Field(
@@ -99,6 +115,17 @@ class Settings(BaseSettings):
     )
     train_epochs: int | None = Field(None, ge=1, description="Epochs of the CNN (default: the chosen design's)")
     train_threads: int | None = Field(None, ge=1, description="TensorFlow threads (default: TensorFlow's choice)")
+
+    # --- web page (`waifu web`) ------------------------------------------------------------------
+    web_port: int = Field(
+        8000, ge=0, le=65535, description="Port of the web page `waifu run` starts on 127.0.0.1 (0: no web page)"
+    )
+    web_user: str | None = Field(
+        None, description="User name of the web page's login; required (with the password) off loopback"
+    )
+    web_password: SecretStr | None = Field(
+        None, description="Password of the web page's login (also HTTP basic auth); required off loopback"
+    )
 
     # --- operations ----------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Log level of every process (read by core.logs at start-up)")
@@ -129,18 +156,31 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'waifu.db').resolve()}"
 
+    def site(self, name: str = DEFAULT_SITE) -> Site:
+        """A known site with this configuration's URL and credentials applied."""
+        if name not in KNOWN_SITES:
+            raise ValueError(f"unknown site {name!r}; known: {', '.join(sorted(KNOWN_SITES))}")
+        override = self.sites.get(name) or SiteOverride()
+        url = override.url or (self.safebooru_url if name == DEFAULT_SITE else None)
+        return configured(KNOWN_SITES[name], url=url, api_key=override.api_key or self.api_key,
+                          user_id=override.user_id or self.user_id)
+
+    @property
+    def all_sites(self) -> list[Site]:
+        return [self.site(name) for name in KNOWN_SITES]
+
     @property
     def api_host(self) -> str:
-        return (urlsplit(self.safebooru_url).hostname or "").lower()
+        return self.site().api_host
+
+    def hosts_for(self, site: str = DEFAULT_SITE) -> frozenset[str]:
+        """Hosts a download of one site's post may touch: that site's API and file hosts, and the extras."""
+        return frozenset(h for h in {*self.site(site).hosts, *self.extra_hosts} if h)
 
     @property
     def allowed_hosts(self) -> frozenset[str]:
-        """Hosts a download may touch: the API host, its image host, and any configured extras."""
-        hosts = {self.api_host, *self.extra_hosts}
-        if self.safebooru_url == DEFAULT_SAFEBOORU_URL:
-            # safebooru serves files from the same host; keep its historical CDN names too
-            hosts |= {"safebooru.org", "www.safebooru.org", "img.safebooru.org"}
-        return frozenset(h for h in hosts if h)
+        """The allow-list of the default site (see hosts_for)."""
+        return self.hosts_for(DEFAULT_SITE)
 
     @property
     def images_dir(self) -> Path:

@@ -10,7 +10,7 @@ back to a full scan (slow, and never the default: WAIFU_NEAR_DUPLICATE_DISTANCE 
 from __future__ import annotations
 
 from PIL import Image
-from sqlalchemy import and_, or_
+from sqlalchemy import union
 from sqlmodel import Session, col, select
 
 from db.models import Face, FaceHashBand, FaceState
@@ -34,19 +34,31 @@ def bands(phash: str) -> list[tuple[int, int]]:
     return [(band, (value >> (8 * band)) & 0xFF) for band in range(BANDS)]
 
 
+def candidates(phash: str):  # noqa: ANN201 - a SQLAlchemy selectable
+    """(face id, phash) of indexed faces sharing at least one band with `phash`: one index range per band,
+    on the band table alone."""
+    return union(*(
+        select(FaceHashBand.face_id, FaceHashBand.phash).where(FaceHashBand.band == band, FaceHashBand.value == value)
+        for band, value in bands(phash)
+    ))
+
+
 def find_near_duplicate(session: Session, face_id: int | None, phash: str, max_distance: int) -> Face | None:
     """The earliest ready face that shows the same picture, or None; follows that face to its own original."""
-    query = select(Face).where(Face.state == FaceState.ready, col(Face.phash).is_not(None), Face.id != face_id)
     if max_distance <= MAX_INDEXED_DISTANCE:
-        sharing = select(FaceHashBand.face_id).where(
-            or_(*(and_(FaceHashBand.band == b, FaceHashBand.value == v) for b, v in bands(phash))))
-        query = query.where(col(Face.id).in_(sharing))
-    for other in session.exec(query.order_by(Face.id)):
-        if hamming(other.phash, phash) <= max_distance:
+        rows = session.exec(candidates(phash)).all()
+    else:
+        rows = session.exec(select(Face.id, Face.phash).where(
+            Face.state == FaceState.ready, col(Face.phash).is_not(None))).all()
+    close = sorted(other_id for other_id, other_phash in rows
+                   if other_id != face_id and hamming(other_phash, phash) <= max_distance)
+    for other_id in close:  # few: a picture and its reposts
+        other = session.get(Face, other_id)
+        if other is not None and other.state == FaceState.ready:
             return session.get(Face, other.duplicate_of) if other.duplicate_of else other
     return None
 
 
 def index_face(session: Session, face: Face) -> None:
     """Adds a ready face's bands to the index (in the caller's transaction)."""
-    session.add_all(FaceHashBand(band=b, value=v, face_id=face.id) for b, v in bands(face.phash))
+    session.add_all(FaceHashBand(band=b, value=v, face_id=face.id, phash=face.phash) for b, v in bands(face.phash))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, String, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -114,6 +114,9 @@ class FaceState(StrEnum):
     detected = "detected"  # a box exists; the 96x96 crop is not written yet
     ready = "ready"  # the crop file exists
     rejected = "rejected"  # a person said this is not a usable face
+    # the face check (detect.verify) judged the detection not a face: kept, never cropped, labelled nor
+    # counted in the post's `faces`; `reason` says why
+    filtered = "filtered"
     failed = "failed"  # the crop could not be made; `reason` says why
 
 
@@ -170,18 +173,51 @@ class Face(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, nullable=False, index=True)
 
 
+class FaceLabelEvent(SQLModel, table=True):
+    """One manual change of one face (`waifu faces label/reject`, the web page): its state, label and label
+    source before and after, so it can be undone. A bulk action writes one row per face under one `action`."""
+
+    __tablename__ = "face_label_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    action: str = Field(sa_column=Column(String(32), nullable=False, index=True))
+    face_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("face.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    origin: str = Field(default="cli", sa_column=Column(String(16), nullable=False, default="cli"))  # cli, web
+    before_state: str = Field(sa_column=Column(String(16), nullable=False))
+    before_label: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    before_source: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+    after_state: str = Field(sa_column=Column(String(16), nullable=False))
+    after_label: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    after_source: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    undone_at: datetime | None = None
+
+
+# the web page's faces grid: filters by label source or suggestion, pages by id (migration 0005)
+Index("ix_face_source_state_id", Face.__table__.c.label_source, Face.__table__.c.state, Face.__table__.c.id)
+Index("ix_face_suggestion", Face.__table__.c.suggestion)
+Index("ix_face_suggestion_score", Face.__table__.c.suggestion_score)
+
+
 class FaceHashBand(SQLModel, table=True):
     """One byte of a ready face's 64-bit perceptual hash. Two hashes within 7 bits of each other agree
     on at least one of their 8 bytes (pigeonhole), so a near-duplicate lookup compares only the faces
     that share a band with the new one instead of every face in the collection."""
 
     __tablename__ = "face_hash_band"
+    # SQLite: rows live in the primary-key b-tree, so a band's range scan reads each phash in place
+    __table_args__ = {"sqlite_with_rowid": False}
 
     band: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
     value: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
     face_id: int = Field(
         sa_column=Column(Integer, ForeignKey("face.id", ondelete="CASCADE"), primary_key=True, index=True)
     )
+    # the whole hash again: a lookup reads only this table (one index range per band), whatever the
+    # database's planner would make of a join with `face`
+    phash: str = Field(sa_column=Column(String(16), nullable=False))
 
 
 class ModelStatus(StrEnum):

@@ -15,8 +15,8 @@ import httpx
 
 from core.errors import Refused, Retryable, Unavailable
 from core.http import USER_AGENT, check_status
+from core.ratelimit import wait_for_slot
 from core.settings import Settings
-from download.hostlimit import wait_for_slot
 
 CHUNK = 64 * 1024
 
@@ -57,7 +57,7 @@ def check_image_name(name: str) -> None:
 def take_slot(host: str, settings: Settings) -> None:
     """Waits for the shared per-host limit; a Redis outage is the machine's fault, worth a retry later."""
     try:
-        wait_for_slot(host, settings)
+        wait_for_slot(host, settings.downloads_per_second, settings.broker_url)
     except Exception as exc:  # redis.exceptions.* (and limits' own storage errors)
         raise Unavailable(f"host rate limiter unavailable: {type(exc).__name__}: {exc}") from exc
 

@@ -1,8 +1,11 @@
-"""Safebooru DAPI client: query building, JSON/XML parsing, and the API's quirks.
+"""Gelbooru-0.2 DAPI client (safebooru, gelbooru and kin; see core.sites): query building, JSON/XML
+parsing, and the API's quirks.
 
 Quirks handled: an empty body (not `[]`) when nothing matches; malformed or truncated pages; 429 with
-Retry-After; 5xx bursts (jittered exponential backoff, bounded); refusal of deep `pid` values.
-Every request, retries included, first takes a slot from the ONE limiter of the process.
+Retry-After; 5xx bursts (jittered exponential backoff, bounded); refusal of deep `pid` values; the list
+wrapped in `{"post": [...]}` (gelbooru); XML when `json=1` is ignored. Every request, retries included,
+first takes a slot from the ONE limiter of the process for that site; a second scraper process refuses to
+start (scraper.lock), so no site ever sees more than WAIFU_REQUESTS_PER_SECOND from us.
 """
 
 from __future__ import annotations
@@ -12,10 +15,8 @@ import json
 import logging
 import random
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 from xml.etree import ElementTree
 
@@ -24,28 +25,15 @@ from aiolimiter import AsyncLimiter
 from pydantic import BaseModel, ValidationError, field_validator, model_validator
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
+from core.errors import DeepPagination, Refused, Retryable
+from core.http import USER_AGENT, check_status
 from core.logs import kv
 from core.settings import Settings
+from core.sites import Site
 
 log = logging.getLogger("waifu.scraper.client")
 
 DEEP_PAGINATION = re.compile(r"too deep|pull it back", re.IGNORECASE)
-
-
-class ApiError(Exception):
-    """The API could not be read; the message says why in words a person understands."""
-
-
-class DeepPaginationError(ApiError):
-    """The API refuses `pid` values this deep; walk back with `id:<N` instead."""
-
-
-class RetryableError(ApiError):
-    """A failure worth another try (5xx, 429, malformed or truncated page, connection trouble)."""
-
-    def __init__(self, message: str, wait: float | None = None) -> None:
-        super().__init__(message)
-        self.wait = wait  # server-requested wait (Retry-After), else backoff decides
 
 
 class ApiPost(BaseModel):
@@ -105,23 +93,10 @@ def make_limiter(requests_per_second: float) -> AsyncLimiter:
     """A limiter under which no 1-second sliding window holds more than `requests_per_second` requests.
 
     AsyncLimiter(N, 1) is a leaky bucket: after an initial burst of N it lets one more in within the same
-    second. A bucket of one slot drained every 1/rps seconds (plus 1% margin for timer slack) cannot.
+    second. A bucket of one slot drained every 1/rps seconds cannot; 3% margin absorbs the jitter between a
+    slot and the request reaching the site on a busy machine (seen: 1% was not enough under load).
     """
-    return AsyncLimiter(1, 1.01 / requests_per_second)
-
-
-def parse_retry_after(value: str | None, cap: float) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return max(0.0, min(seconds, cap))
+    return AsyncLimiter(1, 1.03 / requests_per_second)
 
 
 @dataclass(frozen=True)
@@ -154,7 +129,7 @@ def _decode_entries(text: str, what: str) -> list[object]:
         try:
             root = ElementTree.fromstring(text)
         except ElementTree.ParseError as exc:
-            raise RetryableError(f"malformed XML from API ({what}): {exc}") from exc
+            raise Retryable(f"malformed XML from API ({what}): {exc}") from exc
         entries = []
         for node in root.iter("post"):
             entry = dict(node.attrib)
@@ -164,12 +139,12 @@ def _decode_entries(text: str, what: str) -> list[object]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RetryableError(f"malformed JSON from API ({what}): {exc.msg} at char {exc.pos}; "
+        raise Retryable(f"malformed JSON from API ({what}): {exc.msg} at char {exc.pos}; "
                              f"body starts {text[:60]!r}") from exc
     if isinstance(data, dict) and "post" in data:  # some Gelbooru versions wrap the list
         data = data["post"]
     if not isinstance(data, list):
-        raise RetryableError(f"unexpected JSON from API ({what}): expected a list, got {type(data).__name__}")
+        raise Retryable(f"unexpected JSON from API ({what}): expected a list, got {type(data).__name__}")
     return data
 
 
@@ -179,7 +154,7 @@ def parse_posts(body: bytes, base_url: str, what: str) -> tuple[list[ApiPost], l
     if not text:
         return [], []  # safebooru's way of saying "no match"
     if DEEP_PAGINATION.search(text[:500]):
-        raise DeepPaginationError(f"API refused a deep page ({what}): {text[:120]!r}")
+        raise DeepPagination(f"API refused a deep page ({what}): {text[:120]!r}")
     posts, unusable = [], []
     for entry in _decode_entries(text, what):
         try:
@@ -189,20 +164,24 @@ def parse_posts(body: bytes, base_url: str, what: str) -> tuple[list[ApiPost], l
     return posts, unusable
 
 
-class SafebooruClient:
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings, limiter: AsyncLimiter) -> None:
+class BooruClient:
+    """One site's API. `requests` counts every HTTP request made, retries included."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings, site: Site | None = None,
+                 limiter: AsyncLimiter | None = None) -> None:
         self.session = session
         self.settings = settings
-        self.limiter = limiter
+        self.site = site or settings.site()
+        self.limiter = limiter or make_limiter(settings.requests_per_second)
         self.requests = 0
 
     def _params(self, tags: str, pid: int, limit: int, as_json: bool) -> dict[str, str]:
         params = {"page": "dapi", "s": "post", "q": "index", "tags": tags, "pid": str(pid), "limit": str(limit)}
         if as_json:
             params["json"] = "1"
-        if self.settings.api_key and self.settings.user_id:
-            params["api_key"] = self.settings.api_key
-            params["user_id"] = self.settings.user_id
+        if self.site.api_key and self.site.user_id:
+            params["api_key"] = self.site.api_key
+            params["user_id"] = self.site.user_id
         return params
 
     async def _get(self, params: dict[str, str], what: str, on_request: Callable[[], None] | None) -> bytes:
@@ -213,23 +192,19 @@ class SafebooruClient:
                 on_request()
             try:
                 timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout)
-                async with self.session.get(f"{self.settings.safebooru_url}/index.php", params=params,
-                                            timeout=timeout, allow_redirects=False) as resp:
-                    if resp.status == 429:
-                        wait = parse_retry_after(resp.headers.get("Retry-After"), self.settings.api_backoff_max)
-                        raise RetryableError(f"HTTP 429 Too Many Requests ({what})", wait=wait)
-                    if resp.status >= 500:
-                        raise RetryableError(f"HTTP {resp.status} {resp.reason} from API ({what})")
-                    if resp.status != 200:
-                        raise ApiError(f"HTTP {resp.status} {resp.reason} from API ({what})")
+                async with self.session.get(f"{self.site.url}/index.php", params=params, timeout=timeout,
+                                            headers={"User-Agent": USER_AGENT}, allow_redirects=False) as resp:
+                    check_status(resp.status, resp.reason or "", resp.headers.get("Retry-After"),
+                                 self.settings.retry_after_max, what=f"{self.site.name} API, {what}",
+                                 subject="API page")
                     return await resp.read()
             except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 name = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
-                raise RetryableError(f"API request failed ({what}): {name}") from exc
+                raise Retryable(f"API request failed ({what}): {name}") from exc
 
     def _backoff(self, attempt: int, error: BaseException | None) -> float:
-        if isinstance(error, RetryableError) and error.wait is not None:
-            return error.wait
+        if isinstance(error, Retryable) and error.retry_after is not None:
+            return error.retry_after
         base = self.settings.api_backoff * (2 ** (attempt - 1))
         return min(self.settings.api_backoff_max, base * random.uniform(0.5, 1.5))
 
@@ -237,7 +212,7 @@ class SafebooruClient:
                             on_request: Callable[[], None] | None = None):
         attempts = AsyncRetrying(
             stop=stop_after_attempt(self.settings.api_retries + 1),
-            retry=retry_if_exception_type(RetryableError),
+            retry=retry_if_exception_type(Retryable),
             wait=lambda state: self._backoff(state.attempt_number, state.outcome.exception()),
             before_sleep=lambda state: log.warning(kv(
                 "api retry", what=what, attempt=state.attempt_number, error=state.outcome.exception(),
@@ -248,8 +223,8 @@ class SafebooruClient:
             async for attempt in attempts:
                 with attempt:
                     return parse(await self._get(params, what, on_request))
-        except RetryableError as exc:
-            raise ApiError(f"gave up after {self.settings.api_retries + 1} attempts: {exc}") from exc
+        except Retryable as exc:
+            raise Refused(f"gave up after {self.settings.api_retries + 1} attempts: {exc}") from exc
 
     async def fetch_posts(self, tags: str, pid: int = 0, limit: int | None = None,
                           on_request: Callable[[], None] | None = None,
@@ -260,7 +235,7 @@ class SafebooruClient:
         what = f"tags={tags!r} pid={pid}"
         posts, unusable = await self._with_retries(
             self._params(tags, pid, limit, as_json=True), what,
-            lambda body: parse_posts(body, self.settings.safebooru_url, what), on_request,
+            lambda body: parse_posts(body, self.site.url, what), on_request,
         )
         for bad in unusable:
             log.warning(kv("unusable post", what=what, post=bad.id, reason=bad.reason))
@@ -277,6 +252,6 @@ class SafebooruClient:
                 root = ElementTree.fromstring(body)
                 return int(root.attrib["count"])
             except (ElementTree.ParseError, KeyError, ValueError) as exc:
-                raise RetryableError(f"malformed XML from API ({what}): {exc}") from exc
+                raise Retryable(f"malformed XML from API ({what}): {exc}") from exc
 
         return await self._with_retries(self._params(tags, 0, 1, as_json=False), what, parse)

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 import aiohttp
 from sqlmodel import select
 
+from core.errors import WaifuError
+from core.http import USER_AGENT
 from core.logs import kv
 from core.settings import Settings
 from db.engine import session_scope
 from db.models import Character, ScrapeCursor, utcnow
-from scraper.client import ApiError, ApiPost, SafebooruClient, Unusable, make_limiter
+from scraper.client import ApiPost, BooruClient, Unusable
+from scraper.lock import only_scraper
 from scraper.store import record_unusable, upsert_posts
 
 log = logging.getLogger("waifu.scraper")
@@ -65,7 +68,7 @@ def _default_enqueue(ids: Iterable[int]) -> int:
 class TagPoller:
     """Polls one tag; keeps its cursor in memory and saves it at the end."""
 
-    def __init__(self, client: SafebooruClient, character: Character, characters: list[Character],
+    def __init__(self, client: BooruClient, character: Character, characters: list[Character],
                  settings: Settings, enqueue: Enqueue) -> None:
         self.client, self.character, self.characters = client, character, characters
         self.settings, self.enqueue = settings, enqueue
@@ -77,16 +80,24 @@ class TagPoller:
         posts = await self.client.fetch_posts(f"{self.query} {terms}".strip(), limit=limit,
                                               on_request=self._count_request, on_unusable=unusable.append)
         if unusable:
-            with session_scope() as session:
-                record_unusable(session, unusable)
+            await asyncio.to_thread(self._record_unusable, unusable)
         return posts
+
+    @staticmethod
+    def _record_unusable(unusable: list[Unusable]) -> None:
+        with session_scope() as session:
+            record_unusable(session, unusable)
 
     def _count_request(self) -> None:
         self.report.requests += 1
 
-    def _store(self, posts: list[ApiPost]) -> None:
-        if not posts:
-            return
+    async def _store(self, posts: list[ApiPost]) -> None:
+        """Database and broker calls run in a thread: a blocked event loop would delay the other tags'
+        requests past their slots (see core.ratelimit)."""
+        if posts:
+            await asyncio.to_thread(self._store_now, posts)
+
+    def _store_now(self, posts: list[ApiPost]) -> None:
         with session_scope() as session:
             new_ids = upsert_posts(session, posts, self.characters)
         self.enqueue(new_ids)  # only after the commit: a worker must find the row
@@ -101,7 +112,7 @@ class TagPoller:
             raw = await self._fetch(terms)
             # the site may ignore a metatag: never trust it, filter here too
             page = [p for p in raw if p.id > lower and (upper is None or p.id < upper)]
-            self._store(page)
+            await self._store(page)
             if page:
                 newest = max(newest, max(p.id for p in page))
             if len(raw) < self.settings.page_size or not page:
@@ -121,7 +132,7 @@ class TagPoller:
             upper = cursor.oldest_id
             raw = await self._fetch(f"id:<{upper}" if upper is not None else "")
             page = [p for p in raw if upper is None or p.id < upper]
-            self._store(page)
+            await self._store(page)
             if page:
                 ids = [p.id for p in page]
                 cursor.oldest_id = min(ids)
@@ -143,7 +154,7 @@ class TagPoller:
                     await self.catch_up(cursor)  # an interrupted first sync: new posts first, then go on back
                 await self.backfill(cursor)
             cursor.last_error = None
-        except ApiError as exc:
+        except WaifuError as exc:
             self.report.error = str(exc)
             cursor.last_error = str(exc)[:2000]
             log.error(kv("poll failed", tag=self.character.tag, error=exc))
@@ -158,7 +169,7 @@ class TagPoller:
 
 
 async def poll_once(settings: Settings, enqueue: Enqueue | None = None,
-                    session: aiohttp.ClientSession | None = None, client: SafebooruClient | None = None) -> PollReport:
+                    session: aiohttp.ClientSession | None = None, client: BooruClient | None = None) -> PollReport:
     """One pass over every tracked character, all concurrently behind one limiter."""
     with session_scope() as db:
         characters = list(db.exec(select(Character).order_by(Character.tag)).all())
@@ -166,18 +177,16 @@ async def poll_once(settings: Settings, enqueue: Enqueue | None = None,
         log.warning(kv("nothing to poll", hint="add characters with `waifu characters add TAG`"))
         return PollReport()
     if client is None:
-        async with aiohttp.ClientSession(headers={"User-Agent": "waifu-collector/0.1"}) as http:
-            return await poll_once(settings, enqueue, http,
-                                   SafebooruClient(http, settings, make_limiter(settings.requests_per_second)))
+        async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as http:
+            return await poll_once(settings, enqueue, http, BooruClient(http, settings))
     pollers = [TagPoller(client, c, characters, settings, enqueue or _default_enqueue) for c in characters]
     return PollReport(list(await asyncio.gather(*(p.poll() for p in pollers))))
 
 
 async def run_forever(settings: Settings, stop: asyncio.Event, enqueue: Enqueue | None = None) -> None:
     """Polls every `poll_interval` seconds until `stop` is set; one limiter for the whole life."""
-    limiter = make_limiter(settings.requests_per_second)
-    async with aiohttp.ClientSession(headers={"User-Agent": "waifu-collector/0.1"}) as http:
-        client = SafebooruClient(http, settings, limiter)
+    async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as http:
+        client = BooruClient(http, settings)
         while not stop.is_set():
             poll = asyncio.ensure_future(poll_once(settings, enqueue, http, client))
             stopper = asyncio.ensure_future(stop.wait())
@@ -196,6 +205,10 @@ def run(settings: Settings, once: bool) -> PollReport | None:
     """Sync entry for the CLI: SIGINT/SIGTERM stop cleanly. Returns the report of a `--once` pass."""
 
     async def main() -> PollReport | None:
+        async with only_scraper(settings.broker_url):
+            return await run_locked()
+
+    async def run_locked() -> PollReport | None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

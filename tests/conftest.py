@@ -30,9 +30,19 @@ import redis  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from core.settings import reset_settings_cache  # noqa: E402
-from tests.fake_safebooru import SHARED_DIR, FakeSafebooru  # noqa: E402
+from tests.fake_safebooru import FakeSafebooru  # noqa: E402
+from tests.testdata import ImagesUnavailable  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------- real images ----
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201 - hook wrapper
+    """A test without its real images fails with the one line that says how to provide them, no traceback."""
+    outcome = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(ImagesUnavailable):
+        outcome.get_result().longrepr = str(call.excinfo.value)
 
 
 # ------------------------------------------------------------------------------------ redis ----
@@ -88,10 +98,10 @@ def service_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         "WAIFU_API_BACKOFF": "0.05",
         "WAIFU_API_BACKOFF_MAX": "2",
         "WAIFU_DOWNLOAD_BACKOFF": "0.2",
-        "WAIFU_LBPCASCADE_PATH": str(SHARED_DIR / "models" / "lbpcascade_animeface.xml"),
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WAIFU_LBPCASCADE_PATH", raising=False)  # the cascade shipped in detect/ is used
     reset_settings_cache()
     from db.migrate import upgrade
 

@@ -1,4 +1,6 @@
-"""A local aiohttp server that speaks safebooru's DAPI, with its quirks, serving real images.
+"""A local aiohttp server that speaks safebooru's DAPI, with its quirks, serving real image files: the real
+illustrations of the test set (`load_illustrations`, via tests/testdata.py) or pictures drawn with Pillow
+(`load_drawn`) where no real face is needed.
 
 Quirks reproduced: JSON answers an empty body (not `[]`) when nothing matches; `file_url` has safebooru's
 double slash (`//images/...`); `score` is null; XML carries the total in `<posts count=...>`; `limit` is
@@ -13,18 +15,13 @@ import asyncio
 import hashlib
 import io
 import json
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("WAIFU_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
-RAW_DIR = SHARED_DIR / "data" / "transfer-learning-anime" / "raw"
 DEEP_PAGINATION_MESSAGE = "Too deep! Pull it back some. Holy fuck."
 
 # File faults a FakePost can carry:
@@ -295,38 +292,49 @@ def _image_size(data: bytes) -> tuple[int, int]:
         return (0, 0)
 
 
-def shared_images(raw_dir: Path = RAW_DIR) -> list[tuple[str, Path]]:
-    """(tag, path) for every real illustration of the shared set, in a stable order."""
-    out = []
-    for tag_dir in sorted(p for p in raw_dir.iterdir() if p.is_dir()):
-        for path in sorted(tag_dir.iterdir(), key=lambda p: (len(p.stem), p.stem)):
-            if path.suffix.lower() in {".jpg", ".jpeg", ".png", ".gif", ".webp"}:
-                out.append((tag_dir.name, path))
-    return out
-
-
-def load_shared(fake: FakeSafebooru, first_id: int = 5000, limit_per_tag: int | None = None) -> list[FakePost]:
-    """Publish the shared set: one post per illustration, ids interleaved across characters."""
-    per_tag: dict[str, list[Path]] = {}
-    for tag, path in shared_images():
-        per_tag.setdefault(tag, []).append(path)
-    if limit_per_tag is not None:
-        per_tag = {t: ps[:limit_per_tag] for t, ps in per_tag.items()}
+def publish(fake: FakeSafebooru, per_tag: dict[str, list[tuple[bytes, str]]], first_id: int = 5000) -> list[FakePost]:
+    """One post per (bytes, suffix) under "1girl <tag> solo", ids interleaved across tags, names by md5."""
     posts = []
     next_id = first_id
     longest = max((len(v) for v in per_tag.values()), default=0)
     for i in range(longest):
-        for tag, paths in per_tag.items():
-            if i < len(paths):
-                path = paths[i]
-                data = path.read_bytes()
+        for tag, files in per_tag.items():
+            if i < len(files):
+                data, suffix = files[i]
                 post = FakePost(
                     id=next_id,
                     tags=f"1girl {tag} solo",
                     data=data,
-                    image=f"{hashlib.md5(data).hexdigest()}{path.suffix.lower()}",
+                    image=f"{hashlib.md5(data).hexdigest()}{suffix}",
                     directory=str(1000 + next_id // 1000),
                 )
                 posts.append(fake.add(post))
                 next_id += 1
     return posts
+
+
+def load_illustrations(fake: FakeSafebooru, first_id: int = 5000,
+                       limit_per_tag: int | None = None) -> list[FakePost]:
+    """Publish the real illustrations of the test set (tests/testdata.py): one post each. The set holds one
+    real repost (takimoto_hifumi 3.jpg = 11.jpg)."""
+    from tests.testdata import raw_images
+
+    per_tag: dict[str, list[tuple[bytes, str]]] = {}
+    for tag, path in raw_images():
+        per_tag.setdefault(tag, []).append((path.read_bytes(), path.suffix.lower()))
+    if limit_per_tag is not None:
+        per_tag = {t: files[:limit_per_tag] for t, files in per_tag.items()}
+    return publish(fake, per_tag, first_id)
+
+
+def load_drawn(fake: FakeSafebooru, counts: dict[str, int], first_id: int = 5000,
+               size: tuple[int, int] = (160, 120)) -> list[FakePost]:
+    """Publish `counts[tag]` pictures drawn with Pillow per tag (PNG and JPEG alternating, all distinct)."""
+    from tests.drawn import drawn_image
+
+    formats = [("PNG", ".png"), ("JPEG", ".jpg")]
+    per_tag = {
+        tag: [(drawn_image(f"{tag}/{i}", size, formats[i % 2][0]), formats[i % 2][1]) for i in range(n)]
+        for tag, n in counts.items()
+    }
+    return publish(fake, per_tag, first_id)

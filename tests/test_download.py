@@ -19,13 +19,13 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from core.ratelimit import rate_items, wait_for_slot, whole_rate
 from core.settings import Settings, get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import Post, PostState
-from download.hostlimit import rate_items, wait_for_slot, whole_rate
 from download.step import download_post
 from tests.conftest import TEST_REDIS_URL
-from tests.fake_safebooru import FakePost, FakeSafebooru, load_shared
+from tests.fake_safebooru import FakePost, FakeSafebooru, load_drawn
 from tests.test_scraper_client import max_in_window
 
 
@@ -100,7 +100,10 @@ def png_bytes(size: tuple[int, int], mode: str = "RGB", fmt: str = "PNG") -> byt
 
 @pytest.fixture
 def good(fake: FakeSafebooru) -> FakePost:
-    return load_shared(fake, limit_per_tag=1)[0]
+    """A good PNG drawn here (downloading checks bytes and format, never a face), several 4 KiB chunks long."""
+    post = load_drawn(fake, {"nishikino_maki": 1}, size=(400, 300))[0]
+    assert post.image.endswith(".png") and len(post.data) > 3 * 4096
+    return post
 
 
 def new(fake: FakeSafebooru, data: bytes, **kw) -> FakePost:
@@ -275,7 +278,7 @@ def hammer(host: str, settings: Settings, seconds: float) -> list[float]:
     grants = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        wait_for_slot(host, settings)
+        wait_for_slot(host, settings.downloads_per_second, settings.broker_url)
         grants.append(time.monotonic())
     return grants
 

@@ -19,10 +19,11 @@ from db.engine import session_scope
 from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, Split
 from detect.step import detect_post
 from scraper.characters import add_characters
-from tests.fake_safebooru import RAW_DIR
+from tests.testdata import data_file, raw_image, raw_names
 
-MAKI = RAW_DIR / "nishikino_maki" / "1.png"
-RIKO = RAW_DIR / "sakurauchi_riko" / "1.jpg"
+# real illustrations (tests/testdata.py), fetched when a test first reads them: detection needs real faces
+MAKI = "nishikino_maki/1.png"
+RIKO = "sakurauchi_riko/1.jpg"
 
 
 def store_post(post_id: int, data: bytes, tags: list[str], suffix: str = "png") -> int:
@@ -63,8 +64,8 @@ def chars(service_env) -> list[str]:
     return ["nishikino_maki", "sakurauchi_riko"]
 
 
-def side_by_side(*paths: Path) -> bytes:
-    images = [Image.open(p).convert("RGB") for p in paths]
+def side_by_side(*names: str) -> bytes:
+    images = [Image.open(raw_image(n)).convert("RGB") for n in names]
     height = min(im.height for im in images)
     images = [im.resize((round(im.width * height / im.height), height)) for im in images]
     canvas = Image.new("RGB", (sum(im.width for im in images), height), "white")
@@ -78,7 +79,7 @@ def side_by_side(*paths: Path) -> bytes:
 
 
 def test_one_character_one_face_is_labelled_by_tag(chars) -> None:
-    post_id = store_post(1, MAKI.read_bytes(), ["nishikino_maki", "1girl"])
+    post_id = store_post(1, raw_image(MAKI).read_bytes(), ["nishikino_maki", "1girl"])
     faces = run_pipeline(post_id)
     assert len(faces) == 1
     face = faces[0]
@@ -106,7 +107,7 @@ def test_every_face_is_kept_and_several_faces_are_ambiguous(chars) -> None:
 
 
 def test_two_tracked_characters_make_the_face_ambiguous(chars) -> None:
-    faces = run_pipeline(store_post(3, MAKI.read_bytes(), ["nishikino_maki", "sakurauchi_riko"]))
+    faces = run_pipeline(store_post(3, raw_image(MAKI).read_bytes(), ["nishikino_maki", "sakurauchi_riko"]))
     assert [f.label_source for f in faces] == [LabelSource.ambiguous]
 
 
@@ -127,7 +128,7 @@ def test_unreadable_stored_file_fails_the_post_with_a_reason(chars) -> None:
 
 
 def test_manual_label_and_reject_override_the_automatic_label(chars) -> None:
-    face = run_pipeline(store_post(6, MAKI.read_bytes(), ["nishikino_maki", "sakurauchi_riko"]))[0]
+    face = run_pipeline(store_post(6, raw_image(MAKI).read_bytes(), ["nishikino_maki", "sakurauchi_riko"]))[0]
     assert face.label_source == LabelSource.ambiguous
     labelled = set_manual_label(face.id, "nishikino_maki")
     assert labelled.label == "nishikino_maki" and labelled.label_source == LabelSource.manual
@@ -140,8 +141,8 @@ def test_manual_label_and_reject_override_the_automatic_label(chars) -> None:
 
 
 def test_near_duplicate_repost_follows_its_original(chars) -> None:
-    original = run_pipeline(store_post(7, MAKI.read_bytes(), ["nishikino_maki"]))[0]
-    image = Image.open(MAKI).convert("RGB")
+    original = run_pipeline(store_post(7, raw_image(MAKI).read_bytes(), ["nishikino_maki"]))[0]
+    image = Image.open(raw_image(MAKI)).convert("RGB")
     smaller = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     smaller.save(buffer, format="JPEG", quality=70)  # re-encoded, resized, recompressed
@@ -150,14 +151,15 @@ def test_near_duplicate_repost_follows_its_original(chars) -> None:
     assert copy.duplicate_of == original.id
     assert copy.split == original.split
 
-    other = run_pipeline(store_post(9, RIKO.read_bytes(), ["sakurauchi_riko"]))[0]
+    other = run_pipeline(store_post(9, raw_image(RIKO).read_bytes(), ["sakurauchi_riko"]))[0]
     assert other.duplicate_of is None
 
 
 def test_split_is_stable_across_runs_with_new_data_in_between(chars, tmp_path) -> None:
-    first = run_pipeline(store_post(10, MAKI.read_bytes(), ["nishikino_maki"]))
+    first = run_pipeline(store_post(10, raw_image(MAKI).read_bytes(), ["nishikino_maki"]))
     before = {f.sha256: f.split for f in first}
-    for i, path in enumerate(sorted((RAW_DIR / "sakurauchi_riko").iterdir())[1:4]):
+    for i, name in enumerate([n for n in raw_names() if "/sakurauchi_riko/" in n][1:4]):
+        path = data_file(name)
         run_pipeline(store_post(20 + i, path.read_bytes(), ["sakurauchi_riko"], suffix=path.suffix[1:]))
     # processing the same picture again from scratch (a second run) gives the same split
     with session_scope() as session:
@@ -192,7 +194,7 @@ def test_missing_detector_model_leaves_the_post_waiting(chars, monkeypatch) -> N
     monkeypatch.setenv("WAIFU_LBPCASCADE_PATH", "/nonexistent/lbpcascade_animeface.xml")
     monkeypatch.setenv("WAIFU_DETECTOR", "lbpcascade")
     reset_settings_cache()
-    post_id = store_post(40, MAKI.read_bytes(), ["nishikino_maki"])
+    post_id = store_post(40, raw_image(MAKI).read_bytes(), ["nishikino_maki"])
     assert run_pipeline(post_id) == []
     row = post_row(post_id)
     assert row.state == PostState.downloaded, "a machine problem must not fail the image"

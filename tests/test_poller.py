@@ -16,7 +16,8 @@ from db.engine import session_scope
 from db.models import Character, Post, PostCharacter, PostState, ScrapeCursor
 from scraper.characters import add_characters
 from scraper.poller import poll_once, run_forever
-from tests.fake_safebooru import FakePost, FakeSafebooru, load_shared
+from tests.drawn import drawn_image
+from tests.fake_safebooru import FakePost, FakeSafebooru, publish
 from tests.test_db import queued_ids
 from tests.test_scraper_client import max_in_window
 
@@ -41,21 +42,30 @@ def rows() -> dict[int, Post]:
 
 
 async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru, redis_client) -> None:
-    shared = load_shared(fake)
-    tags = sorted({p.tags.split()[1] for p in shared})
+    counts = {"nishikino_maki": 26, "sakurauchi_riko": 23, "takimoto_hifumi": 21}
+    per_tag = {tag: [(drawn_image(f"{tag}/{i}"), ".png") for i in range(n)] for tag, n in counts.items()}
+    # a repost, as real sets hold (the real one: takimoto_hifumi 3.jpg = 11.jpg), listed on the same page
+    per_tag["takimoto_hifumi"][10] = per_tag["takimoto_hifumi"][2]
+    published = publish(fake, per_tag)
+    original, repost = sorted((p for p in published if p.data == per_tag["takimoto_hifumi"][2][0]), key=lambda p: p.id)
+    tags = sorted(counts)
     add_characters(tags)
 
     report = await poll_once(scrape_env)
     assert report.errors == []
-    assert len(rows()) == len(shared)
-    # the shared set holds one real repost (takimoto_hifumi 3.jpg and 11.jpg): skipped, not downloaded twice
+    assert len(rows()) == len(published)
+    # the repost is skipped, not downloaded twice
     originals = {}
-    for p in sorted(shared, key=lambda p: p.id):
+    for p in sorted(published, key=lambda p: p.id):
         originals.setdefault(p.md5, p.id)
-    assert report.new == len(originals) == len(shared) - 1
+    assert report.new == len(originals) == len(published) - 1
+    assert rows()[repost.id].state == PostState.skipped and rows()[repost.id].duplicate_of == original.id
     assert queued_ids(redis_client) == sorted(originals.values())
-    assert [t.requests for t in report.tags] == [2, 2, 2]
-    # 36/36/35 posts at 20 a page: 2 pages per tag, walking back with id:< and never with a deep pid
+    listed = {t: sum(t in p.tags.split() for p in published) for t in tags}
+    assert min(listed.values()) > 20, "every tag needs more than one page here"
+    # at 20 a page: the full pages, then the short one that ends the walk back (26/23/21 posts: 2 each),
+    # walking back with id:< and never with a deep pid
+    assert [t.requests for t in report.tags] == [listed[t.tag] // 20 + 1 for t in report.tags]
     assert all(r.query.get("pid", "0") == "0" for r in fake.api_requests())
     assert any("id:<" in r.query["tags"] for r in fake.api_requests())
 

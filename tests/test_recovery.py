@@ -30,8 +30,9 @@ from db.engine import session_scope
 from db.models import Post, PostState
 from scraper.characters import add_characters
 from tests.conftest import PROJECT_ROOT, wait_until
-from tests.fake_safebooru import RAW_DIR, FakePost, FakeSafebooru
+from tests.fake_safebooru import FakePost, FakeSafebooru
 from tests.test_end_to_end import run_cli, wait_for
+from tests.testdata import raw_image
 from worker.steps import STEPS
 
 pytestmark = pytest.mark.slow
@@ -127,7 +128,7 @@ def test_two_workers_detect_at_the_same_time_on_sqlite(sqlite_env, tmp_path) -> 
 
 def test_a_write_that_meets_database_is_locked_is_retried_and_finishes(sqlite_env, tmp_path, monkeypatch) -> None:
     env = {**sqlite_env, "WAIFU_SQLITE_BUSY_TIMEOUT": "0.2", "WAIFU_DETECTOR_FALLBACKS": "false"}
-    store_downloaded(1, Path(RAW_DIR / "nishikino_maki" / "1.png").read_bytes())
+    store_downloaded(1, raw_image("nishikino_maki/1.png").read_bytes())
     database = sqlite_env["WAIFU_DATABASE_URL"].removeprefix("sqlite:///")
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock for a few seconds
@@ -163,7 +164,7 @@ async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_
     env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_CLAIM_TIMEOUT": str(claim_timeout),
            "WAIFU_RECONCILE_INTERVAL": str(interval), "WAIFU_STUCK_AFTER": "1", "WAIFU_BACKFILL_PAGES": "1"}
     fake.slow_seconds = 60.0
-    illustration = Path(RAW_DIR / "nishikino_maki" / "1.png").read_bytes()
+    illustration = raw_image("nishikino_maki/1.png").read_bytes()
     slow_file = fake.add(FakePost(id=7001, tags="nishikino_maki", data=illustration, image="a.png",
                                   fault="slow_once"))
     store_downloaded(7002, slow_to_detect(7, side=900))
@@ -201,7 +202,7 @@ async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_
 
 async def test_an_original_that_fails_hands_its_repost_over(fake: FakeSafebooru, service_env: dict[str, str],
                                                              start_worker) -> None:
-    illustration = Path(RAW_DIR / "sakurauchi_riko" / "1.jpg").read_bytes()
+    illustration = raw_image("sakurauchi_riko/1.jpg").read_bytes()
     original = fake.add(FakePost(id=8001, tags="sakurauchi_riko", data=illustration, image="x.jpg",
                                  fault="redirect_offsite"))
     repost = fake.add(FakePost(id=8002, tags="sakurauchi_riko", data=illustration, image="y.jpg"))

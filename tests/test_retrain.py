@@ -1,5 +1,5 @@
-"""Retraining from the database on the real shared crops (weights=none, few epochs): registry, promotion,
-lock, beat rule, and `waifu predict` with the promoted model."""
+"""Retraining from the database on the real face crops of tests/testdata.py (weights=none, few epochs):
+registry, promotion, lock, beat rule, and `waifu predict` with the promoted model."""
 
 from __future__ import annotations
 
@@ -16,26 +16,29 @@ from core.settings import get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import Face, FaceState, LabelSource, ModelStatus, ModelVersion, Post
 from tests.conftest import PROJECT_ROOT
-from tests.fake_safebooru import RAW_DIR, SHARED_DIR
+from tests.testdata import IMAGE_SUFFIXES, crop_counts, crop_dirs, raw_image
 from train.step import NotEnoughData, RetrainBusy, retrain_lock, run_retrain, should_retrain
 from worker.tasks import _retrain_outcome
 
-CROPS = SHARED_DIR / "data" / "transfer-learning-anime"
+TRAIN_COUNTS, TEST_COUNTS = crop_counts()  # from the registry: 30 and 6 per character
+N_TRAIN, N_TEST = sum(TRAIN_COUNTS.values()), sum(TEST_COUNTS.values())
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def labelled_db(service_env, monkeypatch: pytest.MonkeyPatch, redis_client) -> list[str]:
-    """The shared 96x96 crops as ready, tag-labelled faces: resized_for_training -> train, _test -> test."""
+    """The real 96x96 crops as ready, tag-labelled faces: resized_for_training -> train, _test -> test."""
     monkeypatch.setenv("WAIFU_TRAIN_EPOCHS", "10")
     monkeypatch.setenv("WAIFU_TRAIN_THREADS", "2")
     reset_settings_cache()
     settings = get_settings()
     post_id = 0
     with session_scope() as session:
-        for folder, split in (("resized_for_training", "train"), ("resized_for_test", "test")):
-            for tag_dir in sorted((CROPS / folder).iterdir()):
+        for folder, split in zip(crop_dirs(), ("train", "test"), strict=True):
+            for tag_dir in sorted(folder.iterdir()):
                 for path in sorted(tag_dir.iterdir()):
+                    if path.suffix.lower() not in IMAGE_SUFFIXES:
+                        continue  # e.g. a download under way in the shared cache
                     post_id += 1
                     relative = f"faces/{split}/{tag_dir.name}/{path.name}"
                     (settings.data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +49,7 @@ def labelled_db(service_env, monkeypatch: pytest.MonkeyPatch, redis_client) -> l
                     session.add(Face(post_id=post_id, detector="animeface", x=0, y=0, w=96, h=96, crop_left=0,
                                      crop_top=0, crop_right=96, crop_bottom=96, state=FaceState.ready,
                                      path=relative, label=tag_dir.name, label_source=LabelSource.tag, split=split))
-    return sorted(p.name for p in (CROPS / "resized_for_training").iterdir())
+    return sorted(TRAIN_COUNTS)
 
 
 def versions() -> list[ModelVersion]:
@@ -59,15 +62,15 @@ def test_retrain_registers_promotes_the_better_version_and_predicts(labelled_db:
     first = run_retrain(settings)
     assert first["status"] == ModelStatus.current and first["reason"] == "first model"
     assert first["accuracy"] > 1 / 3 + 0.2, first  # clearly above chance on 18 test faces
-    assert first["test_faces"] == 18 and first["train_faces"] == 90
+    assert first["test_faces"] == N_TEST and first["train_faces"] == N_TRAIN
     [v1] = versions()
     assert v1.status == ModelStatus.current and v1.duration_s > 0 and v1.code_version
-    assert json.loads(v1.counts) == dict.fromkeys(labelled_db, 30)
+    assert json.loads(v1.counts) == TRAIN_COUNTS
     assert json.loads(v1.hyperparameters)["weights"] == "none"
     artifacts = settings.data_dir / v1.artifact_dir
     for name in ("model.json", "labels.json", "metrics.json", "training_curves.png", "confusion_matrix.png"):
         assert (artifacts / name).stat().st_size > 0, name
-    assert json.loads((artifacts / "metrics.json").read_text())["n"] == 18
+    assert json.loads((artifacts / "metrics.json").read_text())["n"] == N_TEST
 
     # a much weaker design (CNN alone, one epoch) is evaluated on the same split in the same run: not promoted
     weak = run_retrain(settings, overrides={"epochs": 1, "classical_weight": 0.0, "fine_tune_epochs": 0})
@@ -78,9 +81,8 @@ def test_retrain_registers_promotes_the_better_version_and_predicts(labelled_db:
     assert [v.status for v in versions()] == [ModelStatus.current, ModelStatus.candidate]
 
     # `waifu predict` on a raw illustration names a face with one of the model's characters
-    env = {**os.environ, "WAIFU_LBPCASCADE_PATH": str(SHARED_DIR / "models" / "lbpcascade_animeface.xml")}
     result = subprocess.run([sys.executable, "-m", "waifu.cli", "predict", "--json", "--annotate", str(tmp_path),
-                             str(RAW_DIR / "nishikino_maki" / "1.png")], env=env, cwd=PROJECT_ROOT,
+                             str(raw_image("nishikino_maki/1.png"))], env={**os.environ}, cwd=PROJECT_ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
@@ -109,7 +111,7 @@ def test_beat_rule_skips_when_too_few_new_faces(labelled_db, monkeypatch: pytest
     monkeypatch.setenv("WAIFU_RETRAIN_MIN_NEW_FACES", "500")
     reset_settings_cache()
     go, why = should_retrain(get_settings())
-    assert not go and "only 108 new labelled faces" in why
+    assert not go and f"only {N_TRAIN + N_TEST} new labelled faces" in why
     assert _retrain_outcome(force=False)["status"] == "skipped"
     assert versions() == []
     monkeypatch.setenv("WAIFU_RETRAIN_MIN_NEW_FACES", "100")

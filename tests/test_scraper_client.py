@@ -5,9 +5,13 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from core.errors import DeepPagination, Refused
 from core.settings import Settings
-from scraper.client import ApiError, ApiPost, DeepPaginationError, SafebooruClient, make_limiter, parse_posts
-from tests.fake_safebooru import FakePost, FakeSafebooru, load_shared
+from scraper.client import ApiPost, BooruClient, parse_posts
+from tests.fake_safebooru import FakePost, FakeSafebooru, load_drawn
+
+# pictures drawn with Pillow: the client reads the API, never a face; a different count per tag
+COUNTS = {"nishikino_maki": 4, "sakurauchi_riko": 3, "takimoto_hifumi": 5}
 
 
 def settings_for(fake: FakeSafebooru, **overrides) -> Settings:
@@ -16,10 +20,10 @@ def settings_for(fake: FakeSafebooru, **overrides) -> Settings:
     return Settings(_env_file=None, **values)
 
 
-async def fetch(fake: FakeSafebooru, tags: str, **overrides) -> tuple[list[ApiPost], SafebooruClient]:
+async def fetch(fake: FakeSafebooru, tags: str, **overrides) -> tuple[list[ApiPost], BooruClient]:
     settings = settings_for(fake, **overrides)
     async with aiohttp.ClientSession() as http:
-        client = SafebooruClient(http, settings, make_limiter(settings.requests_per_second))
+        client = BooruClient(http, settings)
         return await client.fetch_posts(tags), client
 
 
@@ -35,9 +39,10 @@ def max_in_window(times: list[float], window: float = 1.0) -> int:
 
 
 async def test_parses_posts_with_the_apis_quirks(fake: FakeSafebooru) -> None:
-    shared = load_shared(fake, limit_per_tag=2)
+    published = load_drawn(fake, COUNTS)
     posts, _ = await fetch(fake, "nishikino_maki")
-    assert [p.id for p in posts] == sorted((p.id for p in shared if "nishikino_maki" in p.tags), reverse=True)
+    assert [p.id for p in posts] == sorted((p.id for p in published if "nishikino_maki" in p.tags), reverse=True)
+    assert len(posts) == COUNTS["nishikino_maki"]
     first = posts[0]
     source = fake.posts[first.id]
     assert first.md5 == source.md5 and first.score is None and first.tags == source.tags
@@ -51,18 +56,18 @@ async def test_empty_body_means_no_posts(fake: FakeSafebooru) -> None:
 
 
 async def test_malformed_json_is_retried_then_reported(fake: FakeSafebooru) -> None:
-    load_shared(fake, limit_per_tag=1)
+    load_drawn(fake, dict.fromkeys(COUNTS, 1))
     fake.api_faults.extend(["malformed", "truncated"])
     posts, client = await fetch(fake, "nishikino_maki")
     assert len(posts) == 1 and client.requests == 3
 
     fake.api_faults.extend(["malformed"] * 10)
-    with pytest.raises(ApiError, match="gave up after 4 attempts: malformed JSON"):
+    with pytest.raises(Refused, match="gave up after 4 attempts: malformed JSON"):
         await fetch(fake, "nishikino_maki")
 
 
 async def test_429_retry_after_is_honoured(fake: FakeSafebooru) -> None:
-    load_shared(fake, limit_per_tag=1)
+    load_drawn(fake, dict.fromkeys(COUNTS, 1))
     fake.retry_after = "1"
     fake.api_faults.append("429")
     posts, client = await fetch(fake, "nishikino_maki")
@@ -72,7 +77,7 @@ async def test_429_retry_after_is_honoured(fake: FakeSafebooru) -> None:
 
 
 async def test_burst_of_503_then_success(fake: FakeSafebooru) -> None:
-    load_shared(fake, limit_per_tag=1)
+    load_drawn(fake, dict.fromkeys(COUNTS, 1))
     fake.api_faults.extend(["503"] * 3)
     posts, client = await fetch(fake, "nishikino_maki")
     assert len(posts) == 1 and client.requests == 4
@@ -82,26 +87,26 @@ async def test_burst_of_503_then_success(fake: FakeSafebooru) -> None:
 
 async def test_503_forever_is_bounded(fake: FakeSafebooru) -> None:
     fake.api_faults.extend(["503"] * 10)
-    with pytest.raises(ApiError, match="HTTP 503"):
+    with pytest.raises(Refused, match="HTTP 503"):
         await fetch(fake, "nishikino_maki", api_retries=2)
     assert len(fake.api_requests()) == 3
 
 
 async def test_deep_pagination_is_a_distinct_error(fake: FakeSafebooru) -> None:
-    load_shared(fake, limit_per_tag=1)
+    load_drawn(fake, dict.fromkeys(COUNTS, 1))
     settings = settings_for(fake)
     async with aiohttp.ClientSession() as http:
-        client = SafebooruClient(http, settings, make_limiter(50))
-        with pytest.raises(DeepPaginationError):
+        client = BooruClient(http, settings)
+        with pytest.raises(DeepPagination):
             await client.fetch_posts("nishikino_maki", pid=500)
         assert client.requests == 1, "a refused deep page is not retried"
 
 
 async def test_count_comes_from_the_xml_answer(fake: FakeSafebooru) -> None:
-    load_shared(fake)
+    load_drawn(fake, COUNTS)
     async with aiohttp.ClientSession() as http:
-        client = SafebooruClient(http, settings_for(fake), make_limiter(50))
-        assert await client.count("takimoto_hifumi") == 35
+        client = BooruClient(http, settings_for(fake))
+        assert await client.count("takimoto_hifumi") == COUNTS["takimoto_hifumi"]  # asked with limit=1
         assert await client.count("nobody") == 0
 
 
@@ -128,7 +133,7 @@ async def test_one_limiter_keeps_every_window_under_the_rate(fake: FakeSafebooru
         fake.add(FakePost(id=100 + i, tags=f"tag_{i}", data=b"x" * (i + 1), image=f"{i}.jpg"))
     settings = settings_for(fake, requests_per_second=4)
     async with aiohttp.ClientSession() as http:
-        client = SafebooruClient(http, settings, make_limiter(4))
+        client = BooruClient(http, settings)
         await asyncio.gather(*(client.fetch_posts(f"tag_{i % 3}") for i in range(14)))
     times = [r.at for r in fake.api_requests()]
     assert len(times) == 14

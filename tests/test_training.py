@@ -1,4 +1,5 @@
-"""Training on the real shared crops with weights=none: metrics, artifacts, reloading, the weights setting.
+"""Training on the real 96x96 face crops of the test set (tests/testdata.py) with weights=none: metrics,
+artifacts, reloading, the weights setting.
 
 No test downloads weights: the pretrained path is exercised with a local weights file written here.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.testdata import crop_counts, crop_dirs
 from train.features import ClassicalConfig, ClassicalModel, fit_classical
 from train.model import (
     WEIGHTS_SETTING,
@@ -29,35 +31,34 @@ from train.model import (
     train,
 )
 
-CROPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "transfer-learning-anime"
 CHANCE = 1 / 3
+TRAIN_COUNTS, TEST_COUNTS = crop_counts()  # from the registry: 30 and 6 per character
 
 
 @pytest.fixture(scope="module")
 def splits() -> tuple[Dataset, Dataset]:
-    if not (CROPS / "resized_for_training").is_dir():
-        pytest.skip(f"shared crops not found at {CROPS}")
-    train_set = load_dataset(items_from_dir(CROPS / "resized_for_training"))
-    test_set = load_dataset(items_from_dir(CROPS / "resized_for_test"), train_set.class_names)
+    train_dir, test_dir = crop_dirs()  # no crops: every test here fails with the line saying how to get them
+    train_set = load_dataset(items_from_dir(train_dir))
+    test_set = load_dataset(items_from_dir(test_dir), train_set.class_names)
     return train_set, test_set
 
 
 @pytest.fixture(scope="module")
 def trained(splits: tuple[Dataset, Dataset]):  # noqa: ANN201 - TrainResult, imported above
-    pytest.importorskip("tensorflow")
-    train_set, _ = splits
+    train_set, _ = splits  # TensorFlow is a test dependency (make test installs the train extra): no skip
     # the chosen design (small CNN + classical ensemble) from scratch, short: the test checks plumbing
     config = TrainConfig(backbone="smallcnn", weights="none", epochs=12, patience=12, threads=1, seed=0)
     return train(train_set, config)
 
 
-def test_dataset_from_shared_layout(splits: tuple[Dataset, Dataset]) -> None:
+def test_dataset_from_the_crop_folders(splits: tuple[Dataset, Dataset]) -> None:
     train_set, test_set = splits
     assert train_set.class_names == ["nishikino_maki", "sakurauchi_riko", "takimoto_hifumi"]
-    assert train_set.counts() == dict.fromkeys(train_set.class_names, 30)
-    assert test_set.images.shape == (18, 96, 96, 3) and test_set.images.dtype == np.uint8
+    assert train_set.counts() == TRAIN_COUNTS
+    n_test = sum(TEST_COUNTS.values())
+    assert test_set.images.shape == (n_test, 96, 96, 3) and test_set.images.dtype == np.uint8
     tr, va = stratified_split(train_set.labels, 0.15, seed=0)
-    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == 90
+    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == sum(TRAIN_COUNTS.values())
     assert np.bincount(train_set.labels[va]).tolist() == [4, 4, 4]
 
 
@@ -83,10 +84,11 @@ def test_train_evaluate_save_reload(trained, splits: tuple[Dataset, Dataset], tm
     _, test_set = splits
     clf = trained.classifier
     assert trained.epochs_run > 0 and "loss" in trained.history and "val_loss" in trained.history
-    assert trained.train_counts == dict.fromkeys(clf.class_names, 30)
+    assert trained.train_counts == TRAIN_COUNTS
 
     metrics = evaluate(clf, test_set)
-    assert metrics.n == 18 and sum(map(sum, metrics.confusion)) == 18
+    n_test = sum(TEST_COUNTS.values())
+    assert metrics.n == n_test and sum(map(sum, metrics.confusion)) == n_test
     assert metrics.accuracy > CHANCE and metrics.macro_f1 > CHANCE
     assert set(metrics.per_class) == set(clf.class_names)
     assert all({"precision", "recall", "f1", "support"} <= set(v) for v in metrics.per_class.values())
@@ -105,7 +107,7 @@ def test_train_evaluate_save_reload(trained, splits: tuple[Dataset, Dataset], tm
     assert evaluate(reloaded, test_set).accuracy == metrics.accuracy
 
     # paths work as well as arrays; top-k names come from the model's classes
-    paths = [p for p, _ in items_from_dir(CROPS / "resized_for_test")][:2]
+    paths = [p for p, _ in items_from_dir(crop_dirs()[1])][:2]
     np.testing.assert_allclose(predict(reloaded, paths), after[:2], rtol=0, atol=1e-6)
     best = top_k(reloaded, after[:2], k=3)
     assert [name for name, _ in best[0]][0] in clf.class_names and len(best[0]) == 3
@@ -114,7 +116,7 @@ def test_train_evaluate_save_reload(trained, splits: tuple[Dataset, Dataset], tm
 @pytest.mark.slow
 def test_pretrained_path_from_local_file(splits: tuple[Dataset, Dataset], tmp_path: Path) -> None:
     """weights=<file>: frozen backbone, then fine-tuning, without any download."""
-    keras = pytest.importorskip("keras")
+    import keras
     train_set, _ = splits
     weights = tmp_path / "mobilenetv2_notop.weights.h5"
     keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, include_top=False, weights=None).save_weights(
@@ -131,7 +133,6 @@ def test_pretrained_path_from_local_file(splits: tuple[Dataset, Dataset], tmp_pa
 
 
 def test_missing_weights_file_names_the_setting(tmp_path: Path) -> None:
-    pytest.importorskip("keras")
     from train.model import build_model
 
     with pytest.raises(BackboneWeightsError, match=WEIGHTS_SETTING):

@@ -110,10 +110,15 @@ def characters_remove(tags: Annotated[list[str], typer.Argument(help="tags to st
 @app.command()
 def scrape(once: Annotated[bool, typer.Option("--once", help="One pass over every tag, then exit")] = False) -> None:
     """Poll safebooru for every tracked character (forever, or once)."""
+    from core.errors import Unavailable
     from scraper.poller import run
 
     _ensure_db()
-    report = run(get_settings(), once=once)
+    try:
+        report = run(get_settings(), once=once)
+    except Unavailable as exc:  # another scraper runs: one process keeps the site's request limit
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(3) from exc
     if not once or report is None:
         return
     table = Table(title="scrape --once")
@@ -138,12 +143,17 @@ def _exec_celery(args: list[str]) -> None:
 @app.command()
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues: io, cpu, train")] = "io,cpu",
-    concurrency: Annotated[int, typer.Option(help="Worker processes (default: number of cores)")] = 0,
-    pool: Annotated[str, typer.Option(help="prefork, solo or threads (train defaults to solo)")] = "",
-    hostname: Annotated[str, typer.Option(help="Worker node name")] = "",
+    concurrency: Annotated[int, typer.Option(
+        help="Slots of the worker (default: io 8 threads, cpu one process per core); "
+             "with io and cpu split, the cpu processes")] = 0,
+    pool: Annotated[str, typer.Option(
+        help="Force one worker with this pool: prefork, solo or threads "
+             "(default: io threads, cpu prefork, train solo; one worker per pool)")] = "",
+    hostname: Annotated[str, typer.Option(help="Worker node name (NAME-io@HOST... when split)")] = "",
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
 ) -> None:
-    """Run a Celery worker on the given queues."""
+    """Run Celery workers on the given queues, each kind of queue in the pool that suits it."""
+    from waifu.pools import celery_worker_args, node_name, plan_workers
     from worker.app import QUEUES
 
     names = [q.strip() for q in queues.split(",") if q.strip()]
@@ -151,17 +161,15 @@ def worker(
     if unknown or not names:
         err.print(f"[red]unknown queue(s) {unknown or queues!r}; known: {', '.join(QUEUES)}[/red]")
         raise typer.Exit(2)
-    if not pool:
-        # TensorFlow must not run in forked prefork children
-        pool = "solo" if names == ["train"] else "prefork"
-    args = ["worker", "-Q", ",".join(names), "-P", pool, "--loglevel", loglevel, "-E"]
-    if concurrency and pool != "solo":
-        args += ["-c", str(concurrency)]
-    if "train" in names and pool == "prefork":
-        args += ["--max-tasks-per-child", "1"]
-    if hostname:
-        args += ["-n", hostname]
-    _exec_celery(args)
+    specs = plan_workers(names, pool=pool, concurrency=concurrency)
+    if len(specs) == 1:
+        _exec_celery(celery_worker_args(specs[0], loglevel, hostname))
+    # two kinds of resource: one Celery worker per pool, supervised here (SIGTERM stops both gracefully)
+    from waifu.runner import Supervisor, celery_command, supervise
+
+    commands = [(f"worker-{s.kind}", celery_command(celery_worker_args(s, loglevel, node_name(hostname, s.kind))))
+                for s in specs]
+    raise typer.Exit(supervise(Supervisor(env=dict(os.environ)), commands))
 
 
 @app.command()
@@ -175,12 +183,15 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO
 
 @app.command()
 def run(
-    concurrency: Annotated[int, typer.Option(help="Processes of the io/cpu worker")] = 2,
+    concurrency: Annotated[int, typer.Option(help="Processes of the cpu worker (default: one per core)")] = 0,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Every child's log lines on the terminal instead of the summary (also WAIFU_LOG_LEVEL=DEBUG)"
+    )] = False,
 ) -> None:
     """Run everything on this machine: scraper, workers, beat (embedded Redis if none is reachable)."""
     from waifu.runner import run_all
 
-    raise typer.Exit(run_all(get_settings(), concurrency=concurrency))
+    raise typer.Exit(run_all(get_settings(), concurrency=concurrency, verbose=verbose))
 
 
 # ----------------------------------------------------------------------------- operations ----
@@ -329,6 +340,42 @@ def faces_reject(face_id: int) -> None:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     console.print(f"face {face.id}: rejected")
+
+
+@faces_app.command("undo")
+def faces_undo(face_id: Annotated[int | None, typer.Argument(help="only this face's latest change")] = None) -> None:
+    """Undo the latest label/reject/accept (all faces of a bulk action), or FACE_ID's latest change."""
+    from crop.labels import undo
+
+    _ensure_db()
+    try:
+        result = undo(face_id)
+    except LookupError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    for face in result.faces:
+        console.print(f"face {face.id}: {face.state}, label {face.label or '-'} ({face.label_source or '-'})")
+    for note in result.kept:
+        console.print(f"[yellow]kept[/yellow] {note}")
+
+
+@app.command()
+def web(
+    host: Annotated[str, typer.Option(help="Address to listen on (off loopback needs WAIFU_WEB_USER/PASSWORD)")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (default: WAIFU_WEB_PORT)")] = 0,
+) -> None:
+    """Serve the web page: see, label and clean faces; watch the collection and the models."""
+    from waifu.web.security import StartRefused, check_bind
+    from waifu.web.server import serve
+
+    try:
+        check_bind(host, get_settings())  # before anything else: nothing is touched when refused
+    except StartRefused as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    _ensure_db()
+    serve(get_settings(), host, port or get_settings().web_port or 8000)
 
 
 @app.command()

@@ -1,9 +1,14 @@
-"""What `waifu status` reports: counts per state and character, common failures, queues, cursors."""
+"""What `waifu status` reports: counts per state and character, common failures, queues, cursors.
+
+`collect_status` is the one status query: `waifu status`, the web page and `waifu run`'s live screen all
+read it. It opens a read-only session, so a screen redrawn every few seconds never takes SQLite's write lock.
+"""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from datetime import UTC, timedelta
 from typing import Any
 
 from sqlalchemy import func
@@ -15,6 +20,7 @@ from db.models import Character, Face, FaceState, Post, PostCharacter, PostState
 from worker.app import QUEUES
 
 TOP_REASONS = 5
+RECENT_FAILURES = 50  # the latest failed rows that `recent_failures` groups
 
 
 def reason_category(reason: str) -> str:
@@ -35,7 +41,7 @@ def queue_lengths(settings: Settings) -> dict[str, int | None]:
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
-    with session_scope() as session:
+    with session_scope(readonly=True) as session:
         by_state = dict(session.exec(select(Post.state, func.count()).group_by(Post.state)).all())
         per_character: dict[str, dict[str, int]] = {}
         rows = session.exec(
@@ -58,6 +64,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             reasons[category] += 1
             examples.setdefault(category, reason)
         faces = face_summary(session)
+        cursor_rows = session.exec(select(ScrapeCursor).order_by(ScrapeCursor.tag)).all()
         cursors = [
             {
                 "tag": c.tag,
@@ -68,8 +75,15 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 "last_poll_at": c.last_poll_at.isoformat() if c.last_poll_at else None,
                 "last_error": c.last_error,
             }
-            for c in session.exec(select(ScrapeCursor).order_by(ScrapeCursor.tag)).all()
+            for c in cursor_rows
         ]
+        recent = recent_failures(session)
+        last_polls = [c.last_poll_at for c in cursor_rows if c.last_poll_at]
+    # the poller waits poll_interval after a whole pass, and a pass ends with its last tag
+    next_poll = None
+    if last_polls:
+        last = max(last_polls)
+        next_poll = (last if last.tzinfo else last.replace(tzinfo=UTC)) + timedelta(seconds=settings.poll_interval)
     return {
         "posts": {s.value: int(by_state.get(s.value, 0)) for s in PostState},
         "total": int(sum(by_state.values())),
@@ -82,7 +96,29 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "faces": faces,
         "queues": queue_lengths(settings),
         "cursors": cursors,
+        "recent_failures": recent,
+        "next_poll_at": next_poll.isoformat(timespec="seconds") if next_poll else None,
     }
+
+
+def recent_failures(session: Session, limit: int = RECENT_FAILURES) -> list[dict[str, Any]]:
+    """The latest failed posts and faces grouped by reason: what goes wrong now, newest group first."""
+    rows = [("post", reason, at) for reason, at in session.exec(
+        select(Post.reason, Post.updated_at).where(Post.state == PostState.failed)
+        .order_by(col(Post.updated_at).desc()).limit(limit)
+    ).all()]
+    rows += [("face", reason, at) for reason, at in session.exec(
+        select(Face.reason, Face.updated_at).where(Face.state == FaceState.failed)
+        .order_by(col(Face.updated_at).desc()).limit(limit)
+    ).all()]
+    rows.sort(key=lambda r: r[2], reverse=True)
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for kind, reason, at in rows[:limit]:
+        key = (kind, reason_category(reason or "no reason recorded"))
+        group = groups.setdefault(key, {"kind": kind, "reason": key[1], "count": 0,
+                                        "last_at": at.isoformat(timespec="seconds"), "example": reason or ""})
+        group["count"] += 1
+    return list(groups.values())
 
 
 def face_summary(session: Session) -> dict[str, Any]:

@@ -7,7 +7,7 @@ Importing this module must stay cheap: no TensorFlow, no OpenCV.
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 
 from core.settings import Settings, get_settings
@@ -58,3 +58,11 @@ def celery_config(settings: Settings) -> dict:
 
 app = Celery("waifu", include=["worker.tasks"])
 app.conf.update(celery_config(get_settings()))
+
+
+@signals.setup_logging.connect
+def _one_log_format(loglevel: str | None = None, **_kwargs: object) -> None:
+    """Workers and beat log like every other process (our transitions included), one line per event."""
+    from core.logs import setup_logging
+
+    setup_logging(loglevel if isinstance(loglevel, str) else None)

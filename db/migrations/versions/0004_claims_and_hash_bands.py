@@ -29,18 +29,21 @@ def upgrade() -> None:
         sa.Column("band", sa.Integer(), nullable=False, autoincrement=False),
         sa.Column("value", sa.Integer(), nullable=False, autoincrement=False),
         sa.Column("face_id", sa.Integer(), nullable=False),
+        sa.Column("phash", sa.String(length=16), nullable=False),
         sa.ForeignKeyConstraint(["face_id"], ["face.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("band", "value", "face_id"),
+        sqlite_with_rowid=False,  # a band's range scan reads each phash in place
     )
     with op.batch_alter_table("face_hash_band", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_face_hash_band_face_id"), ["face_id"], unique=False)
     # faces that are ready already get their bands, so the first lookup after the upgrade sees them
     conn = op.get_bind()
     rows = conn.execute(sa.text("SELECT id, phash FROM face WHERE state = 'ready' AND phash IS NOT NULL")).all()
-    bands = [{"band": b, "value": v, "face_id": face_id} for face_id, phash in rows for b, v in _bands(phash)]
+    bands = [{"band": b, "value": v, "face_id": face_id, "phash": phash}
+             for face_id, phash in rows for b, v in _bands(phash)]
     if bands:
-        conn.execute(sa.text("INSERT INTO face_hash_band (band, value, face_id) VALUES (:band, :value, :face_id)"),
-                     bands)
+        conn.execute(sa.text("INSERT INTO face_hash_band (band, value, face_id, phash) "
+                             "VALUES (:band, :value, :face_id, :phash)"), bands)
 
 
 def downgrade() -> None:

@@ -1,7 +1,8 @@
-"""Per-host download limit shared by every io worker process, kept in Redis by the `limits` library.
+"""Per-host download limit shared by every io worker process, kept in the broker's Redis by `limits`.
 
 A moving window guarantees that no window of the limit's length ever holds more grants than allowed,
-across processes and machines that share the broker's Redis.
+across processes and machines that share the Redis. A grant is taken at the moment the request starts
+(a late wake-up only tests the window again), so a busy machine never squeezes two requests together.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from functools import lru_cache
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
-
-from core.settings import Settings
 
 NAMESPACE = "waifu-download"
 # longest window tried for a fractional rate: longer ones would allow a long silence followed by a burst
@@ -65,13 +64,13 @@ def _until_free(limiter: MovingWindowRateLimiter, items: tuple[RateLimitItem, ..
     now = time.time()
     waits = [stats.reset_time - now for item in items
              if (stats := limiter.get_window_stats(item, host)).remaining <= 0]
-    return min(1.0, max(poll, *waits))
+    return min(1.0, max([poll, *waits]))
 
 
-def wait_for_slot(host: str, settings: Settings, poll: float = 0.05) -> float:
+def wait_for_slot(host: str, per_second: float, redis_url: str, poll: float = 0.05) -> float:
     """Blocks until a download from `host` may start; returns the seconds waited."""
-    limiter = _limiter(settings.broker_url)
-    items = rate_items(settings.downloads_per_second)
+    limiter = _limiter(redis_url)
+    items = rate_items(per_second)
     started = time.monotonic()
     while not _hit_all(limiter, items, host):
         time.sleep(_until_free(limiter, items, host, poll))

@@ -1,0 +1,53 @@
+"""The fake safebooru on its own, for trying `make run` or the README's quick start without the internet:
+
+    .venv/bin/python -m tests.serve_fake_safebooru --port 18765 --drawn nishikino_maki=5,sakurauchi_riko=5
+    WAIFU_SAFEBOORU_URL=http://127.0.0.1:18765 make run CHARACTERS="nishikino_maki sakurauchi_riko"
+
+`--illustrations` serves the real test illustrations instead (tests/testdata.py: a local copy or a fetch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+
+from tests.fake_safebooru import FakeSafebooru, load_drawn, load_illustrations
+
+
+def parse_counts(text: str) -> dict[str, int]:
+    counts = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        tag, _, n = item.partition("=")
+        counts[tag] = int(n or 3)
+    return counts
+
+
+async def serve(port: int, drawn: dict[str, int], illustrations: bool) -> None:
+    site = FakeSafebooru()
+    posts = load_illustrations(site) if illustrations else load_drawn(site, drawn)
+    url = await site.start(port=port)
+    tags = sorted({p.tags.split()[1] for p in posts})
+    print(f"fake safebooru at {url}: {len(posts)} posts of {' '.join(tags)}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(asyncio.CancelledError):
+        await stop.wait()
+    await site.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=18765)
+    parser.add_argument("--drawn", default="nishikino_maki=5,sakurauchi_riko=5,takimoto_hifumi=5",
+                        help="TAG=N,...: N pictures drawn with Pillow per tag")
+    parser.add_argument("--illustrations", action="store_true", help="serve the real test illustrations")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, parse_counts(args.drawn), args.illustrations))
+
+
+if __name__ == "__main__":
+    main()

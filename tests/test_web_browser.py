@@ -1,0 +1,251 @@
+"""The web page as a person uses it, in a real browser (Debian's chromium, driven by Selenium through
+/usr/bin/chromedriver): log in, retrain with a real train worker and see it run and the new version appear,
+sort ambiguous faces of real illustrations with the keyboard and a selection, undo, and check the database.
+
+Screenshots of each page are saved to the test's tmp dir (and to WAIFU_TEST_SCREENSHOTS when set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from core.settings import get_settings, reset_settings_cache
+from db.engine import session_scope
+from db.models import Face, FaceLabelEvent, FaceState, LabelSource, ModelStatus, ModelVersion
+from scraper.characters import add_characters
+from tests.test_faces import run_pipeline, side_by_side, store_post
+from tests.test_retrain import labelled_db  # noqa: F401 - the fixture: real crops as tag-labelled faces
+from tests.testdata import raw_names
+from waifu.web.server import serving_in_thread
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+USER, PASSWORD = "curator", "correct horse battery"
+WAIT = 30
+
+
+def faces_of(posts: list[int]) -> list[Face]:
+    with session_scope() as session:
+        return list(session.exec(select(Face).where(Face.post_id.in_(posts)).order_by(Face.id)).all())
+
+
+@pytest.fixture
+def collection(labelled_db: list[str], monkeypatch: pytest.MonkeyPatch) -> list[int]:  # noqa: F811
+    """The 108 real crops (tag-labelled, trainable) plus posts made of real illustrations through the real
+    detect and crop steps, each tagged with two tracked characters: every face found there is ambiguous."""
+    monkeypatch.setenv("WAIFU_WEB_USER", USER)
+    monkeypatch.setenv("WAIFU_WEB_PASSWORD", PASSWORD)
+    monkeypatch.setenv("WAIFU_TRAIN_EPOCHS", "3")
+    reset_settings_cache()
+    add_characters(labelled_db)
+    by_tag: dict[str, list[str]] = {}
+    for name in raw_names():
+        by_tag.setdefault(name.split("/")[1], []).append(name.split("/", 1)[1])
+    maki, riko, hifumi = (by_tag[t] for t in labelled_db)
+    posts = []
+    for post_id, pair in enumerate([(maki[1], riko[1]), (riko[2], hifumi[1]), (maki[2], hifumi[2])], start=1001):
+        posts.append(store_post(post_id, side_by_side(*pair), [pair[0].split("/")[0], pair[1].split("/")[0]]))
+        run_pipeline(post_id)
+    ambiguous = [f for f in faces_of(posts) if f.state == FaceState.ready]
+    assert len(ambiguous) >= 6 and all(f.label_source == LabelSource.ambiguous for f in ambiguous)
+    return posts
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail("the browser tests need Debian's chromium and chromium-driver: apt-get install -y chromium "
+                    "chromium-driver (.ci/run does it)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+class Screens:
+    def __init__(self, driver, folder: Path) -> None:  # noqa: ANN001
+        self.driver, self.folder = driver, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.extra = Path(os.environ["WAIFU_TEST_SCREENSHOTS"]) if os.environ.get("WAIFU_TEST_SCREENSHOTS") else None
+
+    def shoot(self, name: str, height: int | None = None) -> Path:
+        if height:
+            self.driver.set_window_size(1400, height)
+        path = self.folder / f"{name}.png"
+        assert self.driver.save_screenshot(str(path)), name
+        if self.extra:
+            self.extra.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, self.extra / path.name)
+        self.driver.set_window_size(1400, 1000)
+        return path
+
+
+# one browser run, on SQLite (the default a person starts with); tests/test_web.py covers every route on both
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_person_sorts_faces_and_retrains(collection: list[int], browser, start_worker, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    wait = WebDriverWait(driver, WAIT)
+    screens = Screens(driver, tmp_path / "screenshots")
+    start_worker(queues="train", concurrency=1, pool="solo",
+                 extra_env={"WAIFU_TRAIN_EPOCHS": "3", "WAIFU_TRAIN_THREADS": "2"})
+
+    def flash_says(text: str) -> None:
+        wait.until(ec.text_to_be_present_in_element((By.ID, "flash"), text))
+
+    def focused_id() -> int:
+        return int(driver.switch_to.active_element.get_attribute("data-id"))
+
+    def press(key: str) -> None:
+        driver.switch_to.active_element.send_keys(key)
+
+    with serving_in_thread(get_settings()) as base:
+        # --- log in: a wrong password is refused, the right one opens the page asked for ---------------
+        driver.get(f"{base}/models")
+        assert driver.current_url.startswith(f"{base}/login?next=/models")
+        driver.find_element(By.ID, "username").send_keys(USER)
+        driver.find_element(By.ID, "password").send_keys("wrong password")
+        driver.find_element(By.ID, "login-submit").click()
+        assert driver.find_element(By.ID, "login-error").text == "wrong user name or password"
+        driver.find_element(By.ID, "username").send_keys(USER)
+        driver.find_element(By.ID, "password").send_keys(PASSWORD)
+        driver.find_element(By.ID, "login-submit").click()
+        wait.until(ec.url_to_be(f"{base}/models"))
+        assert driver.find_element(By.ID, "no-models").is_displayed()
+
+        # a POST without the CSRF token is refused, even from the page itself with its session cookie
+        status = driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            fetch('/faces/undo', {method: 'POST', headers: {'Accept': 'application/json'}})
+              .then((r) => r.text().then((t) => done([r.status, t])));""")
+        assert status == [403, "missing or wrong CSRF token: reload the page and try again"]
+
+        # --- retrain: "running" with the epoch, then the new version on the page ------------------------
+        driver.find_element(By.ID, "retrain").click()
+        flash_says("retrain enqueued")
+        driver.find_element(By.ID, "retrain").click()  # a second press while it waits or runs
+        flash_says("a retrain is already")
+        WebDriverWait(driver, 300).until(ec.text_to_be_present_in_element((By.ID, "retrain-status"), "running"))
+        WebDriverWait(driver, 600).until(ec.presence_of_element_located((By.ID, "version-1")))
+        version = driver.find_element(By.ID, "version-1")
+        assert "current" in version.text and "first model" in version.text
+        with session_scope() as session:
+            [v1] = session.exec(select(ModelVersion)).all()
+        assert v1.status == ModelStatus.current
+        assert f"{v1.accuracy:.3f}" in version.text
+        wait.until(lambda d: all(img.get_attribute("naturalWidth") not in (None, "0")
+                                 for img in d.find_elements(By.CSS_SELECTOR, "#version-1 img.chart")))
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#version-1 img.chart")) == 2
+        screens.shoot("web-models", 800)
+
+        # the promotion enqueued `classify`: the worker attaches suggestions to the ambiguous faces
+        def suggested() -> bool:
+            return all(f.suggestion for f in faces_of(collection) if f.state == FaceState.ready)
+
+        WebDriverWait(driver, 300, poll_frequency=1).until(lambda _d: suggested())
+
+        # --- faces: filter the ambiguous ones ----------------------------------------------------------
+        driver.get(f"{base}/faces")
+        Select(driver.find_element(By.ID, "filter-source")).select_by_value("ambiguous")
+        driver.find_element(By.ID, "filter-apply").click()
+        wait.until(ec.url_contains("source=ambiguous"))
+        cards = driver.find_elements(By.CSS_SELECTOR, "article.face")
+        ambiguous = [f for f in faces_of(collection) if f.state == FaceState.ready]
+        assert [int(c.get_attribute("data-id")) for c in cards] == [f.id for f in ambiguous]
+        wait.until(lambda d: all(img.get_attribute("naturalWidth") == "96"
+                                 for img in d.find_elements(By.CSS_SELECTOR, "article.face img")))
+        screens.shoot("web-faces", 1000)
+
+        # the illustration with the face boxed, on demand (o)
+        first = ambiguous[0]
+        assert focused_id() == first.id
+        press("o")
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#source-view img").get_attribute("naturalWidth")
+                   not in (None, "0"))
+        screens.shoot("web-faces-source")
+        driver.find_element(By.CSS_SELECTOR, "#source-view button.close").click()
+
+        # --- one at a time with the keyboard: Enter accepts, a digit picks, x rejects ---------------------
+        driver.execute_script(f"document.getElementById('face-{first.id}').focus()")
+        press(Keys.ENTER)
+        flash_says("accepted the suggestion for 1 face")
+        with session_scope() as session:
+            now = session.get(Face, first.id)
+        assert (now.label, now.label_source) == (first.suggestion, LabelSource.manual)
+        assert focused_id() == ambiguous[1].id  # the focus moved on
+
+        second = ambiguous[1]
+        second_choice = driver.find_element(By.ID, f"face-{second.id}").get_attribute("data-choices")
+        press("2")
+        flash_says("labelled 1 face as")
+        with session_scope() as session:
+            now = session.get(Face, second.id)
+        assert (now.label, now.label_source) == (json.loads(second_choice)[1], LabelSource.manual)
+
+        third = ambiguous[2]
+        assert focused_id() == third.id
+        press("x")
+        flash_says("rejected 1 face")
+        with session_scope() as session:
+            assert session.get(Face, third.id).state == FaceState.rejected
+        assert "rejected" in driver.find_element(By.ID, f"face-{third.id}").text
+        # the focus moved on again; arrows move it too
+        assert focused_id() == ambiguous[3].id
+        press(Keys.ARROW_LEFT)
+        assert focused_id() == third.id
+        press(Keys.ARROW_RIGHT)
+        assert focused_id() == ambiguous[3].id
+
+        # --- a selection of three, labelled at once, then undone as one ----------------------------------
+        picked = ambiguous[3:6]
+        for f in picked:
+            driver.find_element(By.CSS_SELECTOR, f"#face-{f.id} input.select").click()
+        assert driver.find_element(By.ID, "selected-count").text == "3 selected"
+        Select(driver.find_element(By.ID, "bulk-tag")).select_by_value("takimoto_hifumi")
+        driver.find_element(By.ID, "bulk-label").click()
+        flash_says("labelled 3 faces as takimoto_hifumi")
+        with session_scope() as session:
+            rows = [session.get(Face, f.id) for f in picked]
+            assert [(r.label, r.label_source) for r in rows] == [("takimoto_hifumi", LabelSource.manual)] * 3
+        screens.shoot("web-faces-after")
+
+        driver.execute_script(f"document.getElementById('face-{picked[0].id}').focus()")
+        press("u")
+        flash_says("undone: 3 faces as before")
+        with session_scope() as session:
+            rows = [session.get(Face, f.id) for f in picked]
+            assert [(r.label, r.label_source) for r in rows] == [(None, LabelSource.ambiguous)] * 3
+            assert session.get(Face, third.id).state == FaceState.rejected  # the earlier changes stay
+            events = session.exec(select(FaceLabelEvent)).all()
+        assert len(events) == 6 and {e.origin for e in events} == {"web"}
+        assert sum(e.undone_at is not None for e in events) == 3
+
+        # --- the collection page ----------------------------------------------------------------------
+        driver.get(f"{base}/collection")
+        wait.until(lambda d: d.find_element(By.ID, "growth-chart").get_attribute("naturalWidth") not in (None, "0"))
+        assert "takimoto_hifumi" in driver.find_element(By.ID, "per-character").text
+        screens.shoot("web-collection", 1250)

@@ -1,0 +1,74 @@
+"""The application factory: routes of the three pages, login, templates, static files, error pages.
+
+Routes are thin: they parse (waifu.web.queries.parse_*), call a plain function, and render. Every
+refusal is a 4xx with a sentence a person can act on; images are served by id only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from core.settings import Settings, get_settings
+from waifu.web import collection_page, faces_page, models_page
+from waifu.web.rendering import error_page, render
+from waifu.web.security import SESSION_COOKIE, Guard, Login, local_target
+
+HERE = Path(__file__).parent
+
+
+# ------------------------------------------------------------------------------------ login ----
+async def login_form(request: Request) -> Response:
+    if not request.app.state.login.required:
+        return RedirectResponse("/", status_code=303)
+    return render(request, "login.html", next=local_target(request.query_params.get("next")))
+
+
+async def login_submit(request: Request) -> Response:
+    login: Login = request.app.state.login
+    form = await request.form()
+    target = local_target(str(form.get("next") or "/"))
+    if not login.required:
+        return RedirectResponse(target, status_code=303)
+    if not login.matches(str(form.get("username") or ""), str(form.get("password") or "")):
+        return render(request, "login.html", status_code=401, next=target, error="wrong user name or password")
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(SESSION_COOKIE, login.open_session(), httponly=True, samesite="strict", path="/")
+    return response
+
+
+async def logout(request: Request) -> Response:
+    request.app.state.login.close_session(request.cookies.get(SESSION_COOKIE))
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+async def home(_request: Request) -> Response:
+    return RedirectResponse("/faces", status_code=303)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+    routes = [
+        Route("/", home),
+        Route("/login", login_form, methods=["GET"]),
+        Route("/login", login_submit, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        *faces_page.routes(),
+        *collection_page.routes(),
+        *models_page.routes(),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    login = Login.from_settings(settings)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: error_page, Exception: error_page},
+                    middleware=[Middleware(Guard, login=login)])
+    app.state.settings, app.state.login = settings, login
+    return app
