@@ -57,29 +57,60 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def describe(path: Path) -> str:
-    """What a file that is not an image looks like, for a person."""
-    if path.is_dir():
-        return "a directory"
+# first bytes -> what the file is, for a readable refusal; ours first, then what people often try
+SIGNATURES = (
+    (0, b"\xff\xd8\xff", "JPEG"), (0, b"\x89PNG\r\n\x1a\n", "PNG"), (0, b"GIF8", "GIF"), (8, b"WEBP", "WEBP"),
+    (0, b"II*\x00", "TIFF"), (0, b"MM\x00*", "TIFF"), (0, b"8BPS", "Photoshop (PSD)"),
+    (4, b"ftypavi", "AVIF"), (4, b"ftyphei", "HEIF"), (4, b"ftypmif1", "HEIF"), (0, b"\xff\x0a", "JPEG XL"),
+    (4, b"JXL ", "JPEG XL"), (0, b"%PDF", "PDF"), (0, b"PK\x03\x04", "ZIP"),
+)
+
+
+def sniff(head: bytes) -> str | None:
+    """The format the first bytes announce, or None."""
+    return next((name for at, magic, name in SIGNATURES if head[at:at + len(magic)] == magic), None)
+
+
+def head_of(path: Path) -> bytes:
     try:
         with path.open("rb") as f:
-            head = f.read(16)
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
+            return f.read(16)
+    except OSError:
+        return b""
+
+
+def describe(path: Path) -> str:
+    """What a file that is not an image looks like, for a person."""
+    return "a directory" if path.is_dir() else describe_head(head_of(path))
+
+
+def describe_head(head: bytes) -> str:
     if not head:
         return "an empty file"
     text = head.lstrip()
     if text.lower().startswith((b"<!doctype html", b"<html")):
         return "an HTML page"
     decoded = head.decode("latin-1")
-    return f"starts with {decoded!r}" if decoded.isascii() and decoded.isprintable() else f"starts with {head!r}"
+    start = f"starts with {decoded!r}" if decoded.isascii() and decoded.isprintable() else f"starts with {head!r}"
+    kind = sniff(head)
+    return f"{start}, {kind} format" if kind else start
+
+
+def why_broken(exc: BaseException) -> str:
+    """Pillow's reason in words a person understands (its own wording names decoder internals)."""
+    text = str(exc)
+    if isinstance(exc, EOFError) or "truncated" in text.lower():
+        return "the file ends too early (cut short, e.g. by an interrupted download or copy)"
+    if "decoder object" in text or "broken data stream" in text:
+        return "its data cannot be decoded (damaged or cut short)"
+    return text or type(exc).__name__
 
 
 def open_image(source: Path | str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """A decoded, upright, 8-bit RGB copy of `source` (a path or the file's bytes); the file is closed.
 
     Raises `Refused` for a missing file, a directory, something that is not an image in one of
-    IMAGE_FORMATS, a truncated or broken image, and an image over `max_pixels`."""
+    IMAGE_FORMATS, a truncated or broken image, an image over `max_pixels` and a file it may not read."""
     path = Path(source) if not isinstance(source, bytes) else None
     if path is not None and not path.exists():
         raise Refused(f"no such file: {path}")
@@ -100,7 +131,20 @@ def open_image(source: Path | str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
     except Refused:
         raise
     except UnidentifiedImageError as exc:
-        what = describe(path) if path is not None else f"{len(source)} bytes"
+        head = head_of(path) if path is not None else source[:16]
+        if sniff(head) in IMAGE_FORMATS:  # one of ours by its first bytes, but its header is damaged
+            raise Refused(f"broken image ({sniff(head)}): its header cannot be read (damaged or cut short)") from exc
+        what = describe(path) if path is not None else describe_head(head)
         raise Refused(f"not an image: {what} (readable formats: {', '.join(IMAGE_FORMATS)})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise Refused(f"broken image ({fmt or 'unknown format'}): {exc}") from exc
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's answer (permission denied...), not the decoder's
+            raise Refused(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise Refused(broken(fmt, path, source, exc)) from exc
+    except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise Refused(broken(fmt, path, source, exc)) from exc
+
+
+def broken(fmt: str, path: Path | None, source: Path | str | bytes, exc: BaseException) -> str:
+    """`fmt` is empty when Pillow failed while still reading the header: the first bytes name it then."""
+    fmt = fmt or sniff(head_of(path) if path is not None else source[:16]) or "unknown format"
+    return f"broken image ({fmt}): {why_broken(exc)}"

@@ -5,8 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+from core.sites import DEFAULT_SITE
+
+# BIGINT, but INTEGER on SQLite: only an INTEGER PRIMARY KEY is the rowid there, and so numbered by itself
+ID = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def utcnow() -> datetime:
@@ -27,10 +32,14 @@ TERMINAL_STATES = frozenset({PostState.done, PostState.failed, PostState.skipped
 
 
 class Character(SQLModel, table=True):
+    """A tag tracked on one site (core.sites): the same tag on two sites is two characters."""
+
     __tablename__ = "character"
+    __table_args__ = (UniqueConstraint("site", "tag", name="uq_character_site_tag"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    tag: str = Field(sa_column=Column(String(255), unique=True, nullable=False, index=True))
+    site: str = Field(default=DEFAULT_SITE, sa_column=Column(String(32), nullable=False, default=DEFAULT_SITE))
+    tag: str = Field(sa_column=Column(String(255), nullable=False, index=True))
     # extra search terms appended to the tag, e.g. "-animated -comic"
     extra_terms: str = Field(default="", sa_column=Column(String(500), nullable=False, default=""))
     # comma-separated ratings kept (e.g. "general,safe"); empty keeps every rating
@@ -57,9 +66,14 @@ class PostCharacter(SQLModel, table=True):
 
 class Post(SQLModel, table=True):
     __tablename__ = "post"
+    __table_args__ = (UniqueConstraint("site", "remote_id", name="uq_post_site_remote_id"),)
 
-    # safebooru's own post id: stable, and what makes the upsert idempotent
-    id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    # our own key: posts of several sites share the table (rows older than sites kept their safebooru id)
+    id: int | None = Field(default=None, sa_column=Column(ID, primary_key=True, autoincrement=True))
+    # where it was listed, and the site's own id: what makes the scraper's upsert idempotent. None for a
+    # row no site listed (made by hand, tests)
+    site: str = Field(default=DEFAULT_SITE, sa_column=Column(String(32), nullable=False, default=DEFAULT_SITE))
+    remote_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     md5: str = Field(sa_column=Column(String(32), nullable=False, index=True))
     file_url: str = Field(sa_column=Column(Text, nullable=False))
     image: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
@@ -95,12 +109,18 @@ class Post(SQLModel, table=True):
     def tag_set(self) -> frozenset[str]:
         return frozenset(self.tags.split())
 
+    @property
+    def label(self) -> str:
+        """How a person finds the post: by the site's own id ("safebooru post 1001") where it has one."""
+        return f"{self.site} post {self.remote_id}" if self.remote_id is not None else f"post {self.id}"
+
 
 class ScrapeCursor(SQLModel, table=True):
-    """How far one tag's polling has got: incremental polls ask only for ids above `newest_id`."""
+    """How far one tag's polling on one site has got: incremental polls ask only for ids above `newest_id`."""
 
     __tablename__ = "scrape_cursor"
 
+    site: str = Field(default=DEFAULT_SITE, sa_column=Column(String(32), primary_key=True, default=DEFAULT_SITE))
     tag: str = Field(sa_column=Column(String(255), primary_key=True))
     newest_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     oldest_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))

@@ -39,10 +39,10 @@ def hand_over_reposts(session: Session, failed: Post) -> int | None:
         return None
     heir, others = reposts[0], reposts[1:]
     heir.duplicate_of = None
-    transition(heir, PostState.discovered, f"original post {failed.id} failed ({failed.reason}): collected instead")
+    transition(heir, PostState.discovered, f"original {failed.label} failed ({failed.reason}): collected instead")
     for other in others:
         other.duplicate_of = heir.id
-        other.reason = f"duplicate of post {heir.id} (same md5 {other.md5})"
+        other.reason = f"duplicate of {heir.label} (same md5 {other.md5})"
     return heir.id
 
 

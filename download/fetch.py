@@ -28,14 +28,14 @@ class Fetched:
     size: int
 
 
-def check_url(url: str, settings: Settings) -> str:
+def check_url(url: str, allowed: frozenset[str]) -> str:
     """Refuses anything but http(s) to an allowed host, and any path traversal. Returns the host."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise Refused(f"refused URL scheme {parts.scheme or 'none'!r} in {url[:200]!r}")
     host = (parts.hostname or "").lower()
-    if host not in settings.allowed_hosts:
-        raise Refused(f"host {host or '?'!r} is not on the allow-list ({', '.join(sorted(settings.allowed_hosts))})")
+    if host not in allowed:
+        raise Refused(f"host {host or '?'!r} is not on the allow-list ({', '.join(sorted(allowed))})")
     if ".." in path_segments(parts.path):
         raise Refused(f"path traversal in URL refused: {parts.path[:200]!r}")
     return host
@@ -62,19 +62,20 @@ def take_slot(host: str, settings: Settings) -> None:
         raise Unavailable(f"host rate limiter unavailable: {type(exc).__name__}: {exc}") from exc
 
 
-def fetch(url: str, settings: Settings, workdir: Path) -> Fetched:
-    """Streams `url` into a temp file in `workdir`, following only allowed redirects; md5 computed on the way."""
+def fetch(url: str, settings: Settings, workdir: Path, allowed: frozenset[str]) -> Fetched:
+    """Streams `url` into a temp file in `workdir`, touching only `allowed` hosts (redirects included);
+    md5 computed on the way."""
     with httpx.Client(timeout=settings.http_timeout, follow_redirects=False,
                       headers={"User-Agent": USER_AGENT}) as client:
         for _hop in range(settings.max_redirects + 1):
-            host = check_url(url, settings)
+            host = check_url(url, allowed)
             take_slot(host, settings)
             try:
                 with client.stream("GET", url) as resp:
                     if resp.is_redirect:
                         target = urljoin(url, resp.headers.get("location", ""))
                         target_host = (urlsplit(target).hostname or "").lower()
-                        if target_host not in settings.allowed_hosts:
+                        if target_host not in allowed:
                             raise Refused(f"redirect to disallowed host {target_host or '?'!r} refused "
                                           f"({target[:200]})")
                         url = target

@@ -31,12 +31,12 @@ STORED_STATES = (PostState.downloaded, PostState.detected, PostState.done)
 WAITING = PostState.discovered
 
 
-def stored_original(session: Session, post: Post) -> int | None:
+def stored_original(session: Session, post: Post) -> Post | None:
     """An earlier post with the same md5 whose file is stored makes this one a repost."""
     if not post.md5:
         return None  # an empty md5 would match every other empty one
     return session.exec(
-        select(Post.id).where(Post.md5 == post.md5, Post.id != post.id, col(Post.state).in_(STORED_STATES))
+        select(Post).where(Post.md5 == post.md5, Post.id != post.id, col(Post.state).in_(STORED_STATES))
         .order_by(Post.id)
     ).first()
 
@@ -67,7 +67,8 @@ def download_post(post_id: int, settings: Settings, token: str | None = None) ->
     try:
         check_image_name(post.image)
         settings.images_dir.mkdir(parents=True, exist_ok=True)
-        fetched = fetch(post.file_url, settings, settings.images_dir)
+        # a post's file may come only from its own site's hosts (core.sites) and the configured extras
+        fetched = fetch(post.file_url, settings, settings.images_dir, settings.hosts_for(post.site))
         md5 = (post.md5 or "").strip().lower()
         if fetched.md5 != md5:
             raise Refused(f"md5 mismatch: API announced {md5 or 'nothing'}, file is {fetched.md5}")
@@ -106,9 +107,9 @@ def count_attempt(session: Session, post: Post) -> None:
         skip_as_duplicate(post, original)
 
 
-def skip_as_duplicate(post: Post, original: int) -> None:
-    transition(post, PostState.skipped, f"duplicate of post {original} (same md5 {post.md5})")
-    post.duplicate_of = original
+def skip_as_duplicate(post: Post, original: Post) -> None:
+    transition(post, PostState.skipped, f"duplicate of {original.label} (same md5 {post.md5})")
+    post.duplicate_of = original.id
 
 
 def record_failed(post_id: int, token: str, reason: str) -> StepOutcome:

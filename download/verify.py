@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from core.errors import Refused
-from core.images import IMAGE_FORMATS, open_image, own_pixel_check
+from core.images import IMAGE_FORMATS, open_image, own_pixel_check, why_broken
 from core.settings import Settings
 
 # MPO is how Pillow reports multi-picture JPEGs (camera files): still a .jpg
@@ -25,7 +25,7 @@ def verify_image(path: Path, settings: Settings) -> tuple[str, int, int]:
             fmt, (width, height) = im.format or "", im.size
             im.verify()
     except (OSError, SyntaxError, ValueError) as exc:
-        raise Refused(f"broken image ({fmt or 'unknown format'}): {exc}") from exc
+        raise Refused(f"broken image ({fmt or 'unknown format'}): {why_broken(exc)}") from exc
     if fmt not in FORMAT_EXTENSIONS:
         raise Refused(f"unsupported image format {fmt!r}")
     return fmt, width, height

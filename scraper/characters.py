@@ -1,4 +1,5 @@
-"""Tracked characters: add, list, remove (plain functions behind `waifu characters`)."""
+"""Tracked characters: add, list, remove (plain functions behind `waifu characters` and the web page).
+A character is a tag on one site (core.sites); the same tag on two sites is tracked twice."""
 
 from __future__ import annotations
 
@@ -7,45 +8,60 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import col, select
 
+from core.settings import get_settings
+from core.sites import DEFAULT_SITE
 from db.engine import session_scope
 from db.models import Character, PostCharacter, ScrapeCursor
 
 
 def normalize_tag(tag: str) -> str:
-    """safebooru tags are lower case with underscores for spaces."""
+    """Booru tags are lower case with underscores for spaces."""
     return "_".join(tag.strip().lower().split())
 
 
-def add_characters(tags: list[str], extra_terms: str = "", ratings: str = "") -> tuple[list[str], list[str]]:
+def check_ratings(site: str, ratings: str) -> str:
+    """The rating filter in the site's own words: a word the site does not use would filter out everything."""
+    known = get_settings().site(site).ratings
+    words = [r.strip().lower() for r in ratings.split(",") if r.strip()]
+    unknown = [w for w in words if w not in known]
+    if unknown:
+        raise ValueError(f"{site} has no rating {', '.join(map(repr, unknown))}; its ratings: {', '.join(known)}")
+    return ",".join(words)
+
+
+def add_characters(tags: list[str], extra_terms: str = "", ratings: str = "",
+                   site: str = DEFAULT_SITE) -> tuple[list[str], list[str]]:
+    get_settings().site(site)  # an unknown site is refused before anything is written
+    ratings = check_ratings(site, ratings)
     added, updated = [], []
     with session_scope() as session:
         for raw in tags:
             tag = normalize_tag(raw)
             if not tag or any(c in tag for c in "*:"):
-                raise ValueError(f"not a plain safebooru tag: {raw!r}")
-            existing = session.exec(select(Character).where(Character.tag == tag)).first()
+                raise ValueError(f"not a plain {site} tag: {raw!r}")
+            existing = session.exec(select(Character).where(Character.site == site, Character.tag == tag)).first()
             if existing is None:
-                session.add(Character(tag=tag, extra_terms=extra_terms.strip(), ratings=ratings.strip()))
+                session.add(Character(site=site, tag=tag, extra_terms=extra_terms.strip(), ratings=ratings))
                 added.append(tag)
             elif (extra_terms, ratings) != ("", ""):
                 # re-adding with options updates them; a plain re-add changes nothing
-                existing.extra_terms, existing.ratings = extra_terms.strip(), ratings.strip()
+                existing.extra_terms, existing.ratings = extra_terms.strip(), ratings
                 updated.append(tag)
     return added, updated
 
 
-def remove_characters(tags: list[str]) -> list[str]:
+def remove_characters(tags: list[str], site: str = DEFAULT_SITE) -> list[str]:
     """Stops tracking; posts, files and other characters' links stay."""
     removed = []
     with session_scope() as session:
         for raw in tags:
             tag = normalize_tag(raw)
-            character = session.exec(select(Character).where(Character.tag == tag)).first()
+            character = session.exec(select(Character).where(Character.site == site, Character.tag == tag)).first()
             if character is None:
                 continue
             for link in session.exec(select(PostCharacter).where(PostCharacter.character_id == character.id)):
                 session.delete(link)
-            cursor = session.get(ScrapeCursor, tag)
+            cursor = session.get(ScrapeCursor, (site, tag))
             if cursor is not None:
                 session.delete(cursor)
             session.delete(character)
@@ -54,16 +70,17 @@ def remove_characters(tags: list[str]) -> list[str]:
 
 
 def list_characters() -> list[dict[str, Any]]:
-    with session_scope() as session:
+    with session_scope(readonly=True) as session:
         counts = dict(
             session.exec(
                 select(PostCharacter.character_id, func.count()).group_by(col(PostCharacter.character_id))
             ).all()
         )
         rows = []
-        for c in session.exec(select(Character).order_by(Character.tag)).all():
-            cursor = session.get(ScrapeCursor, c.tag)
+        for c in session.exec(select(Character).order_by(Character.site, Character.tag)).all():
+            cursor = session.get(ScrapeCursor, (c.site, c.tag))
             rows.append({
+                "site": c.site,
                 "tag": c.tag,
                 "extra_terms": c.extra_terms,
                 "ratings": c.ratings,

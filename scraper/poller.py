@@ -1,4 +1,4 @@
-"""The poll loop: every tracked tag, incrementally, through one client and one limiter.
+"""The poll loop: every tracked tag of every site, incrementally, through one client and limiter a site.
 
 Per tag, a cursor remembers the newest and oldest ids seen. The first sync walks back from the newest
 post page by page with `id:<OLDEST` (never deep `pid` values, which the site refuses) up to
@@ -22,6 +22,7 @@ from core.errors import WaifuError
 from core.http import USER_AGENT
 from core.logs import kv
 from core.settings import Settings
+from core.sites import DEFAULT_SITE
 from db.engine import session_scope
 from db.models import Character, ScrapeCursor, utcnow
 from scraper.client import ApiPost, BooruClient, Unusable
@@ -66,27 +67,28 @@ def _default_enqueue(ids: Iterable[int]) -> int:
 
 
 class TagPoller:
-    """Polls one tag; keeps its cursor in memory and saves it at the end."""
+    """Polls one tag on one site; keeps its cursor in memory and saves it at the end."""
 
     def __init__(self, client: BooruClient, character: Character, characters: list[Character],
                  settings: Settings, enqueue: Enqueue) -> None:
         self.client, self.character, self.characters = client, character, characters
         self.settings, self.enqueue = settings, enqueue
+        self.site = client.site.name
+        self.page_size = min(settings.page_size, client.site.max_page)  # what a full page holds on this site
         self.query = f"{character.tag} {character.extra_terms}".strip()
-        self.report = TagReport(character.tag)
+        self.report = TagReport(character.tag if self.site == DEFAULT_SITE else f"{self.site}:{character.tag}")
 
     async def _fetch(self, terms: str, limit: int | None = None) -> list[ApiPost]:
         unusable: list[Unusable] = []
-        posts = await self.client.fetch_posts(f"{self.query} {terms}".strip(), limit=limit,
+        posts = await self.client.fetch_posts(f"{self.query} {terms}".strip(), limit=limit or self.page_size,
                                               on_request=self._count_request, on_unusable=unusable.append)
         if unusable:
             await asyncio.to_thread(self._record_unusable, unusable)
         return posts
 
-    @staticmethod
-    def _record_unusable(unusable: list[Unusable]) -> None:
+    def _record_unusable(self, unusable: list[Unusable]) -> None:
         with session_scope() as session:
-            record_unusable(session, unusable)
+            record_unusable(session, self.site, unusable)
 
     def _count_request(self) -> None:
         self.report.requests += 1
@@ -99,7 +101,7 @@ class TagPoller:
 
     def _store_now(self, posts: list[ApiPost]) -> None:
         with session_scope() as session:
-            new_ids = upsert_posts(session, posts, self.characters)
+            new_ids = upsert_posts(session, self.site, posts, self.characters)
         self.enqueue(new_ids)  # only after the commit: a worker must find the row
         self.report.new += len(new_ids)
         self.report.seen += len(posts)
@@ -115,7 +117,7 @@ class TagPoller:
             await self._store(page)
             if page:
                 newest = max(newest, max(p.id for p in page))
-            if len(raw) < self.settings.page_size or not page:
+            if len(raw) < self.page_size or not page:
                 break
             upper = min(p.id for p in page)
         cursor.newest_id = newest  # advanced only once the whole gap is stored
@@ -137,7 +139,7 @@ class TagPoller:
                 ids = [p.id for p in page]
                 cursor.oldest_id = min(ids)
                 cursor.newest_id = max(cursor.newest_id or 0, max(ids))
-            if len(raw) < self.settings.page_size or not page:
+            if len(raw) < self.page_size or not page:
                 break
         cursor.backfill_done = True
         if cursor.newest_id is None:
@@ -145,7 +147,8 @@ class TagPoller:
 
     async def poll(self) -> TagReport:
         with session_scope() as session:
-            cursor = session.get(ScrapeCursor, self.character.tag) or ScrapeCursor(tag=self.character.tag)
+            cursor = (session.get(ScrapeCursor, (self.site, self.character.tag))
+                      or ScrapeCursor(site=self.site, tag=self.character.tag))
         try:
             if cursor.newest_id is not None and cursor.backfill_done:
                 await self.catch_up(cursor)
@@ -157,38 +160,43 @@ class TagPoller:
         except WaifuError as exc:
             self.report.error = str(exc)
             cursor.last_error = str(exc)[:2000]
-            log.error(kv("poll failed", tag=self.character.tag, error=exc))
+            log.error(kv("poll failed", site=self.site, tag=self.character.tag, error=exc))
         finally:
             cursor.requests += self.report.requests
             cursor.last_poll_at = utcnow()
             with session_scope() as session:
                 session.merge(cursor)
-        log.info(kv("polled", tag=self.character.tag, new=self.report.new, seen=self.report.seen,
+        log.info(kv("polled", site=self.site, tag=self.character.tag, new=self.report.new, seen=self.report.seen,
                     requests=self.report.requests, newest=cursor.newest_id, error=self.report.error))
         return self.report
 
 
 async def poll_once(settings: Settings, enqueue: Enqueue | None = None,
-                    session: aiohttp.ClientSession | None = None, client: BooruClient | None = None) -> PollReport:
-    """One pass over every tracked character, all concurrently behind one limiter."""
-    with session_scope() as db:
-        characters = list(db.exec(select(Character).order_by(Character.tag)).all())
+                    session: aiohttp.ClientSession | None = None,
+                    clients: dict[str, BooruClient] | None = None) -> PollReport:
+    """One pass over every tracked character of every site, all concurrently; one client (and limiter) a site."""
+    with session_scope(readonly=True) as db:
+        characters = list(db.exec(select(Character).order_by(Character.site, Character.tag)).all())
     if not characters:
         log.warning(kv("nothing to poll", hint="add characters with `waifu characters add TAG`"))
         return PollReport()
-    if client is None:
+    if session is None:
         async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as http:
-            return await poll_once(settings, enqueue, http, BooruClient(http, settings))
-    pollers = [TagPoller(client, c, characters, settings, enqueue or _default_enqueue) for c in characters]
+            return await poll_once(settings, enqueue, http, clients)
+    clients = clients if clients is not None else {}
+    for site in {c.site for c in characters} - set(clients):
+        clients[site] = BooruClient(session, settings, settings.site(site))
+    pollers = [TagPoller(clients[c.site], c, characters, settings, enqueue or _default_enqueue) for c in characters]
     return PollReport(list(await asyncio.gather(*(p.poll() for p in pollers))))
 
 
 async def run_forever(settings: Settings, stop: asyncio.Event, enqueue: Enqueue | None = None) -> None:
-    """Polls every `poll_interval` seconds until `stop` is set; one limiter for the whole life."""
+    """Polls every `poll_interval` seconds until `stop` is set; one client (and limiter) a site for the whole
+    life."""
     async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as http:
-        client = BooruClient(http, settings)
+        clients: dict[str, BooruClient] = {}
         while not stop.is_set():
-            poll = asyncio.ensure_future(poll_once(settings, enqueue, http, client))
+            poll = asyncio.ensure_future(poll_once(settings, enqueue, http, clients))
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({poll, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if not poll.done():

@@ -1,4 +1,5 @@
-"""Idempotent upsert of listed posts: one row per safebooru id, linked to every tracked tag it carries."""
+"""Idempotent upsert of listed posts: one row per (site, remote id), linked to every tracked character of
+that site whose tag it carries."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from db.models import Character, Post, PostCharacter, PostState
 from db.states import log as transition_log
 from scraper.client import ApiPost, Unusable
 
+# a listed file already held by a post in one of these states is a repost; a failed one gives it up
 ACTIVE_STATES = (PostState.discovered, PostState.downloaded, PostState.detected, PostState.done)
 
 log = logging.getLogger("waifu.scraper.store")
 
 
-def _skip_reason(api: ApiPost, linked: list[Character], original: int | None) -> str | None:
+def _skip_reason(api: ApiPost, linked: list[Character], original: Post | None) -> str | None:
     if original is not None:
-        return f"duplicate of post {original} (same md5 {api.md5})"
+        return f"duplicate of {original.label} (same md5 {api.md5})"
     filters = [c.rating_set for c in linked if c.rating_set]
     # a post is kept if any linked character without a filter, or whose filter admits its rating, wants it
     if linked and len(filters) == len(linked) and all(api.rating.lower() not in f for f in filters):
@@ -27,62 +29,67 @@ def _skip_reason(api: ApiPost, linked: list[Character], original: int | None) ->
     return None
 
 
-def upsert_posts(session: Session, posts: list[ApiPost], characters: list[Character]) -> list[int]:
-    """Inserts new posts and links; returns the ids of new posts that need a download."""
-    by_tag = {c.tag: c for c in characters}
+def upsert_posts(session: Session, site: str, posts: list[ApiPost], characters: list[Character]) -> list[int]:
+    """Inserts new posts of `site` and their links; returns the ids of new posts that need a download."""
+    by_tag = {c.tag: c for c in characters if c.site == site}
     unique = {p.id: p for p in posts}  # the same post twice on one page counts once
     if not unique:
         return []
-    existing = {p.id: p for p in session.exec(select(Post).where(col(Post.id).in_(list(unique))))}
+    existing = {p.remote_id: p for p in session.exec(
+        select(Post).where(Post.site == site, col(Post.remote_id).in_(list(unique))))}
     links = {
         (link.post_id, link.character_id)
-        for link in session.exec(select(PostCharacter).where(col(PostCharacter.post_id).in_(list(unique))))
+        for link in session.exec(select(PostCharacter).where(
+            col(PostCharacter.post_id).in_([p.id for p in existing.values()])))
     }
-    md5s = {p.md5 for p in unique.values()}
+    # the same file from any site is one picture: md5 decides, whatever the site
     originals = {
-        row.md5: row.id
+        row.md5: row
         for row in session.exec(
-            select(Post).where(col(Post.md5).in_(list(md5s)), col(Post.state).in_(ACTIVE_STATES)).order_by(Post.id)
+            select(Post).where(col(Post.md5).in_(list({p.md5 for p in unique.values()})),
+                               col(Post.state).in_(ACTIVE_STATES)).order_by(Post.id)
         )
-        if row.id not in unique
+        if not (row.site == site and row.remote_id in unique)
     }
 
     to_download: list[int] = []
-    new_links: list[PostCharacter] = []
+    new_links: list[tuple[Post, Character]] = []
     for api in sorted(unique.values(), key=lambda p: p.id):
         linked = [by_tag[t] for t in api.tags.split() if t in by_tag]
         row = existing.get(api.id)
         if row is None:
             reason = _skip_reason(api, linked, originals.get(api.md5))
             row = Post(
-                id=api.id, md5=api.md5, file_url=api.file_url, image=api.image, directory=api.directory,
-                width=api.width, height=api.height, rating=api.rating, score=api.score, tags=api.tags,
-                source=api.source, change=api.change,
+                site=site, remote_id=api.id, md5=api.md5, file_url=api.file_url, image=api.image,
+                directory=api.directory, width=api.width, height=api.height, rating=api.rating, score=api.score,
+                tags=api.tags, source=api.source, change=api.change,
                 state=PostState.skipped if reason else PostState.discovered, reason=reason,
-                duplicate_of=originals.get(api.md5) if reason and "duplicate" in reason else None,
+                duplicate_of=originals[api.md5].id if reason and "duplicate" in reason else None,
             )
             session.add(row)
-            transition_log.info(kv("transition", post=api.id, frm="new", to=row.state, reason=reason))
+            session.flush()  # its id: links, logs and later reposts on this page refer to it
+            transition_log.info(kv("transition", post=row.id, site=site, remote=api.id, frm="new", to=row.state,
+                                   reason=reason))
             if reason is None:
-                to_download.append(api.id)
-                originals.setdefault(api.md5, api.id)  # a repost later on the same page is a duplicate
+                to_download.append(row.id)
+                originals.setdefault(api.md5, row)  # a repost later on the same page is a duplicate
         else:
             # what may change on the site; the state belongs to the pipeline
             row.tags, row.score, row.rating, row.change = api.tags, api.score, api.rating, api.change
-        for character in linked:
-            if (api.id, character.id) not in links:
-                new_links.append(PostCharacter(post_id=api.id, character_id=character.id))
-                links.add((api.id, character.id))
-    session.flush()  # posts first: the links reference them
-    session.add_all(new_links)
+        new_links += [(row, character) for character in linked if (row.id, character.id) not in links]
+    session.add_all(PostCharacter(post_id=row.id, character_id=character.id) for row, character in new_links)
     session.flush()
     return to_download
 
 
-def record_unusable(session: Session, entries: list[Unusable]) -> None:
+def record_unusable(session: Session, site: str, entries: list[Unusable]) -> None:
     """A listed entry the API described too badly to use becomes a `failed` row, so status shows it."""
     for entry in entries:
-        if entry.id is None or session.get(Post, entry.id) is not None:
+        if entry.id is None or session.exec(
+                select(Post.id).where(Post.site == site, Post.remote_id == entry.id)).first() is not None:
             continue
-        session.add(Post(id=entry.id, md5="", file_url="", state=PostState.failed, reason=entry.reason))
-        transition_log.info(kv("transition", post=entry.id, frm="new", to=PostState.failed.value, reason=entry.reason))
+        row = Post(site=site, remote_id=entry.id, md5="", file_url="", state=PostState.failed, reason=entry.reason)
+        session.add(row)
+        session.flush()
+        transition_log.info(kv("transition", post=row.id, site=site, remote=entry.id, frm="new",
+                               to=PostState.failed.value, reason=entry.reason))

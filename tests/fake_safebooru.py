@@ -7,6 +7,7 @@ double slash (`//images/...`); `score` is null; XML carries the total in `<posts
 capped at 100; deep `pid` values are refused; metatags `id:>N`, `id:<N`, `-tag`, `rating:x`,
 `sort:id:asc` work. Faults can be injected per API request (`api_faults`) and per file (`FakePost.fault`).
 Every request is recorded with its arrival time (`requests`), so tests can check politeness.
+Set `credentials` and `gelbooru_json` and the same server speaks as gelbooru does (a second site).
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class FakeSafebooru:
     file_hits: dict[int, int] = field(default_factory=dict)
     offsite_url: str = "http://evil.example.invalid/x.jpg"
     slow_seconds: float = 20.0
+    # a gelbooru-like site: the API refuses requests without these (api_key, user_id), and wraps its JSON
+    credentials: tuple[str, str] | None = None
+    gelbooru_json: bool = False
     _runner: web.AppRunner | None = None
     base_url: str = ""
 
@@ -134,6 +138,10 @@ class FakeSafebooru:
         q = request.query
         if q.get("page") != "dapi" or q.get("s") != "post" or q.get("q") != "index":
             return web.Response(status=404, text="not found")
+        if self.credentials and (q.get("api_key"), q.get("user_id")) != self.credentials:
+            # gelbooru's answer to anonymous or wrong API requests
+            return web.Response(status=401, text="Missing authentication. Go to api access credentials on your "
+                                                 "account profile page to find your API credentials.")
         if self.api_faults:
             fault = self.api_faults.popleft()
             if fault == "429":
@@ -156,7 +164,11 @@ class FakeSafebooru:
             if not page:
                 # the real API answers an empty body, not "[]", when nothing matches
                 return web.Response(status=200, body=b"", content_type="application/json")
-            return web.Response(text=json.dumps([self._json(p) for p in page]), content_type="application/json")
+            entries = [self._json(p) for p in page]
+            if self.gelbooru_json:  # gelbooru wraps the list and counts the matches
+                body = {"@attributes": {"limit": limit, "offset": pid * limit, "count": len(matches)}, "post": entries}
+                return web.Response(text=json.dumps(body), content_type="application/json")
+            return web.Response(text=json.dumps(entries), content_type="application/json")
         rows = "".join(self._xml(p) for p in page)
         head = f'<?xml version="1.0" encoding="UTF-8"?><posts count="{len(matches)}" offset="{pid * limit}">'
         xml = f"{head}{rows}</posts>"

@@ -63,9 +63,11 @@ def all_settled(expected: int) -> Callable[[], bool]:
 
 
 def character_links() -> dict[int, set[str]]:
+    """Tracked tags per post, by the site's own post id (the fake's ids)."""
     with session_scope() as session:
         rows = session.exec(
-            select(PostCharacter.post_id, Character.tag).join(Character, Character.id == PostCharacter.character_id)
+            select(Post.remote_id, Character.tag).join(PostCharacter, PostCharacter.post_id == Post.id)
+            .join(Character, Character.id == PostCharacter.character_id)
         ).all()
     links: dict[int, set[str]] = {}
     for post_id, tag in rows:
@@ -99,7 +101,7 @@ async def test_full_run_downloads_every_image_once(fake: FakeSafebooru, service_
     settings_data = Path(service_env["WAIFU_DATA_DIR"])
     links = character_links()
     with session_scope() as session:
-        rows = {p.id: p for p in session.exec(select(Post)).all()}
+        rows = {p.remote_id: p for p in session.exec(select(Post)).all()}
     originals: dict[str, int] = {}
     for fp in posts:
         originals.setdefault(fp.md5, fp.id)
@@ -108,7 +110,7 @@ async def test_full_run_downloads_every_image_once(fake: FakeSafebooru, service_
         expected_tags = {t for t in fp.tags.split() if t in tags}
         assert links[fp.id] == expected_tags
         if originals[fp.md5] != fp.id:  # the set holds one real repost (takimoto_hifumi 3.jpg = 11.jpg)
-            assert row.state == PostState.skipped and row.duplicate_of == originals[fp.md5]
+            assert row.state == PostState.skipped and row.duplicate_of == rows[originals[fp.md5]].id
             assert fake.file_hits.get(fp.id, 0) == 0
             continue
         assert row.state == PostState.done, (fp.id, row.state, row.reason)

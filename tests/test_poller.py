@@ -37,8 +37,15 @@ def new_post(fake: FakeSafebooru, tags: str, seed: str, **kw) -> FakePost:
 
 
 def rows() -> dict[int, Post]:
+    """Posts by the site's own id (the fake's ids); `row.id` is ours."""
     with session_scope() as session:
-        return {p.id: p for p in session.exec(select(Post)).all()}
+        return {p.remote_id: p for p in session.exec(select(Post)).all()}
+
+
+def queued(redis_client) -> list[int]:
+    """The site ids of the posts whose download is queued."""
+    ours = {p.id: remote for remote, p in rows().items()}
+    return sorted(ours[i] for i in queued_ids(redis_client))
 
 
 async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru, redis_client) -> None:
@@ -59,8 +66,8 @@ async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru
     for p in sorted(published, key=lambda p: p.id):
         originals.setdefault(p.md5, p.id)
     assert report.new == len(originals) == len(published) - 1
-    assert rows()[repost.id].state == PostState.skipped and rows()[repost.id].duplicate_of == original.id
-    assert queued_ids(redis_client) == sorted(originals.values())
+    assert rows()[repost.id].state == PostState.skipped and rows()[repost.id].duplicate_of == rows()[original.id].id
+    assert queued(redis_client) == sorted(originals.values())
     listed = {t: sum(t in p.tags.split() for p in published) for t in tags}
     assert min(listed.values()) > 20, "every tag needs more than one page here"
     # at 20 a page: the full pages, then the short one that ends the walk back (26/23/21 posts: 2 each),
@@ -75,7 +82,7 @@ async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru
     fake.requests.clear()
     report = await poll_once(scrape_env)
     assert report.new == 5
-    assert queued_ids(redis_client) == sorted(p.id for p in fresh)
+    assert queued(redis_client) == sorted(p.id for p in fresh)
     assert len(fake.api_requests()) == len(tags)
     assert all("id:>" in r.query["tags"] for r in fake.api_requests())
 
@@ -99,7 +106,7 @@ async def test_catch_up_pages_through_a_large_gap(scrape_env, fake: FakeSafeboor
     redis_client.delete("io")
     report = await poll_once(scrape_env)
     assert report.new == 45 and report.tags[0].requests == 3
-    assert queued_ids(redis_client) == sorted(p.id for p in burst)
+    assert queued(redis_client) == sorted(p.id for p in burst)
 
 
 async def test_backfill_is_bounded(scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,11 +125,11 @@ async def test_post_under_two_tags_is_one_row_with_two_links(scrape_env, fake: F
     new_post(fake, "maki", "only_maki")
     report = await poll_once(scrape_env)
     assert report.new == 2
-    assert sorted(queued_ids(redis_client)) == sorted(rows())  # the shared post is enqueued once
+    assert queued(redis_client) == sorted(rows())  # the shared post is enqueued once
     with session_scope() as session:
         tags = session.exec(
             select(Character.tag).join(PostCharacter, PostCharacter.character_id == Character.id)
-            .where(PostCharacter.post_id == both.id)
+            .where(PostCharacter.post_id == rows()[both.id].id)
         ).all()
     assert sorted(tags) == ["maki", "riko"]
 
@@ -138,9 +145,9 @@ async def test_rating_filter_and_reposts_are_skipped_with_reasons(scrape_env, fa
     assert by_id[original.id].state == PostState.discovered
     assert by_id[racy.id].state == PostState.skipped and "rating 'questionable' filtered" in by_id[racy.id].reason
     assert by_id[repost.id].state == PostState.skipped
-    assert by_id[repost.id].reason.startswith(f"duplicate of post {original.id}")
-    assert by_id[repost.id].duplicate_of == original.id
-    assert queued_ids(redis_client) == [original.id]
+    assert by_id[repost.id].reason.startswith(f"duplicate of safebooru post {original.id}")
+    assert by_id[repost.id].duplicate_of == by_id[original.id].id
+    assert queued(redis_client) == [original.id]
 
 
 async def test_api_failure_of_one_poll_is_recorded_and_recovers(scrape_env, fake: FakeSafebooru,
@@ -153,7 +160,7 @@ async def test_api_failure_of_one_poll_is_recorded_and_recovers(scrape_env, fake
     report = await poll_once(get_settings())
     assert "malformed JSON" in report.errors[0]
     with session_scope() as session:
-        cursor = session.get(ScrapeCursor, "maki")
+        cursor = session.get(ScrapeCursor, ("safebooru", "maki"))
         assert "malformed JSON" in cursor.last_error and cursor.requests == 2
     assert rows() == {}
     report = await poll_once(get_settings())  # the API is fine again: nothing was lost
@@ -195,6 +202,6 @@ async def test_unusable_entries_become_failed_rows(scrape_env, fake: FakeSafeboo
     good = new_post(fake, "maki", "good")
     bad = new_post(fake, "maki", "bad", announced_md5="zzz")
     report = await poll_once(scrape_env)
-    assert report.new == 1 and queued_ids(redis_client) == [good.id]
+    assert report.new == 1 and queued(redis_client) == [good.id]
     row = rows()[bad.id]
     assert row.state == PostState.failed and "not an md5" in row.reason

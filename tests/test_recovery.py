@@ -66,6 +66,12 @@ def store_downloaded(post_id: int, data: bytes) -> int:
     return post_id
 
 
+def listed(remote_id: int, site: str = "safebooru") -> int:
+    """Our id of the post the site lists as `remote_id`."""
+    with session_scope(readonly=True) as session:
+        return session.exec(select(Post.id).where(Post.site == site, Post.remote_id == remote_id)).one()
+
+
 def post(post_id: int) -> Post:
     with session_scope(readonly=True) as session:  # a reader never waits for SQLite's write lock
         return session.get(Post, post_id)
@@ -170,18 +176,19 @@ async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_
     store_downloaded(7002, slow_to_detect(7, side=900))
     assert (await run_cli(env, "characters", "add", "nishikino_maki"))[0] == 0
     assert (await run_cli(env, "scrape", "--once"))[0] == 0
+    slow = listed(slow_file.id)
 
     first = start_logged(celery_worker("io,cpu", 2), env, tmp_path / "first.log")
     from worker.app import app
 
     app.send_task(STEPS["detect"].task, args=[7002])
     try:
-        await wait_for(lambda: claimed(slow_file.id, PostState.discovered) and claimed(7002, PostState.downloaded),
+        await wait_for(lambda: claimed(slow, PostState.discovered) and claimed(7002, PostState.downloaded),
                        120, "a download and a detection under way")
     finally:
         killed_at = time.monotonic()
         stop(first, signal.SIGKILL)  # the whole worker, pool processes included, mid-download and mid-detection
-    assert claimed(slow_file.id, PostState.discovered) and claimed(7002, PostState.downloaded), \
+    assert claimed(slow, PostState.discovered) and claimed(7002, PostState.downloaded), \
         "the kill must land while both rows are being worked on"
 
     second = start_logged(celery_worker("io,cpu", 2), env, tmp_path / "second.log")
@@ -189,7 +196,7 @@ async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_
     try:
         # stated recovery: a dead worker's claim runs out after WAIFU_CLAIM_TIMEOUT, the next reconcile
         # (every WAIFU_RECONCILE_INTERVAL) re-enqueues the row; then the step itself runs again
-        await wait_for(lambda: post(slow_file.id).state == PostState.done and post(7002).state == PostState.done,
+        await wait_for(lambda: post(slow).state == PostState.done and post(7002).state == PostState.done,
                        240, "both rows to finish after the kill")
         recovered_in = time.monotonic() - killed_at
     finally:
@@ -210,13 +217,13 @@ async def test_an_original_that_fails_hands_its_repost_over(fake: FakeSafebooru,
     add_characters(["sakurauchi_riko"])
     assert (await run_cli(env, "scrape", "--once"))[0] == 0
     with session_scope() as session:
-        rows = {p.id: p for p in session.exec(select(Post)).all()}
-    assert rows[repost.id].state == PostState.skipped and rows[repost.id].duplicate_of == original.id
+        rows = {p.remote_id: p for p in session.exec(select(Post)).all()}
+    assert rows[repost.id].state == PostState.skipped and rows[repost.id].duplicate_of == rows[original.id].id
 
     start_worker(extra_env={"WAIFU_SAFEBOORU_URL": fake.base_url})
-    await wait_for(lambda: post(repost.id).state == PostState.done, 240, "the repost to be collected")
-    failed, collected = post(original.id), post(repost.id)
+    await wait_for(lambda: post(rows[repost.id].id).state == PostState.done, 240, "the repost to be collected")
+    failed, collected = post(rows[original.id].id), post(rows[repost.id].id)
     assert failed.state == PostState.failed and "redirect to disallowed host" in failed.reason
     assert collected.duplicate_of is None and collected.stored_path
-    assert collected.reason is None or "original post 8001 failed" in collected.reason
+    assert collected.reason is None or "original safebooru post 8001 failed" in collected.reason
     assert fake.file_hits[repost.id] == 1

@@ -49,14 +49,16 @@ class ClassicalConfig:
 
 # --------------------------------------------------------------------------------- images ----
 def load_image(path: str | Path, size: int = 96) -> np.ndarray:
-    """One RGB uint8 array of size x size (faces from the pipeline already are 96x96)."""
+    """One RGB uint8 array of size x size (faces from the pipeline already are 96x96). Through the shared
+    loader: a face folder may hold crops from elsewhere (CMYK, 16-bit, EXIF-rotated), read as predict reads."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+    from core.images import open_image
+
+    im = open_image(path)
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def load_images(paths: Sequence[str | Path], size: int = 96) -> np.ndarray:

@@ -57,21 +57,30 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Alembic revision")]
 
 
 # ----------------------------------------------------------------------------- characters ----
+SITE_OPTION = typer.Option(help="Gelbooru-0.2 site the tags belong to (see core/sites.py)")
+
+
 @characters_app.command("add")
 def characters_add(
-    tags: Annotated[list[str], typer.Argument(help="safebooru character tags, e.g. nishikino_maki")],
+    tags: Annotated[list[str], typer.Argument(help="character tags of the site, e.g. nishikino_maki")],
     extra: Annotated[str, typer.Option(help="Extra search terms, e.g. '-animated -comic'")] = "",
-    ratings: Annotated[str, typer.Option(help="Ratings to keep, comma separated (default: all)")] = "",
+    ratings: Annotated[str, typer.Option(help="Ratings to keep, comma separated, in the site's words (default: all)")]
+    = "",
+    site: Annotated[str, SITE_OPTION] = "safebooru",
 ) -> None:
     """Track characters; the next poll starts collecting them."""
     from scraper.characters import add_characters
 
     _ensure_db()
-    added, updated = add_characters(tags, extra_terms=extra, ratings=ratings)
+    try:
+        added, updated = add_characters(tags, extra_terms=extra, ratings=ratings, site=site)
+    except ValueError as exc:  # an unknown site, a rating word the site does not use, a tag that is a query
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
     for tag in added:
-        console.print(f"[green]added[/green] {tag}")
+        console.print(f"[green]added[/green] {tag} ({site})")
     for tag in updated:
-        console.print(f"[yellow]updated[/yellow] {tag}")
+        console.print(f"[yellow]updated[/yellow] {tag} ({site})")
 
 
 @characters_app.command("list")
@@ -85,23 +94,26 @@ def characters_list(as_json: Annotated[bool, typer.Option("--json", help="Machin
         print(json.dumps(rows, indent=2))
         return
     table = Table(title="tracked characters")
-    for column in ("tag", "extra terms", "ratings", "posts", "newest id", "last poll"):
+    for column in ("site", "tag", "extra terms", "ratings", "posts", "newest id", "last poll"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["tag"], r["extra_terms"], r["ratings"] or "all", str(r["posts"]),
+        table.add_row(r["site"], r["tag"], r["extra_terms"], r["ratings"] or "all", str(r["posts"]),
                       str(r["newest_id"] or "-"), r["last_poll_at"] or "never")
     console.print(table)
 
 
 @characters_app.command("remove")
-def characters_remove(tags: Annotated[list[str], typer.Argument(help="tags to stop tracking")]) -> None:
+def characters_remove(
+    tags: Annotated[list[str], typer.Argument(help="tags to stop tracking")],
+    site: Annotated[str, SITE_OPTION] = "safebooru",
+) -> None:
     """Stop tracking characters (their posts and files stay)."""
-    from scraper.characters import remove_characters
+    from scraper.characters import normalize_tag, remove_characters
 
     _ensure_db()
-    removed = remove_characters(tags)
+    removed = remove_characters(tags, site=site)
     for tag in tags:
-        console.print(f"[red]removed[/red] {tag}" if tag in removed else f"not tracked: {tag}")
+        console.print(f"[red]removed[/red] {tag}" if normalize_tag(tag) in removed else f"not tracked: {tag}")
     if not removed:
         raise typer.Exit(1)
 

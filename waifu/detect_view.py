@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import track
 from rich.table import Table
 
@@ -18,36 +19,43 @@ def detect_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, de
     from core.images import open_image
     from detect.annotate import annotate
     from detect.detectors import find_faces, pin_opencv_threads
+    from waifu.annotated import output_path, prepare
 
     pin_opencv_threads()
     results = []
+    written: set[str] = set()
     if annotate_dir:
-        annotate_dir.mkdir(parents=True, exist_ok=True)
+        prepare(annotate_dir)
+
+    def done(entry: dict) -> None:
+        results.append(entry)
+        if as_json:  # a line per file as soon as it is known: a long batch shows progress to a pipe
+            print(json.dumps(entry), flush=True)
+
     for path in track(paths, description="detecting", console=console, disable=as_json or len(paths) < 3):
         try:
             image = open_image(path, max_pixels)
         except Refused as exc:
-            results.append({"path": str(path), "error": str(exc), "faces": []})
+            done({"path": str(path), "error": str(exc), "faces": []})
             continue
         detections = find_faces(image, detector)
         faces = [{"box": [d.x, d.y, d.w, d.h], "detector": d.detector,
                   "score": None if d.score is None else round(float(d.score), 4)} for d in detections]
         entry = {"path": str(path), "width": image.width, "height": image.height, "faces": faces}
         if annotate_dir:
-            out = annotate_dir / f"{path.stem}.annotated.png"
+            out = output_path(annotate_dir, path, "annotated", written)
             annotate(image, detections).save(out)
             entry["annotated"] = str(out)
-        results.append(entry)
+        done(entry)
     if as_json:
-        for entry in results:
-            print(json.dumps(entry))
         return results
     table = Table(title=f"faces found ({detector})")
-    for column in ("image", "faces", "boxes (x, y, w, h) detector score"):
+    table.add_column("image", overflow="fold")  # the whole path: a cut one does not say which file it was
+    for column in ("faces", "boxes (x, y, w, h) detector score"):
         table.add_column(column)
     for entry in results:
         boxes = "\n".join(f"{tuple(f['box'])} {f['detector']} {f['score']}" for f in entry["faces"])
-        table.add_row(entry["path"], str(len(entry["faces"])) if "error" not in entry else "-",
-                      entry.get("error", boxes))
+        table.add_row(escape(entry["path"]), str(len(entry["faces"])) if "error" not in entry else "-",
+                      f"[red]{escape(entry['error'])}[/red]" if "error" in entry else boxes)
     console.print(table)
     return results

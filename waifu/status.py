@@ -15,6 +15,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from core.settings import Settings
+from core.sites import DEFAULT_SITE
 from db.engine import session_scope
 from db.models import Character, Face, FaceState, Post, PostCharacter, PostState, ScrapeCursor
 from worker.app import QUEUES
@@ -40,20 +41,25 @@ def queue_lengths(settings: Settings) -> dict[str, int | None]:
         return dict.fromkeys(QUEUES)
 
 
+def character_key(site: str, tag: str) -> str:
+    """A character as status shows it: the tag alone on the default site, `site:tag` on the others."""
+    return tag if site == DEFAULT_SITE else f"{site}:{tag}"
+
+
 def collect_status(settings: Settings) -> dict[str, Any]:
     with session_scope(readonly=True) as session:
         by_state = dict(session.exec(select(Post.state, func.count()).group_by(Post.state)).all())
         per_character: dict[str, dict[str, int]] = {}
         rows = session.exec(
-            select(Character.tag, Post.state, func.count())
+            select(Character.site, Character.tag, Post.state, func.count())
             .join(PostCharacter, PostCharacter.character_id == Character.id)
             .join(Post, Post.id == PostCharacter.post_id)
-            .group_by(Character.tag, Post.state)
+            .group_by(Character.site, Character.tag, Post.state)
         ).all()
-        for tag, state, count in rows:
-            per_character.setdefault(tag, {})[state] = count
-        for tag in session.exec(select(Character.tag)).all():
-            per_character.setdefault(tag, {})
+        for site, tag, state, count in rows:
+            per_character.setdefault(character_key(site, tag), {})[state] = count
+        for site, tag in session.exec(select(Character.site, Character.tag)).all():
+            per_character.setdefault(character_key(site, tag), {})
         reasons: Counter[str] = Counter()
         examples: dict[str, str] = {}
         failed_reasons = session.exec(
@@ -64,9 +70,10 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             reasons[category] += 1
             examples.setdefault(category, reason)
         faces = face_summary(session)
-        cursor_rows = session.exec(select(ScrapeCursor).order_by(ScrapeCursor.tag)).all()
+        cursor_rows = session.exec(select(ScrapeCursor).order_by(ScrapeCursor.site, ScrapeCursor.tag)).all()
         cursors = [
             {
+                "site": c.site,
                 "tag": c.tag,
                 "newest_id": c.newest_id,
                 "oldest_id": c.oldest_id,

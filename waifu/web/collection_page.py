@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.sites import DEFAULT_SITE, KNOWN_SITES
 from scraper.characters import add_characters, list_characters, remove_characters
 from waifu.status import collect_status
 from waifu.web.pictures import growth_chart
@@ -20,7 +21,8 @@ async def collection(request: Request) -> Response:
     settings = request.app.state.settings
     status = await run_in_threadpool(collect_status, settings)
     characters = await run_in_threadpool(list_characters)
-    return render(request, "collection.html", status=status, characters=characters)
+    return render(request, "collection.html", status=status, characters=characters, sites=list(KNOWN_SITES),
+                  default_site=DEFAULT_SITE)
 
 
 def growth(request: Request) -> Response:
@@ -35,11 +37,12 @@ async def add(request: Request) -> Response:
     form = await request.form()
     text = str(form.get("tags") or "")
     extra, ratings = str(form.get("extra") or "")[:500], str(form.get("ratings") or "")[:100]
+    site = str(form.get("site") or DEFAULT_SITE)
     tags = text.replace(",", " ").split()
     if not tags or len(text) > MAX_TAGS_TEXT:
-        raise refuse(400, "name one or more safebooru tags to track, e.g. nishikino_maki")
+        raise refuse(400, "name one or more tags to track, e.g. nishikino_maki")
     try:
-        added, updated = await run_in_threadpool(add_characters, tags, extra, ratings)
+        added, updated = await run_in_threadpool(add_characters, tags, extra, ratings, site)
     except ValueError as exc:
         raise refuse(400, str(exc)) from exc
     parts = [f"added {', '.join(added)}"] if added else []
@@ -50,9 +53,12 @@ async def add(request: Request) -> Response:
 async def remove(request: Request) -> Response:
     form = await request.form()
     tag = str(form.get("tag") or "").strip()
+    site = str(form.get("site") or DEFAULT_SITE)
     if not tag or len(tag) > 255:
         raise refuse(400, "name the tag to stop tracking")
-    removed = await run_in_threadpool(remove_characters, [tag])
+    if site not in KNOWN_SITES:
+        raise refuse(400, f"unknown site {site[:40]!r}")
+    removed = await run_in_threadpool(remove_characters, [tag], site)
     if not removed:
         raise refuse(404, f"not tracked: {tag}")
     return done(request, f"stopped tracking {tag} (its posts and faces stay)", "/collection")
