@@ -346,3 +346,40 @@ def test_the_loader_says_what_a_refused_file_is() -> None:
     for data, words in cases.items():
         with pytest.raises(Refused, match=re.escape(words)):
             open_image(data)
+
+
+# what each command needs, as the layout promises: detect neither broker nor database, predict no broker
+UNREACHABLE = {"WAIFU_BROKER_URL": "redis://127.0.0.1:1/0", "WAIFU_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"}
+LOADED = ("import sys, runpy; sys.argv = ['waifu', *sys.argv[1:]]\ncode = 0\n"
+          "try:\n    runpy.run_module('waifu.cli', run_name='__main__')\n"
+          "except SystemExit as exit:\n    code = exit.code\n"
+          "print('LOADED', sorted(m for m in ('celery', 'kombu', 'redis', 'sqlalchemy', 'sqlmodel', 'tensorflow')"
+          " if m in sys.modules), 'EXIT', code or 0, file=sys.stderr)\n")
+
+
+FIRST = next(iter(ILLUSTRATIONS))
+
+
+def loaded_modules(env: dict[str, str], *args: str | Path) -> tuple[str, list[str], int]:
+    """Runs the CLI in a process that reports which heavy or service modules it ever imported."""
+    result = subprocess.run([sys.executable, "-c", LOADED, *map(str, args)], env={**os.environ, **env},
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    match = re.search(r"LOADED \[(.*)\] EXIT (\d+)", result.stderr)
+    assert match, result.stderr[-3000:]
+    modules = [m.strip(" '") for m in match.group(1).split(",") if m.strip()]
+    return result.stdout, modules, int(match.group(2))
+
+
+def test_detect_runs_with_no_broker_and_no_database(detect_env, pictures) -> None:
+    out, modules, code = loaded_modules({**detect_env, **UNREACHABLE}, "detect", "--json",
+                                        pictures["rgb-jpeg", FIRST])
+    assert code == 0 and json.loads(out.splitlines()[0])["faces"], out
+    assert modules == [], f"waifu detect imported {modules}"
+
+
+def test_predict_runs_with_no_broker(model_env, pictures) -> None:
+    out, modules, code = loaded_modules({**model_env, "WAIFU_BROKER_URL": UNREACHABLE["WAIFU_BROKER_URL"]},
+                                        "predict", "--json", pictures["rgb-jpeg", FIRST])
+    assert code == 0, out
+    assert largest(json.loads(out.splitlines()[0])["faces"])["top"][0]["name"] == FIRST
+    assert not {"celery", "kombu", "redis"} & set(modules), f"waifu predict imported {modules}"
