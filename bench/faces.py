@@ -1,11 +1,23 @@
-"""Face benchmark on the raw illustrations of the test set (107 real ones, tests/testdata.py).
+"""Face benchmark on the illustrations of the test set (tests/testdata.py): the 107 of `raw/` and the 21 of
+`raw (unrecognized)/`, and two degraded copies of `raw/` (scaled to 15 % of each side: small faces; rotated
+35 degrees: tilted heads; detect/checked.py builds them).
 
-1. Per detector: share of images with a face, faces found, latency median and p90 (one process, one thread).
-2. Throughput of the cpu queue (real Celery worker processes: detect_faces + resize_face through Redis and
+1. Detection before vs after (issue 13), same files, same run, one process, one thread, each image timed
+   with both paths back to back: before = every pass on the full image (WAIFU_DETECTOR_MAX_PIXELS=0),
+   after = the defaults. Share of images with a face, faces, latency median / p90 / mean.
+2. Per detector at the defaults (full-size set).
+3. The face check (issue 11) on the hand-checked list, detect/checked_detections.csv: the defaults' own
+   detections matched to it (precision, images with a true face, with and without the check), and the
+   check alone on every checked row, with the shipped weights and leave-one-character-out (fitted on two
+   characters, judged on the third).
+4. Throughput of the cpu queue (real Celery worker processes: detect_faces + resize_face through Redis and
    SQLite) with 1 and 2 worker processes, against the notebook's sequential loop (lbpcascade, crop, resize,
    save, one file at a time) on the same files in the same run, printed as ratios.
 
-    python -m bench.faces [--skip-queue]
+    python -m bench.faces [--skip-queue] [--fit-check]
+
+--fit-check only fits the face check's weights on the whole checked list and prints them (for
+detect/verify.py), with the leave-one-character-out figures.
 """
 
 from __future__ import annotations
@@ -20,10 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+UNRECOGNIZED = "raw (unrecognized)"  # upstream folder: illustrations in which lbpcascade alone found nothing
+SETS = {"": "full size", "scaled15": "scaled to 15 %", "rot35": "rotated 35 degrees"}
 
 
 def images() -> list[Path]:
@@ -32,38 +47,238 @@ def images() -> list[Path]:
     return [p for _t, p in raw_images()]
 
 
-def detector_table(console, paths: list[Path]) -> None:  # noqa: ANN001
+def illustrations() -> list[tuple[str, Path]]:
+    """(upstream name, file) of every illustration: raw/ then raw (unrecognized)/."""
+    from tests.testdata import data_files, names_under, raw_names
+
+    names = raw_names() + sorted(names_under(UNRECOGNIZED))
+    return list(zip(names, data_files(names), strict=True))
+
+
+@dataclass
+class Run:
+    """One detection path over one set: per image, seconds and detections."""
+
+    seconds: list[float] = field(default_factory=list)
+    found: dict[str, list] = field(default_factory=dict)  # upstream name -> detections
+
+    def row(self) -> list[str]:
+        times = sorted(self.seconds)
+        hits = sum(1 for d in self.found.values() if d)
+        return [f"{hits / len(self.found):.1%}", str(sum(len(d) for d in self.found.values())),
+                f"{statistics.median(times):.3f}", f"{times[int(0.9 * (len(times) - 1))]:.3f}",
+                f"{statistics.mean(times):.3f}"]
+
+
+def timed(image, settings):  # noqa: ANN001, ANN201
+    from detect.detectors import find_faces
+
+    started = time.process_time()  # CPU time of this process: other work on the machine adds less noise
+    found = find_faces(image, "both", settings)
+    return time.process_time() - started, found
+
+
+def before_after(console, named: list[tuple[str, Path]]) -> dict[str, dict[str, Run]]:  # noqa: ANN001
+    """{variant: {"before": Run, "after": Run}}; both paths on each image back to back (same conditions)."""
+    from rich.progress import track
+
+    from core.images import open_image
+    from core.settings import Settings
+    from detect.checked import degraded
+
+    before = Settings(_env_file=None, detector_max_pixels=0)
+    after = Settings(_env_file=None)
+    runs = {v: {"before": Run(), "after": Run()} for v in SETS}
+    for name, path in track(named, description="before vs after", console=console, transient=True):
+        original = open_image(path)
+        for variant in SETS:
+            if variant and not name.startswith("raw/"):
+                continue  # degraded copies: of raw/ only, as measured before
+            image = degraded(original, variant)
+            for label, settings in (("before", before), ("after", after)):
+                seconds, found = timed(image, settings)
+                runs[variant][label].seconds.append(seconds)
+                runs[variant][label].found[name] = found
+    return runs
+
+
+def latency_table(console, runs: dict[str, dict[str, Run]]) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    from core.settings import Settings
+
+    pixels = Settings(_env_file=None).detector_max_pixels
+    table = Table(title=f"detection before vs after, same files, same run (1 thread, CPU s per image); after: "
+                        f"a working copy of at most {pixels:,} pixels, fallbacks on it")
+    for col in ("images", "path", "images with a face", "faces", "median s", "p90 s", "mean s"):
+        table.add_column(col, justify="left" if col in ("images", "path") else "right")
+    for variant, pair in runs.items():
+        for label in ("before", "after"):
+            run = pair[label]
+            table.add_row(f"{SETS[variant]} ({len(run.found)})", label, *run.row())
+    console.print(table)
+
+
+def detector_table(console, named: list[tuple[str, Path]]) -> None:  # noqa: ANN001
     from rich.progress import track
     from rich.table import Table
 
     from core.images import open_image
     from core.settings import Settings
-    from detect.detectors import find_faces, pin_opencv_threads
+    from detect.detectors import find_faces
 
-    pin_opencv_threads(1)
     variants = {
         "lbpcascade": ("lbpcascade", False),
         "animeface": ("animeface", False),
         "both (no fallbacks)": ("both", False),
         "both + fallbacks (default)": ("both", True),
     }
-    table = Table(title=f"face detection on the raw test set ({len(paths)} images, 1 thread)")
+    table = Table(title=f"face detection per detector, defaults ({len(named)} full-size illustrations, 1 thread)")
     for col in ("detector", "images with a face", "faces", "median s", "p90 s"):
         table.add_column(col, justify="right" if col != "detector" else "left")
-    loaded = [open_image(p) for p in paths]
+    loaded = [open_image(p) for _n, p in named]
     for name, (detector, fallbacks) in variants.items():
         settings = Settings(_env_file=None, detector_fallbacks=fallbacks)
         times, hits, faces = [], 0, 0
         for image in track(loaded, description=name, console=console, transient=True):
-            started = time.perf_counter()
+            started = time.process_time()
             found = find_faces(image, detector, settings)
-            times.append(time.perf_counter() - started)
+            times.append(time.process_time() - started)
             hits += bool(found)
             faces += len(found)
         times.sort()
-        table.add_row(name, f"{hits / len(paths):.1%}", str(faces), f"{statistics.median(times):.3f}",
+        table.add_row(name, f"{hits / len(loaded):.1%}", str(faces), f"{statistics.median(times):.3f}",
                       f"{times[int(0.9 * (len(times) - 1))]:.3f}")
     console.print(table)
+
+
+# ---------------------------------------------------------------------------- face check ----
+def checked_features(console) -> tuple[list, list[dict[str, float]]]:  # noqa: ANN001
+    """Every checked row and the face check's measurements of it."""
+    from rich.progress import track
+
+    from core.images import open_image
+    from detect import checked
+    from detect.verify import features
+    from tests.testdata import data_file
+
+    rows = checked.load()
+    values: dict[int, dict[str, float]] = {}
+    by_image: dict[tuple[str, str], list[int]] = {}
+    for i, row in enumerate(rows):
+        by_image.setdefault((row.file, row.variant), []).append(i)
+    for (file, variant), indices in track(sorted(by_image.items()), description="face check on the checked list",
+                                          console=console, transient=True):
+        image = checked.degraded(open_image(data_file(file)), variant)
+        for i in indices:
+            values[i] = features(image, rows[i].detection)
+    return rows, [values[i] for i in range(len(rows))]
+
+
+def leave_one_character_out(rows: list, values: list[dict[str, float]]) -> list[float]:
+    """Face probability of each row from weights fitted on the other characters' rows only."""
+    import numpy as np
+
+    from detect.verify import WEIGHTS
+
+    names = list(WEIGHTS)
+    x = np.array([[v[n] for n in names] for v in values])
+    y = np.array([r.is_face for r in rows], dtype=int)
+    characters = np.array([r.character for r in rows])
+    out = np.zeros(len(rows))
+    for character in sorted(set(characters)):
+        held = characters == character
+        out[held] = fit(x[~held], y[~held]).predict_proba(x[held])[:, 1]
+    return out.tolist()
+
+
+def fit(x, y):  # noqa: ANN001, ANN201
+    from sklearn.linear_model import LogisticRegression  # the `train` extra; only here, never at run time
+
+    return LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
+
+
+def judged(rows: list, probabilities: list[float], variant: str | None) -> tuple[int, int, int, int]:
+    """(faces kept, faces, not-faces kept, not-faces) at the shipped threshold."""
+    from detect.verify import THRESHOLD
+
+    picked = [(r, p) for r, p in zip(rows, probabilities, strict=True) if variant is None or r.variant == variant]
+    faces = [p for r, p in picked if r.is_face]
+    others = [p for r, p in picked if not r.is_face]
+    return (sum(p >= THRESHOLD for p in faces), len(faces), sum(p >= THRESHOLD for p in others), len(others))
+
+
+def check_tables(console, runs: dict[str, dict[str, Run]], named: list[tuple[str, Path]]) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    from core.images import open_image
+    from detect import checked
+    from detect.verify import check_faces, probability
+
+    rows, values = checked_features(console)
+    shipped = [probability(v) for v in values]
+    try:
+        held_out = leave_one_character_out(rows, values)
+    except ImportError:
+        held_out = None  # scikit-learn is in the `train` extra
+    table = Table(title=f"face check alone on the {len(rows)} hand-checked detections (detect/checked_detections.csv)")
+    for col in ("detections of", "weights", "faces kept", "not-faces kept", "precision"):
+        table.add_column(col, justify="left" if col in ("detections of", "weights") else "right")
+    for variant in (None, *SETS):
+        for label, probabilities in (("shipped (fitted on all)", shipped), ("leave one character out", held_out)):
+            if probabilities is None:
+                continue
+            kept, faces, wrong, others = judged(rows, probabilities, variant)
+            table.add_row("all" if variant is None else SETS[variant], label, f"{kept}/{faces} ({kept / faces:.1%})",
+                          f"{wrong}/{others}", f"{kept / max(1, kept + wrong):.1%}")
+    console.print(table)
+
+    # the defaults end to end: their own detections, matched to the checked list, with and without the check
+    files = dict(named)
+    table = Table(title="defaults end to end on the checked list: detections matched to their hand label")
+    for col in ("images", "check", "detections", "not in list", "not faces", "precision", "images with a true face"):
+        table.add_column(col, justify="left" if col in ("images", "check") else "right")
+    for variant, pair in runs.items():
+        run = pair["after"]
+        counts = {"off": [0, 0, 0, 0], "on": [0, 0, 0, 0]}  # detections, unmatched, not faces, images with a face
+        for name, found in run.found.items():
+            verdicts = None
+            if found:
+                image = checked.degraded(open_image(files[name]), variant)
+                verdicts = check_faces(image, found)
+            for mode in ("off", "on"):
+                kept = [d for i, d in enumerate(found) if mode == "off" or verdicts[i].face]
+                labels = [checked.match(rows, name, variant, d) for d in kept]
+                counts[mode][0] += len(kept)
+                counts[mode][1] += sum(m is None for m in labels)
+                counts[mode][2] += sum(m is not None and not m.is_face for m in labels)
+                counts[mode][3] += any(m is not None and m.is_face for m in labels)
+        for mode, (total, unmatched, wrong, hits) in counts.items():
+            matched = total - unmatched
+            table.add_row(f"{SETS[variant]} ({len(run.found)})", mode, str(total), str(unmatched), str(wrong),
+                          f"{(matched - wrong) / max(1, matched):.1%}", f"{hits / len(run.found):.1%}")
+    console.print(table)
+
+
+def fit_check(console) -> None:  # noqa: ANN001
+    """Fits the face check's weights on every checked row; prints them for detect/verify.py."""
+    import numpy as np
+
+    from detect.verify import WEIGHTS
+
+    rows, values = checked_features(console)
+    names = list(WEIGHTS)
+    model = fit(np.array([[v[n] for n in names] for v in values]), np.array([r.is_face for r in rows], dtype=int))
+    console.print("WEIGHTS = {")
+    for name, weight in zip(names, model.coef_[0], strict=True):
+        console.print(f'    "{name}": {weight:.2f},')
+    console.print("}")
+    console.print(f"BIAS = {model.intercept_[0]:.2f}")
+    held_out = leave_one_character_out(rows, values)
+    for variant in (None, *SETS):
+        kept, faces, wrong, others = judged(rows, held_out, variant)
+        console.print(f"leave one character out, {'all' if variant is None else SETS[variant]}: faces kept "
+                      f"{kept}/{faces}, not-faces kept {wrong}/{others}")
 
 
 def notebook_loop(paths: list[Path], out: Path) -> float:
@@ -139,18 +354,29 @@ def queue_run(paths: list[Path], workers: int, tmp: Path) -> tuple[float, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-queue", action="store_true", help="only the per-detector table")
+    parser.add_argument("--skip-queue", action="store_true", help="no cpu-queue throughput")
+    parser.add_argument("--fit-check", action="store_true", help="only fit and print the face check's weights")
     args = parser.parse_args()
     os.environ.setdefault("WAIFU_BROKER_URL", os.environ.get("WAIFU_BENCH_REDIS_URL", "redis://127.0.0.1:6379/11"))
     os.environ["WAIFU_LOG_LEVEL"] = "WARNING"
     from rich.console import Console
     from rich.table import Table
 
+    from detect.detectors import pin_opencv_threads
+
+    pin_opencv_threads(1)
     console = Console()
-    paths = images()
-    detector_table(console, paths)
+    if args.fit_check:
+        fit_check(console)
+        return 0
+    named = illustrations()
+    runs = before_after(console, named)
+    latency_table(console, runs)
+    detector_table(console, named)
+    check_tables(console, runs, named)
     if args.skip_queue:
         return 0
+    paths = images()
     tmp = Path(tempfile.mkdtemp(prefix="waifu-bench-faces-"))
     try:
         baseline = notebook_loop(paths, tmp / "notebook")

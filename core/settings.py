@@ -91,12 +91,16 @@ class Settings(BaseSettings):
     detector: str = Field("both", description="`animeface`, `lbpcascade` or `both`")
     lbpcascade_path: Path | None = Field(None, description="Local lbpcascade_animeface.xml (else download)")
     detector_max_pixels: int = Field(
-        500_000, ge=0, description="Detect on a copy of at most this many pixels, boxes mapped back (0: full size)"
+        250_000, ge=0, description="Detect on a copy of at most this many pixels, boxes mapped back (0: full size)"
     )
     detector_fallbacks: bool = Field(True, description="When nothing is found: retry upscaled, then rotated")
     detector_upscale: float = Field(2.0, ge=1, le=4, description="Upscale factor of the small-face fallback pass")
     detector_angles: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [-25.0, 25.0], description="Rotations (degrees) of the tilted-head fallback"
+    )
+    face_verify: bool = Field(
+        True, description="Check every detection again (detect.verify); the ones judged not a face are kept as "
+        "`filtered` faces with the reason, never cropped nor labelled"
     )
     face_size: int = Field(96, ge=16, le=1024, description="Side of the square face crops in pixels")
     face_margin: float = Field(0.2, ge=0, le=2, description="Crop margin around a face box, share of its side")
@@ -107,14 +111,23 @@ class Settings(BaseSettings):
 
     # --- training (retrain task) ---------------------------------------------------------------
     backbone_weights: str = Field(
-        "none", description="`imagenet` (Keras download, cached under the data dir), a weights file, or `none`"
+        "imagenet",
+        description="`imagenet` (Keras download cached under <data dir>/keras; when it cannot be had the retrain "
+        "trains from scratch and records why), a local no-top MobileNetV2 weights file, or `none`",
     )
     retrain_interval: float = Field(86400.0, gt=0, description="Seconds between two scheduled retrain checks")
     retrain_min_new_faces: int = Field(
         50, ge=0, description="Labelled faces that must arrive since the current model for a scheduled retrain"
     )
+    weak_labels: bool = Field(
+        True, description="After each retrain infer labels for ambiguous faces, before it doubt tag labels (train.weak)"
+    )
     train_epochs: int | None = Field(None, ge=1, description="Epochs of the CNN (default: the chosen design's)")
-    train_threads: int | None = Field(None, ge=1, description="TensorFlow threads (default: TensorFlow's choice)")
+    train_threads: int | None = Field(None, ge=1, description="TensorFlow threads (default: 2)")
+    train_cnn_budget_s: float = Field(
+        100.0, ge=0, description="Seconds of CNN training a retrain aims at on 2 cores: its input size (64 or 48 px) "
+        "and epochs follow the number of faces (0: always the full 64 px, 15-epoch design)"
+    )
 
     # --- web page (`waifu web`) ------------------------------------------------------------------
     web_port: int = Field(

@@ -84,6 +84,7 @@ def crop_face(face_id: int, settings: Settings, token: str | None = None) -> Ste
         face.duplicate_of = original.id if original else None
         face.split = original.split if original and original.split else split_for(sha256, settings.test_fraction)
         if face.label_source != LabelSource.manual:
+            # post.faces counts the faces the check accepted: a filtered detection does not make it ambiguous
             face.label, face.label_source = label_for(tracked_tags(session, post.id), post.faces or 0)
         face.state, face.updated_at = FaceState.ready, utcnow()
         index_face(session, face)

@@ -15,7 +15,7 @@ def annotate(image: Image.Image, detections: list[Detection], labels: list[str] 
     draw = ImageDraw.Draw(out)
     thickness = max(2, round(max(out.size) / 300))
     for i, det in enumerate(detections):
-        colour = BOX_COLOURS.get(det.detector, (255, 200, 0))
+        colour = BOX_COLOURS.get(det.detector.split("@")[0], (255, 200, 0))  # "@rot-25": a fallback pass
         draw.rectangle([det.x, det.y, det.x + det.w, det.y + det.h], outline=colour, width=thickness)
         text = labels[i] if labels and i < len(labels) else det.detector
         if det.score is not None and not labels:

@@ -1,6 +1,10 @@
 """The detect step on a post row: claim it, find the faces with no transaction open (seconds of CPU),
 then write one Face row per detection only if the post is still ours. A post in which no face is found
-ends `done` with faces=0; a file that cannot be read fails with the reason."""
+ends `done` with faces=0; a file that cannot be read fails with the reason.
+
+Detections the face check (detect.verify, WAIFU_FACE_VERIFY) judges not a face are kept as `filtered` Face
+rows with the reason: never cropped, labelled nor counted in the post's `faces` (so a post with one face and
+one filtered detection is a one-face post for the label rule), still visible in `waifu status`."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from core.logs import kv
 from core.outcome import StepOutcome
 from core.settings import Settings
 from db.claims import claim, new_token, peek, release, still_claimed
-from db.models import Face, Post, PostState
+from db.models import Face, FaceState, Post, PostState
 
 log = logging.getLogger("waifu.detect")
 
@@ -30,6 +34,7 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
     from crop.imaging import square_crop_box
     from db.states import transition
     from detect.detectors import find_faces, pin_opencv_threads
+    from detect.verify import check_faces
 
     pin_opencv_threads()
     token = token or new_token()
@@ -42,6 +47,7 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
             raise Refused("no stored file to detect faces in")
         image = open_image(settings.data_dir / post.stored_path, settings.max_image_pixels)
         detections = find_faces(image, settings.detector, settings)
+        verdicts = check_faces(image, detections, settings) if settings.face_verify else [None] * len(detections)
     except DetectorUnavailable as exc:
         # the machine's fault, not the image's: the row waits (reconcile retries it), it does not fail
         release(Post, post_id, token, f"waiting for the detector: {exc}")
@@ -62,13 +68,21 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
         if row is None:
             return _now_state(post_id)
         faces = [Face(post_id=row.id, detector=det.detector, score=det.score, x=det.x, y=det.y, w=det.w, h=det.h,
-                      crop_left=left, crop_top=top, crop_right=right, crop_bottom=bottom)
-                 for det, (left, top, right, bottom) in zip(detections, boxes, strict=True)]
+                      crop_left=left, crop_top=top, crop_right=right, crop_bottom=bottom,
+                      state=FaceState.detected if verdict is None or verdict.face else FaceState.filtered,
+                      reason=None if verdict is None or verdict.face else verdict.reason)
+                 for det, verdict, (left, top, right, bottom) in zip(detections, verdicts, boxes, strict=True)]
         session.add_all(faces)
-        row.faces = len(faces)
-        if faces:
+        accepted = [f for f in faces if f.state == FaceState.detected]
+        row.faces = len(accepted)  # the label rule counts faces, not detections
+        filtered = len(faces) - len(accepted)
+        if accepted:
             transition(row, PostState.detected)
+        elif filtered:
+            transition(row, PostState.done, f"no face found ({filtered} detection(s) judged not a face)")
         else:
             transition(row, PostState.done, "no face found")
+        if filtered:
+            log.info(kv("detections filtered", post=row.id, detections=len(faces), faces=len(accepted)))
         session.flush()
-        return StepOutcome(row.state, row.reason, next_ids=[f.id for f in faces], work=work)
+        return StepOutcome(row.state, row.reason, next_ids=[f.id for f in accepted], work=work)

@@ -16,7 +16,7 @@ from detect.annotate import annotate
 from detect.detectors import detect_animeface, detect_lbpcascade, find_faces, suppress
 from tests.testdata import raw_image, raw_images, raw_names
 
-# illustrations in which both detectors find a face (checked by hand with `waifu detect --annotate`)
+# illustrations in which both detectors find the face a person checked (detect/checked_detections.csv)
 KNOWN_FACES = ["nishikino_maki/1.png", "sakurauchi_riko/1.jpg", "takimoto_hifumi/1.jpg"]
 
 
@@ -52,13 +52,34 @@ def test_detection_rates_match_the_measured_figures(raw_detections: dict) -> Non
     assert union >= 0.98, union
 
 
+@pytest.fixture(scope="module")
+def checked_faces() -> dict[str, list]:
+    """upstream path -> the boxes a person marked as a face in detect/checked_detections.csv (no variant)."""
+    from detect.checked import load
+
+    faces: dict[str, list] = {}
+    for row in load():
+        if row.variant == "" and row.is_face:
+            faces.setdefault(row.file, []).append(row.detection)
+    return faces
+
+
 @pytest.mark.parametrize("name", KNOWN_FACES)
 @pytest.mark.parametrize("which", ["animeface", "lbpcascade"])
-def test_each_detector_really_finds_faces(settings: Settings, name: str, which: str) -> None:
-    """Fails loudly when a library pin breaks a detector silently (Pillow >= 12, OpenCV 5 wheels)."""
+def test_each_detector_really_finds_faces(settings: Settings, checked_faces: dict, name: str, which: str) -> None:
+    """Fails loudly when a library pin breaks a detector silently (Pillow >= 12, OpenCV 5 wheels), or when
+    its boxes land somewhere else than the face a person checked."""
+    from detect.checked import overlap_ratio
+
+    truth = checked_faces[f"raw/{name}"]
+    assert len(truth) == 1, f"{name} is a solo picture: one hand-checked face"
     image = to_rgb(Image.open(raw_image(name)))
     found = find_faces(image, which, Settings(_env_file=None, detector_fallbacks=False))
     assert found, f"{which} found no face on {name}: check the Pillow (<12) and OpenCV (4.x) pins"
+    # measured IoU with the checked face: animeface 0.78-0.99, the cascade (larger boxes) 0.46-0.68; a box
+    # one face-width (or half the picture) away shares nothing with it
+    for det in found:
+        assert overlap_ratio(det, truth[0]) >= 0.3, f"{which} box {det} on {name} is not the checked face {truth[0]}"
 
 
 def test_several_faces_yield_several_detections(settings: Settings) -> None:
@@ -127,3 +148,27 @@ def test_unknown_detector_is_refused(settings: Settings) -> None:
     with pytest.raises(ValueError, match="unknown detector"):
         find_faces(Image.new("RGB", (10, 10)), "yolo", settings)
 
+
+
+def test_reduced_working_copy_reports_boxes_in_the_original_pixels() -> None:
+    """WAIFU_DETECTOR_MAX_PIXELS: detection on a smaller copy, boxes mapped back onto the full image."""
+    from detect.checked import overlap_ratio
+
+    image = to_rgb(Image.open(raw_image(KNOWN_FACES[0])))
+    assert detect.work_factor(image, 100_000) < 0.5
+    full = find_faces(image, "both", Settings(_env_file=None, detector_max_pixels=0, detector_fallbacks=False))
+    reduced = find_faces(image, "both", Settings(_env_file=None, detector_max_pixels=100_000,
+                                                 detector_fallbacks=False))
+    assert full and reduced
+    assert max(overlap_ratio(a, b) for a in reduced for b in full) >= 0.6, (full, reduced)
+
+
+def test_small_face_is_found_by_the_cascade_on_an_upscaled_copy() -> None:
+    """The fallback for small faces looks at a larger copy of the original, with the cascade only."""
+    from detect.checked import degraded
+
+    image = degraded(to_rgb(Image.open(raw_image("nishikino_maki/4.jpg"))), "scaled15")
+    assert find_faces(image, "both", Settings(_env_file=None, detector_fallbacks=False)) == []
+    found = find_faces(image, "both", Settings(_env_file=None))
+    assert [d.detector for d in found] == ["lbpcascade@up"]
+    assert all(0 <= d.x < image.width and 0 <= d.y < image.height and d.w <= image.width for d in found)
