@@ -70,18 +70,26 @@ def main() -> int:
     dataset = load_dataset(train_items, size=96)
     result = train(dataset, TrainConfig(**overrides))
     train_s = time.perf_counter() - started
-    right, timings = 0, []
+    right, unknown, timings = 0, 0, []
     for tag, image in test_posts:
         t = time.perf_counter()
         faces = classify_image(result.classifier, image, settings)
         timings.append(time.perf_counter() - t)
         right += bool(faces) and faces[0]["top"][0]["name"] == tag
+        unknown += bool(faces) and faces[0]["name"] == "unknown"
     table = Table(title="waifu predict on held-out illustrations (raw test set, weights=none)")
-    for col in ("train faces", "test illustrations", "named right", "accuracy", "train s", "predict s/image"):
+    for col in ("train faces", "test illustrations", "best guess right", "accuracy", "said unknown", "train s",
+                "predict s/image (median)"):  # fmt: skip
         table.add_column(col, justify="right")
-    table.add_row(str(len(train_items)), str(len(test_posts)), str(right),
-                  f"{right / max(1, len(test_posts)):.1%}", f"{train_s:.0f}",
-                  f"{sorted(timings)[len(timings) // 2]:.2f}" if timings else "-")
+    table.add_row(
+        str(len(train_items)),
+        str(len(test_posts)),
+        str(right),
+        f"{right / max(1, len(test_posts)):.1%}",
+        str(unknown),
+        f"{train_s:.0f}",
+        f"{sorted(timings)[len(timings) // 2]:.2f}" if timings else "-",
+    )
     console.print(table)
     return 0
 

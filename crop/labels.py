@@ -3,7 +3,9 @@
 
 Every change is one `FaceLabelEvent` per face (state, label and label source before and after); the faces
 changed by one call share an action id, so a bulk action is undone as one. A manual label is `manual`,
-counts as trainable (train.registry) and never touches the split (a function of the crop's hash).
+counts as trainable (train.registry) and never touches the split (a function of the crop's hash). It replaces
+an inferred label and clears a tag label's doubt (train.weak): a person has looked at the face. Undo restores
+state, label and label source; a doubt comes back only if the next retrain's check finds it again.
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ def _apply(session: Session, labels: dict[int, str | None], faces: list[Face], o
             face.label, face.label_source = tag, LabelSource.manual
             if face.state == FaceState.rejected:
                 face.state = FaceState.ready if face.path else FaceState.detected
+        # a person decided: the model's doubt about the tag label and the inferred margin no longer apply
+        face.doubt, face.doubt_score, face.inferred_margin = None, None, None
         face.updated_at = now
         after = {suffix: getattr(face, attribute) for attribute, suffix in FIELDS}
         session.add(FaceLabelEvent(action=action.action, face_id=face.id, origin=origin, created_at=now,

@@ -144,6 +144,9 @@ class LabelSource(StrEnum):
     tag = "tag"  # the post names exactly one tracked character and holds exactly one face
     ambiguous = "ambiguous"  # several characters or several faces: kept, not trained on
     manual = "manual"  # set by `waifu faces label`
+    # train.weak: the current model picked this face as the post's tagged character with a clear margin
+    # over the post's other faces; recomputed after every retrain, trained on in the train split only
+    inferred = "inferred"
 
 
 class Split(StrEnum):
@@ -185,6 +188,12 @@ class Face(SQLModel, table=True):
     # the classifier's guess for ambiguous faces: a suggestion, never a label
     suggestion: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
     suggestion_score: float | None = None
+    # inferred labels (train.weak): the margin by which this face beat the post's other faces
+    inferred_margin: float | None = None
+    # a `tag` label a model trained without this face calls another character (train.weak): why, and that
+    # model's probability for the other character; never trained or evaluated on while set
+    doubt: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    doubt_score: float | None = None
     # who works on this row now (a task id) and until when (see db.claims)
     claim_token: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     claimed_until: datetime | None = None
@@ -219,6 +228,8 @@ class FaceLabelEvent(SQLModel, table=True):
 Index("ix_face_source_state_id", Face.__table__.c.label_source, Face.__table__.c.state, Face.__table__.c.id)
 Index("ix_face_suggestion", Face.__table__.c.suggestion)
 Index("ix_face_suggestion_score", Face.__table__.c.suggestion_score)
+# the faces grid's "doubtful" filter (migration 0007)
+Index("ix_face_doubt_score", Face.__table__.c.doubt_score)
 
 
 class FaceHashBand(SQLModel, table=True):

@@ -26,14 +26,15 @@ def load_current(settings: Settings | None = None):  # noqa: ANN201
     return current, load_artifacts(settings.data_dir / current.artifact_dir)
 
 
-def classify_image(classifier: Any, image: Image.Image, settings: Settings | None = None,
-                   k: int = 3) -> list[dict[str, Any]]:
-    """Every face of `image` (an RGB image from core.images.open_image) with its top-k names."""
+def classify_image(
+    classifier: Any, image: Image.Image, settings: Settings | None = None, k: int = 3
+) -> list[dict[str, Any]]:
+    """Every face of `image` (an RGB image from core.images.open_image): its name (or "unknown") and top-k."""
     import numpy as np
 
     from crop.imaging import crop_face, square_crop_box
     from detect.detectors import Detection, find_faces
-    from train.model import predict, top_k
+    from train.model import name_of, predict, top_k
 
     settings = settings or get_settings()
     detections = find_faces(image, settings.detector, settings)
@@ -41,13 +42,32 @@ def classify_image(classifier: Any, image: Image.Image, settings: Settings | Non
         detections = [Detection(0, 0, image.width, image.height, "whole-image", None)]
     if not detections:
         return []
-    crops = np.stack([
-        np.asarray(crop_face(image, square_crop_box(d, image.size, settings.face_margin)
-                             if d.detector != "whole-image" else (0, 0, image.width, image.height),
-                             size=settings.face_size))
-        for d in detections
-    ])
-    ranked = top_k(classifier, predict(classifier, crops), k=k)
-    return [{"box": [d.x, d.y, d.w, d.h], "detector": d.detector,
-             "top": [{"name": name, "p": round(float(p), 4)} for name, p in top]}
-            for d, top in zip(detections, ranked, strict=True)]
+    crops = np.stack(
+        [
+            np.asarray(
+                crop_face(
+                    image,
+                    square_crop_box(d, image.size, settings.face_margin)
+                    if d.detector != "whole-image"
+                    else (0, 0, image.width, image.height),
+                    size=settings.face_size,
+                )
+            )
+            for d in detections
+        ]
+    )
+    probabilities = predict(classifier, crops)
+    ranked = top_k(classifier, probabilities, k=k)
+    threshold = float(getattr(classifier, "threshold", 0.0))
+    # `name` is the answer: the best guess, or "unknown" when its probability is under the model's threshold
+    # (chosen at training time on held-out faces); `top` always shows the guesses and their probabilities
+    return [
+        {
+            "box": [d.x, d.y, d.w, d.h],
+            "detector": d.detector,
+            "name": name_of(classifier, row),
+            "threshold": round(threshold, 4),
+            "top": [{"name": name, "p": round(float(p), 4)} for name, p in top],
+        }
+        for d, row, top in zip(detections, probabilities, ranked, strict=True)
+    ]

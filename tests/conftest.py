@@ -25,6 +25,8 @@ TEST_POSTGRES_URL = os.environ.get("WAIFU_TEST_POSTGRES_URL", "postgresql://post
 os.environ["WAIFU_BROKER_URL"] = TEST_REDIS_URL
 os.environ.setdefault("WAIFU_LOG_LEVEL", "INFO")
 os.environ["WAIFU_EMBEDDED_REDIS"] = "false"
+# tests train from scratch (weights=none) on small real data: no ImageNet download, same result everywhere
+os.environ["WAIFU_BACKBONE_WEIGHTS"] = "none"
 
 import redis  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
@@ -98,6 +100,7 @@ def service_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         "WAIFU_API_BACKOFF": "0.05",
         "WAIFU_API_BACKOFF_MAX": "2",
         "WAIFU_DOWNLOAD_BACKOFF": "0.2",
+        "WAIFU_BACKBONE_WEIGHTS": "none",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

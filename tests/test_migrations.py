@@ -93,3 +93,48 @@ def test_sites_migration_goes_back_with_the_safebooru_rows(old_database: str) ->
         ids = sorted(row[0] for row in conn.execute(text("SELECT id FROM post")))
         faces = conn.execute(text("SELECT post_id FROM face")).all()
     assert ids == [4999999, 5000123, 5000124] and faces == [(5000123,)]
+
+
+BEFORE_WEAK_LABELS = "0006"
+
+
+def test_weak_labels_migration_adds_the_columns_and_goes_back_with_inferred_labels_ambiguous(
+        db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from alembic import command
+
+    from db.migrate import alembic_config
+
+    monkeypatch.setenv("WAIFU_DATABASE_URL", db_url)
+    monkeypatch.setenv("WAIFU_DATA_DIR", str(tmp_path / "data"))
+    reset_settings_cache()
+    upgrade(db_url, BEFORE_WEAK_LABELS)
+    with engine_for(db_url).begin() as conn:
+        conn.execute(text("INSERT INTO post (id, site, remote_id, md5, file_url, image, directory, rating, tags, "
+                          "source, state, attempts, created_at, updated_at) VALUES (7, 'safebooru', 7, :md5, "
+                          "'https://safebooru.org//images/1/x.jpg', 'x.jpg', '1', 'general', 'nishikino_maki', '', "
+                          "'done', 1, :now, :now)"), {"md5": "7" * 32, "now": NOW})
+        for label, source in (("nishikino_maki", "tag"), (None, "ambiguous")):
+            conn.execute(text(
+                "INSERT INTO face (post_id, detector, x, y, w, h, crop_left, crop_top, crop_right, crop_bottom, "
+                "state, label, label_source, split, created_at, updated_at) VALUES (7, 'animeface', 1, 2, 30, 30, 0, "
+                "0, 40, 40, 'ready', :label, :source, 'train', :now, :now)"),
+                {"label": label, "source": source, "now": NOW})
+    upgrade(db_url)
+    with session_scope() as session:
+        tagged, other = session.exec(select(Face).order_by(Face.id)).all()
+        assert (tagged.label, tagged.label_source, tagged.doubt, tagged.doubt_score) == ("nishikino_maki", "tag",
+                                                                                         None, None)
+        assert other.inferred_margin is None
+        tagged.doubt, tagged.doubt_score = "a model trained without this face calls it sakurauchi_riko", 0.93
+        other.label, other.label_source, other.inferred_margin = "nishikino_maki", "inferred", 0.7
+    command.downgrade(alembic_config(db_url), BEFORE_WEAK_LABELS)
+    with engine_for(db_url).connect() as conn:
+        rows = conn.execute(text("SELECT label, label_source FROM face ORDER BY id")).all()
+        columns = {c for (c,) in conn.execute(text(
+            "SELECT name FROM pragma_table_info('face')" if db_url.startswith("sqlite") else
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'face'"))}
+    assert rows == [("nishikino_maki", "tag"), (None, "ambiguous")], "an inferred label was only a guess"
+    assert not {"doubt", "doubt_score", "inferred_margin"} & columns and "suggestion" in columns
+    upgrade(db_url)
+    assert current_revision(db_url) != BEFORE_WEAK_LABELS
+    reset_settings_cache()

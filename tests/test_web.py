@@ -353,7 +353,7 @@ BAD_GETS = [
     (f"/faces/{2**70}/crop.png", 404, "face id must be a positive whole number"),
     ("/faces/999999/crop.png", 404, "no face with id 999999"),
     ("/faces/999999/source.png", 404, "no face with id 999999"),
-    ("/faces?source=everything", 400, "source must be one of ambiguous, tag, manual, none"),
+    ("/faces?source=everything", 400, "source must be one of ambiguous, inferred, tag, manual, none"),
     ("/faces?state=detected", 400, "state must be one of ready, rejected"),
     ("/faces?split=validation", 400, "split must be one of train, test"),
     ("/faces?below=2", 400, "below must be a probability between 0 and 1"),

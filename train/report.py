@@ -20,9 +20,15 @@ GRID_FACES = 30
 
 def growth_series(settings: Settings) -> dict[str, list[tuple]]:
     with session_scope() as session:
-        rows = session.exec(select(Face.label, Face.created_at).where(
-            Face.state == FaceState.ready, col(Face.label).is_not(None), col(Face.label_source).in_(TRAINABLE),
-        ).order_by(Face.created_at)).all()
+        rows = session.exec(
+            select(Face.label, Face.created_at)
+            .where(
+                Face.state == FaceState.ready,
+                col(Face.label).is_not(None),
+                col(Face.label_source).in_(TRAINABLE),
+            )
+            .order_by(Face.created_at)
+        ).all()
     series: dict[str, list[tuple]] = {}
     for label, created in rows:
         points = series.setdefault(label, [])
@@ -37,13 +43,21 @@ def test_grid(settings: Settings, version: ModelVersion, out: Path) -> Path | No
     from train.model import load_artifacts, predict
 
     with session_scope() as session:
-        faces = session.exec(select(Face.path, Face.label).where(
-            Face.state == FaceState.ready, Face.split == "test", col(Face.label).is_not(None),
-            col(Face.label_source).in_(TRAINABLE)).order_by(Face.id).limit(GRID_FACES)).all()
+        faces = session.exec(
+            select(Face.path, Face.label)
+            .where(
+                Face.state == FaceState.ready,
+                Face.split == "test",
+                col(Face.label).is_not(None),
+                col(Face.label_source).in_(TRAINABLE),
+            )
+            .order_by(Face.id)
+            .limit(GRID_FACES)
+        ).all()
     if not faces:
         return None
     classifier = load_artifacts(settings.data_dir / version.artifact_dir)
-    images = load_images([str(settings.data_dir / p) for p, _ in faces], 96)
+    images = load_images([str(settings.data_dir / p) for p, _ in faces], settings.face_size)
     predicted = np.asarray(predict(classifier, images)).argmax(axis=1)
     captions = [(classifier.class_names[i], label) for i, (_, label) in zip(predicted, faces, strict=True)]
     return face_grid_png(list(images), captions, out / "test_predictions.png")
@@ -72,15 +86,44 @@ def write_report(settings: Settings, out: Path) -> Path:
     return out / "index.html"
 
 
-def render_html(version: ModelVersion | None, metrics: dict, history: list[ModelVersion],
-                pictures: list[tuple[str, str]]) -> str:
+def unknown_html(version: ModelVersion, metrics: dict) -> str:
+    """How the model says "unknown": its threshold, how it was chosen, what it does on the test split."""
+    esc = html.escape
+    hyper = json.loads(version.hyperparameters or "{}")
+    unknown = metrics.get("unknown") or {}
+    threshold = unknown.get("threshold", hyper.get("unknown_threshold"))
+    if threshold is None:
+        return ""
+    rule = unknown.get("rule") or hyper.get("unknown_rule") or "not recorded"
+    sweep = ", ".join(f"{q}th: {t:.2f}" for q, t in (unknown.get("threshold_by_percentile") or {}).items())
+    effect = ""
+    if "share_unknown" in unknown:
+        effect = (
+            f" On the test split it calls {unknown['share_unknown']:.1%} of the faces unknown; "
+            f"{unknown.get('named_right', 0):.1%} are named right, {unknown.get('named_wrong', 0):.1%} wrong."
+        )
+    plan = hyper.get("plan", "")
+    cnn = f" CNN: {esc(str(hyper.get('cnn_backbone', '?')))}, {esc(plan)}." if plan else ""
+    return (
+        f"<p>Unknown: a face whose best probability is under <b>{threshold:.3f}</b> is called "
+        f"<i>unknown</i> (rule: {esc(rule)}; other percentiles: {esc(sweep or '-')}).{esc(effect)}{cnn} "
+        f"Ensemble CNN weight {hyper.get('cnn_weight', '?')}; {esc(str(hyper.get('weights_note', '')))}</p>"
+    )
+
+
+def render_html(
+    version: ModelVersion | None, metrics: dict, history: list[ModelVersion], pictures: list[tuple[str, str]]
+) -> str:
     esc = html.escape
     if version is None:
         head = "<p>No model yet: run <code>waifu retrain --force --wait</code>.</p>"
     else:
-        head = (f"<p>Current model <b>v{version.id}</b> ({esc(version.created_at.strftime('%Y-%m-%d %H:%M'))} UTC, "
-                f"code {esc(version.code_version)}): accuracy <b>{version.accuracy:.3f}</b>, macro-F1 "
-                f"<b>{version.macro_f1:.3f}</b> on {metrics.get('n', '?')} test faces. {esc(version.reason or '')}</p>")
+        head = (
+            f"<p>Current model <b>v{version.id}</b> ({esc(version.created_at.strftime('%Y-%m-%d %H:%M'))} UTC, "
+            f"code {esc(version.code_version)}): accuracy <b>{version.accuracy:.3f}</b>, macro-F1 "
+            f"<b>{version.macro_f1:.3f}</b> on {metrics.get('n', '?')} test faces. {esc(version.reason or '')}</p>"
+            + unknown_html(version, metrics)
+        )
     per_class = "".join(
         f"<tr><td>{esc(name)}</td><td>{row['precision']:.2f}</td><td>{row['recall']:.2f}</td>"
         f"<td>{row['f1']:.2f}</td><td>{int(row['support'])}</td></tr>"
@@ -88,10 +131,13 @@ def render_html(version: ModelVersion | None, metrics: dict, history: list[Model
     )
     versions = "".join(
         f"<tr><td>v{v.id}</td><td>{esc(v.status)}</td><td>{'' if v.accuracy is None else f'{v.accuracy:.3f}'}</td>"
-        f"<td>{esc(v.reason or '')}</td></tr>" for v in history
+        f"<td>{esc(v.reason or '')}</td></tr>"
+        for v in history
     )
-    figures = "".join(f"<figure><img src='{esc(src)}' alt='{esc(title)}'><figcaption>{esc(title)}</figcaption>"
-                      f"</figure>" for title, src in pictures)
+    figures = "".join(
+        f"<figure><img src='{esc(src)}' alt='{esc(title)}'><figcaption>{esc(title)}</figcaption></figure>"
+        for title, src in pictures
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>waifu report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}

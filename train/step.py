@@ -61,22 +61,44 @@ def should_retrain(settings: Settings) -> tuple[bool, str]:
 # ---------------------------------------------------------------------------- training --------
 def code_version() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
 
 
 def train_config(settings: Settings, overrides: dict[str, Any] | None = None):  # noqa: ANN201
+    """The chosen design with this service's settings: weights (ImageNet cached under <data_dir>/keras),
+    CNN epochs, threads and the CNN time budget."""
     from train.model import TrainConfig
 
-    extra: dict[str, Any] = {"cache_dir": str((settings.models_dir / "keras").resolve())}
+    extra: dict[str, Any] = {
+        "cache_dir": str((settings.data_dir / "keras").resolve()),
+        "cnn_budget_s": settings.train_cnn_budget_s,
+    }
     if settings.train_epochs:
         extra["epochs"] = settings.train_epochs
     if settings.train_threads:
         extra["threads"] = settings.train_threads
     return TrainConfig.recommended(settings.backbone_weights, **{**extra, **(overrides or {})})
+
+
+def _weights_reason(config, result) -> str:  # noqa: ANN001
+    """'' when weights=none was asked for; else what became of the ImageNet/file weights."""
+    if config.weights in ("none", ""):
+        return ""
+    compared = result.classifier.info.get("compared")
+    if compared:
+        scores = ", ".join(f"{k} {v['validation_accuracy']:.3f}" for k, v in compared.items())
+        kept = result.classifier.cnn_backbone
+        return f"backbone weights: {result.weights_note}; kept {kept} ({scores} on validation)"
+    return f"backbone weights: {result.weights_note}"
 
 
 def accuracy_on(classifier, images, true_names: list[str]) -> float:  # noqa: ANN001
@@ -90,8 +112,11 @@ def accuracy_on(classifier, images, true_names: list[str]) -> float:  # noqa: AN
     return hits / len(true_names)
 
 
-def run_retrain(settings: Settings, progress: Callable[[dict[str, Any]], None] | None = None,
-                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_retrain(
+    settings: Settings,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Trains one version under the lock; returns a summary (status, metrics, reason)."""
     lock = retrain_lock()
     if not lock.acquire(blocking=False):
@@ -107,7 +132,11 @@ def run_retrain(settings: Settings, progress: Callable[[dict[str, Any]], None] |
 
 def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa: ANN001
     from train.model import evaluate, load_artifacts, load_dataset, save_artifacts, train
+    from train.weak import flag_doubtful_tags, infer_labels
 
+    # first judge the tag labels: a face the classical model (trained without it) calls someone else is
+    # left out of this retrain until a person decides (train.weak)
+    doubts = flag_doubtful_tags(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
     with session_scope() as session:
         train_items = labelled_faces(session, settings, "train")
         test_items = labelled_faces(session, settings, "test")
@@ -124,23 +153,35 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa
         raise NotEnoughData("no labelled test faces yet: nothing to evaluate on")
 
     config = train_config(settings, overrides)
-    train_set = load_dataset([(p, label) for p, label in train_items if label in classes], classes, size=96)
-    test_set = load_dataset(test_items, classes, size=96)
+    size = settings.face_size
+    train_set = load_dataset([(p, label) for p, label in train_items if label in classes], classes, size=size)
+    test_set = load_dataset(test_items, classes, size=settings.face_size)
     # faces of characters the new model cannot know still count against it, as for the current model
     true_names = [label for _, label in test_items]
     from train.features import load_images
 
-    all_test_images = load_images([str(p) for p, _ in test_items], 96)
+    all_test_images = load_images([str(p) for p, _ in test_items], settings.face_size)
 
     with session_scope() as session:
-        version = ModelVersion(status=ModelStatus.candidate, hyperparameters=json.dumps(config.to_dict()),
-                               counts=json.dumps(train_set.counts()), labelled_faces=labelled,
-                               code_version=code_version())
+        version = ModelVersion(
+            status=ModelStatus.candidate,
+            hyperparameters=json.dumps(config.to_dict()),
+            counts=json.dumps(train_set.counts()),
+            labelled_faces=labelled,
+            code_version=code_version(),
+        )
         session.add(version)
         session.flush()
         version_id = version.id
-    log.info(kv("retrain started", version=version_id, classes=len(classes), train=len(train_set.labels),
-                test=len(test_items)))
+    log.info(
+        kv(
+            "retrain started",
+            version=version_id,
+            classes=len(classes),
+            train=len(train_set.labels),
+            test=len(test_items),
+        )
+    )
     try:
         result = train(train_set, config, progress)
         metrics = evaluate(result.classifier, test_set)
@@ -152,10 +193,15 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa
 
         training_curves_png(result.history, directory / "training_curves.png")
         confusion_png(metrics.confusion, metrics.class_names, directory / "confusion_matrix.png")
-        current_accuracy = None
+        current_accuracy, unreadable = None, ""
         if current is not None and current.artifact_dir:
-            previous = load_artifacts(settings.data_dir / current.artifact_dir)
-            current_accuracy = accuracy_on(previous, all_test_images, true_names)
+            try:
+                previous = load_artifacts(settings.data_dir / current.artifact_dir)
+            except (ValueError, KeyError, OSError) as exc:  # an older artifact format, a deleted directory
+                unreadable = f"current v{current.id} could not be loaded ({exc}); "
+                log.warning(kv("current model unreadable", version=current.id, error=str(exc)))
+            else:
+                current_accuracy = accuracy_on(previous, all_test_images, true_names)
     except Exception as exc:
         with session_scope() as session:
             row = session.get(ModelVersion, version_id)
@@ -165,36 +211,102 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa
     with session_scope() as session:
         row = session.get(ModelVersion, version_id)
         row.accuracy, row.macro_f1, row.current_accuracy = accuracy, metrics.macro_f1, current_accuracy
-        row.metrics = json.dumps(metrics.to_dict())
+        row.metrics = json.dumps(metrics.to_dict(), default=float)
+        row.hyperparameters = json.dumps(hyperparameters(result), default=float)
         row.duration_s = result.duration_s
         row.artifact_dir = directory.relative_to(settings.data_dir).as_posix()
         if current_accuracy is None or accuracy > current_accuracy:
             for old in session.exec(select(ModelVersion).where(ModelVersion.status == ModelStatus.current)):
                 old.status, old.reason = ModelStatus.retired, f"replaced by v{version_id} on {utcnow():%Y-%m-%d}"
             row.status = ModelStatus.current
-            row.reason = ("first model" if current_accuracy is None else
-                          f"beat v{current.id}: {accuracy:.3f} vs {current_accuracy:.3f} on today's test split")
+            row.reason = (
+                f"{unreadable}first model"
+                if current_accuracy is None
+                else f"beat v{current.id}: {accuracy:.3f} vs {current_accuracy:.3f} on today's test split"
+            )
         else:
             row.status = ModelStatus.candidate
-            row.reason = (f"did not beat current v{current.id}: {accuracy:.3f} vs {current_accuracy:.3f} "
-                          f"on today's test split ({len(true_names)} faces)")
-        summary = {"status": row.status, "version": version_id, "accuracy": accuracy, "macro_f1": metrics.macro_f1,
-                   "current_accuracy": current_accuracy, "reason": row.reason, "test_faces": len(true_names),
-                   "train_faces": int(len(train_set.labels)), "duration_s": round(result.duration_s, 1),
-                   "per_class": metrics.per_class}
-    log.info(kv("retrain finished", version=version_id, status=summary["status"], accuracy=round(accuracy, 4),
-                reason=summary["reason"]))
+            row.reason = (
+                f"did not beat current v{current.id}: {accuracy:.3f} vs {current_accuracy:.3f} "
+                f"on today's test split ({len(true_names)} faces)"
+            )
+        weights = _weights_reason(config, result)
+        if weights:
+            row.reason = f"{row.reason}; {weights}"
+        summary = {
+            "status": row.status,
+            "version": version_id,
+            "accuracy": accuracy,
+            "macro_f1": metrics.macro_f1,
+            "current_accuracy": current_accuracy,
+            "reason": row.reason,
+            "test_faces": len(true_names),
+            "train_faces": int(len(train_set.labels)),
+            "duration_s": round(result.duration_s, 1),
+            "per_class": metrics.per_class,
+            "unknown": metrics.unknown,
+            "weights": result.weights_note,
+            "cnn": result.classifier.cnn_backbone,
+        }
+    # then let the current model (new or kept) label the ambiguous faces it can tell apart clearly
+    summary["doubtful"] = doubts
+    summary["inferred"] = infer_labels(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
+    log.info(
+        kv(
+            "retrain finished",
+            version=version_id,
+            status=summary["status"],
+            accuracy=round(accuracy, 4),
+            reason=summary["reason"],
+        )
+    )
     return summary
 
 
+def hyperparameters(result) -> dict[str, Any]:  # noqa: ANN001
+    """What a model version records: the config as trained (CNN size/epochs filled in, and why), what
+    became of the weights setting, the ensemble weight, temperatures and the unknown threshold's rule."""
+    clf = result.classifier
+    info = clf.info
+    out = clf.config.to_dict()
+    out.update(
+        weights_note=result.weights_note,
+        cnn_backbone=clf.cnn_backbone,
+        cnn_input_size=clf.cnn_size,
+        epochs_run=result.epochs_run,
+        cnn_weight=clf.cnn_weight,
+        temperatures={"cnn": clf.temperature_cnn, "classical": clf.temperature_classical},
+        unknown_threshold=clf.threshold,
+        unknown_rule=info.get("threshold_rule", ""),
+        threshold_by_percentile=info.get("threshold_by_percentile", {}),
+        validation={
+            k: info[k]
+            for k in (
+                "validation_accuracy",
+                "validation_accuracy_cnn",
+                "validation_accuracy_classical",
+                "validation_faces",
+            )
+            if k in info
+        },
+        compared=info.get("compared", {}),
+        seconds={k: info[k] for k in ("classical_s", "cnn_s", "fit_s") if k in info},
+    )
+    return out
+
+
 def suggest_for_ambiguous(settings: Settings, face_ids: list[int] | None = None) -> int:
-    """Attaches the current model's best guess to ambiguous faces: a suggestion, never a label."""
+    """Attaches the current model's best guess to ambiguous and inferred faces (the ones a person may still
+    sort or check): a suggestion, never a label."""
     from train.features import load_images
     from train.model import load_artifacts, predict
 
     with session_scope() as session:
         current = current_version(session)
-        query = select(Face).where(Face.state == FaceState.ready, Face.label_source == LabelSource.ambiguous)
+        query = select(Face).where(
+            Face.state == FaceState.ready,
+            col(Face.label_source).in_([LabelSource.ambiguous, LabelSource.inferred]),
+        )
         if face_ids is not None:
             query = query.where(col(Face.id).in_(face_ids))
         faces = [(f.id, f.path) for f in session.exec(query.order_by(Face.id)).all()]
@@ -203,8 +315,9 @@ def suggest_for_ambiguous(settings: Settings, face_ids: list[int] | None = None)
     classifier = load_artifacts(settings.data_dir / current.artifact_dir)
     done = 0
     for start in range(0, len(faces), 256):
-        batch = faces[start:start + 256]
-        probabilities = predict(classifier, load_images([str(settings.data_dir / p) for _, p in batch], 96))
+        batch = faces[start : start + 256]
+        images = load_images([str(settings.data_dir / p) for _, p in batch], settings.face_size)
+        probabilities = predict(classifier, images)
         with session_scope() as session:
             for (face_id, _), row in zip(batch, probabilities, strict=True):
                 face = session.get(Face, face_id)

@@ -128,7 +128,9 @@ def render_screen(s: Snapshot) -> RenderableType:
                      Text(f"{_rate(s.rates.get('done'))} done/min", style="bold"))
         grid.add_row(Text(f"faces {sum(faces['states'].values())}", style="bold"),
                      _counts(faces["states"]) + Text("   labels: ", style="dim")
-                     + _counts({k: faces["label_sources"].get(k, 0) for k in ("tag", "ambiguous", "manual")}),
+                     + _counts({k: faces["label_sources"].get(k, 0)
+                                for k in ("tag", "manual", "inferred", "ambiguous")}
+                               | {"doubtful": faces.get("doubtful", 0)}),
                      Text(f"{_rate(s.rates.get('ready'))} ready/min", style="bold"))
         queues = {q: ("?" if n is None else n) for q, n in data["queues"].items()}
         grid.add_row(Text("queues", style="bold"), _counts(queues), Text(""))

@@ -1,4 +1,5 @@
-"""`waifu predict`: detect faces, name each with the current model, show the top 3."""
+"""`waifu predict`: detect faces, name each with the current model (or `unknown` when the best probability is
+under the model's threshold), show the top 3."""
 
 from __future__ import annotations
 
@@ -43,11 +44,16 @@ def predict_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, c
             done({"path": str(path), "error": str(exc), "faces": []})
             continue
         faces = classify_image(classifier, image, settings)
-        entry = {"path": str(path), "model": f"v{version.id}", "width": image.width, "height": image.height,
-                 "faces": faces}
+        entry = {
+            "path": str(path),
+            "model": f"v{version.id}",
+            "width": image.width,
+            "height": image.height,
+            "faces": faces,
+        }
         if annotate_dir:
             boxes = [Detection(*f["box"], f["detector"]) for f in faces]
-            labels = [f"{f['top'][0]['name']} {f['top'][0]['p']:.2f}" for f in faces]
+            labels = [_label(f) for f in faces]
             out = output_path(annotate_dir, path, "predicted", written)
             annotate(image, boxes, labels).save(out)
             entry["annotated"] = str(out)
@@ -56,15 +62,23 @@ def predict_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, c
         return all("error" not in e for e in results)
     table = Table(title=f"predictions (model v{version.id})")
     table.add_column("image", overflow="fold")  # the whole path: a cut one does not say which file it was
-    for column in ("face box", "top 3"):
+    for column in ("face box", "name", "top 3"):
         table.add_column(column)
     for entry in results:
         if "error" in entry:
-            table.add_row(escape(entry["path"]), "-", f"[red]{escape(entry['error'])}[/red]")
+            table.add_row(escape(entry["path"]), "-", "-", f"[red]{escape(entry['error'])}[/red]")
         elif not entry["faces"]:
-            table.add_row(escape(entry["path"]), "-", "no face found")
+            table.add_row(escape(entry["path"]), "-", "-", "no face found")
         for face in entry["faces"]:
             top = ", ".join(f"{t['name']} {t['p']:.2f}" for t in face["top"])
-            table.add_row(escape(entry["path"]), str(tuple(face["box"])), escape(top))
+            table.add_row(escape(entry["path"]), str(tuple(face["box"])), escape(_label(face)), escape(top))
     console.print(table)
     return all("error" not in e for e in results)
+
+
+def _label(face: dict) -> str:
+    """'name 0.93', or 'unknown (best: name 0.41 < 0.55)' under the model's threshold."""
+    best = face["top"][0]
+    if face.get("name") == "unknown":
+        return f"unknown (best: {best['name']} {best['p']:.2f} < {face.get('threshold', 0):.2f})"
+    return f"{best['name']} {best['p']:.2f}"

@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from core.settings import Settings
 from core.sites import DEFAULT_SITE
 from db.engine import session_scope
-from db.models import Character, Face, FaceState, Post, PostCharacter, PostState, ScrapeCursor
+from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, ScrapeCursor
 from worker.app import QUEUES
 
 TOP_REASONS = 5
@@ -129,18 +129,25 @@ def recent_failures(session: Session, limit: int = RECENT_FAILURES) -> list[dict
 
 
 def face_summary(session: Session) -> dict[str, Any]:
-    """Faces per state, per label source, per character and split; posts where no face was found."""
+    """Faces per state, per label source, per character and split (tag and manual labels; inferred ones
+    apart), doubtful tag labels; posts where no face was found."""
     by_state = dict(session.exec(select(Face.state, func.count()).group_by(Face.state)).all())
     by_source = dict(session.exec(
         select(Face.label_source, func.count()).where(Face.state == FaceState.ready).group_by(Face.label_source)
     ).all())
     per_label: dict[str, dict[str, int]] = {}
-    for label, split, count in session.exec(
-        select(Face.label, Face.split, func.count())
+    inferred: dict[str, int] = {}
+    for label, source, split, count in session.exec(
+        select(Face.label, Face.label_source, Face.split, func.count())
         .where(Face.state == FaceState.ready, col(Face.label).is_not(None))
-        .group_by(Face.label, Face.split)
+        .group_by(Face.label, Face.label_source, Face.split)
     ).all():
-        per_label.setdefault(label, {})[split] = int(count)
+        if source == LabelSource.inferred:  # the model's own guesses: counted apart from tag and manual labels
+            inferred[label] = inferred.get(label, 0) + int(count)
+        else:
+            per_label.setdefault(label, {})[split] = per_label.get(label, {}).get(split, 0) + int(count)
+    doubtful = session.exec(select(func.count()).select_from(Face).where(
+        Face.state == FaceState.ready, col(Face.doubt_score).is_not(None))).one()
     no_face = session.exec(select(func.count()).select_from(Post).where(Post.faces == 0)).one()
     duplicates = session.exec(
         select(func.count()).select_from(Face).where(col(Face.duplicate_of).is_not(None))
@@ -148,7 +155,9 @@ def face_summary(session: Session) -> dict[str, Any]:
     return {
         "states": {s.value: int(by_state.get(s.value, 0)) for s in FaceState},
         "label_sources": {str(k): int(v) for k, v in by_source.items() if k},
-        "per_character": dict(sorted(per_label.items())),
+        "per_character": dict(sorted(per_label.items())),  # tag and manual labels per split
+        "inferred_per_character": dict(sorted(inferred.items())),
+        "doubtful": int(doubtful),  # tag labels a model trained without them doubts (train.weak)
         "posts_without_face": int(no_face),
         "near_duplicates": int(duplicates),
     }

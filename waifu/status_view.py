@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+SOURCES = ("tag", "ambiguous", "inferred", "manual")
 STATE_STYLE = {"failed": "red", "skipped": "yellow", "downloaded": "green", "done": "green", "discovered": "cyan"}
 
 
@@ -33,17 +34,20 @@ def render_status(console: Console, data: dict[str, Any]) -> None:
                              f"{faces['near_duplicates']} near-duplicates)"))
         for state in faces["states"]:
             table.add_column(state, justify="right")
-        for source in ("tag", "ambiguous", "manual"):
+        for source in SOURCES:
             table.add_column(f"label: {source}", justify="right")
+        table.add_column("doubtful tag", justify="right", style="yellow")
         table.add_row(*(str(n) for n in faces["states"].values()),
-                      *(str(faces["label_sources"].get(s, 0)) for s in ("tag", "ambiguous", "manual")))
+                      *(str(faces["label_sources"].get(s, 0)) for s in SOURCES), str(faces.get("doubtful", 0)))
         console.print(table)
-        if faces["per_character"]:
-            split = Table(title="labelled faces per character")
-            for column in ("character", "train", "test"):
+        inferred = faces.get("inferred_per_character", {})
+        if faces["per_character"] or inferred:
+            split = Table(title="labelled faces per character (inferred: the model's guesses, trained in train only)")
+            for column in ("character", "train", "test", "inferred"):
                 split.add_column(column, justify="right" if column != "character" else "left")
-            for tag, counts in faces["per_character"].items():
-                split.add_row(tag, str(counts.get("train", 0)), str(counts.get("test", 0)))
+            for tag in sorted(set(faces["per_character"]) | set(inferred)):
+                counts = faces["per_character"].get(tag, {})
+                split.add_row(tag, str(counts.get("train", 0)), str(counts.get("test", 0)), str(inferred.get(tag, 0)))
             console.print(split)
 
     queues = Table(title="queues (messages waiting)")

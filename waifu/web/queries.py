@@ -16,7 +16,7 @@ from db.models import Character, Face, FaceState, ModelVersion, PostCharacter, S
 PAGE_SIZE = 200
 MAX_PAGE_SIZE = 500
 MAX_ID = 2**63 - 1  # post ids are BIGINT; a larger number is no id at all
-SOURCES = ("ambiguous", "tag", "manual", "none")
+SOURCES = ("ambiguous", "inferred", "tag", "manual", "none")
 STATES = (FaceState.ready.value, FaceState.rejected.value)
 COUNT_CAP = 10_000  # counting stops here: "more than 10,000 match" costs the same at any size
 
@@ -36,11 +36,12 @@ def parse_id(value: str | None, what: str = "id") -> int:
 
 @dataclass(frozen=True)
 class FaceFilter:
-    source: str | None = None  # ambiguous / tag / manual / none (no label source yet)
+    source: str | None = None  # ambiguous / tag / inferred / manual / none (no label source yet)
     character: str | None = None  # label or suggestion
     split: str | None = None
     state: str | None = FaceState.ready.value  # ready / rejected / None: both
     suggested: bool | None = None
+    doubtful: bool | None = None  # a tag label train.weak doubts (yes) or not (no)
     below: float | None = None  # suggestion probability under this
     post: int | None = None
     after: int | None = None  # keyset paging by face id
@@ -51,7 +52,9 @@ class FaceFilter:
         """The filter as query parameters (for links), with `changes` applied; paging is dropped unless given."""
         values = {"source": self.source, "character": self.character, "split": self.split,
                   "state": self.state or "any", "suggested": None if self.suggested is None else
-                  ("yes" if self.suggested else "no"), "below": self.below, "post": self.post,
+                  ("yes" if self.suggested else "no"),
+                  "doubtful": None if self.doubtful is None else ("yes" if self.doubtful else "no"),
+                  "below": self.below, "post": self.post,
                   "size": self.size if self.size != PAGE_SIZE else None}
         values.update(changes)
         return {k: str(v) for k, v in values.items() if v is not None and v != ""}
@@ -72,6 +75,7 @@ def parse_filter(params: Mapping[str, str]) -> FaceFilter:
     state_text = (params.get("state") or "").strip()
     state = None if state_text == "any" else choice("state", STATES) if state_text else FaceState.ready.value
     suggested_text = choice("suggested", ("yes", "no"))
+    doubtful_text = choice("doubtful", ("yes", "no"))
     below = None
     if (params.get("below") or "").strip():
         try:
@@ -91,7 +95,8 @@ def parse_filter(params: Mapping[str, str]) -> FaceFilter:
     optional_id = {key: parse_id(params[key], key) if (params.get(key) or "").strip() else None
                    for key in ("post", "after", "before")}
     return FaceFilter(source=source, character=character, split=split, state=state,
-                      suggested=None if suggested_text is None else suggested_text == "yes", below=below,
+                      suggested=None if suggested_text is None else suggested_text == "yes",
+                      doubtful=None if doubtful_text is None else doubtful_text == "yes", below=below,
                       size=size, **optional_id)
 
 
@@ -99,7 +104,7 @@ def _conditions(f: FaceFilter) -> list[ColumnElement[bool]]:
     # SQLite prefers the state index (one value holds nearly every face) to the far more selective label,
     # suggestion or post indexes; `state || ''` takes it out of the running when one of those filters is set
     # (a rare character: 130 ms -> 1 ms at 100,000 faces). PostgreSQL plans by its statistics either way.
-    selective = f.character is not None or f.post is not None
+    selective = f.character is not None or f.post is not None or f.doubtful is True
     state = col(Face.state).concat("") if selective else col(Face.state)
     conditions: list[ColumnElement[bool]] = [state.in_([f.state] if f.state else STATES)]
     if f.source == "none":
@@ -112,6 +117,9 @@ def _conditions(f: FaceFilter) -> list[ColumnElement[bool]]:
         conditions.append(Face.split == f.split)
     if f.suggested is not None:
         conditions.append(col(Face.suggestion).is_not(None) if f.suggested else col(Face.suggestion).is_(None))
+    if f.doubtful is not None:
+        doubt = col(Face.doubt_score)
+        conditions.append(doubt.is_not(None) if f.doubtful else doubt.is_(None))
     if f.below is not None:
         conditions.append(col(Face.suggestion_score) < f.below)
     if f.post is not None:
@@ -129,6 +137,9 @@ class FaceCard:
     split: str | None
     suggestion: str | None
     suggestion_score: float | None
+    doubt: str | None = None  # why train.weak doubts a tag label
+    doubt_score: float | None = None
+    inferred_margin: float | None = None  # an inferred label's margin over the post's other faces
     post_tags: list[str] = field(default_factory=list)  # the post's tracked characters
     choices: list[str] = field(default_factory=list)  # label choices: the post's characters first, then the rest
 
@@ -148,7 +159,7 @@ class FacePage:
 
 
 CARD_COLUMNS = (Face.id, Face.post_id, Face.state, Face.label, Face.label_source, Face.split, Face.suggestion,
-                Face.suggestion_score)
+                Face.suggestion_score, Face.doubt, Face.doubt_score, Face.inferred_margin)
 
 
 def faces_page(session: Session, f: FaceFilter) -> FacePage:
