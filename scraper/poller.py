@@ -27,7 +27,7 @@ from db.engine import session_scope
 from db.models import Character, ScrapeCursor, utcnow
 from scraper.client import ApiPost, BooruClient, Unusable
 from scraper.lock import only_scraper
-from scraper.store import record_unusable, upsert_posts
+from scraper.store import record_unusable, store_listed
 
 log = logging.getLogger("waifu.scraper")
 
@@ -100,8 +100,7 @@ class TagPoller:
             await asyncio.to_thread(self._store_now, posts)
 
     def _store_now(self, posts: list[ApiPost]) -> None:
-        with session_scope() as session:
-            new_ids = upsert_posts(session, self.site, posts, self.characters)
+        new_ids = store_listed(self.site, posts, self.characters)
         self.enqueue(new_ids)  # only after the commit: a worker must find the row
         self.report.new += len(new_ids)
         self.report.seen += len(posts)

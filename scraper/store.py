@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
 
 from core.logs import kv
+from db.engine import is_transient, session_scope
 from db.models import Character, Post, PostCharacter, PostState
 from db.states import log as transition_log
 from scraper.client import ApiPost, Unusable
@@ -80,6 +83,23 @@ def upsert_posts(session: Session, site: str, posts: list[ApiPost], characters: 
     session.add_all(PostCharacter(post_id=row.id, character_id=character.id) for row, character in new_links)
     session.flush()
     return to_download
+
+
+def _worth_another_go(error: BaseException) -> bool:
+    return isinstance(error, IntegrityError) or is_transient(error)
+
+
+def store_listed(site: str, posts: list[ApiPost], characters: list[Character]) -> list[int]:
+    """`upsert_posts` in its own transaction, committed; returns the new posts' ids to enqueue.
+
+    A post carrying two tracked tags is listed by both tags' pollers at the same time: on PostgreSQL both
+    may insert it, and the second commit meets the unique (site, remote id) or (post, character). Run
+    again, the upsert finds the other's rows and adds only what is missing."""
+    for attempt in Retrying(retry=retry_if_exception(_worth_another_go), stop=stop_after_attempt(5),
+                            wait=wait_random(0.05, 0.5), reraise=True):
+        with attempt, session_scope() as session:
+            new_ids = upsert_posts(session, site, posts, characters)
+    return new_ids
 
 
 def record_unusable(session: Session, site: str, entries: list[Unusable]) -> None:

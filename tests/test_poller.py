@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import time
 
 import pytest
 from sqlmodel import select
@@ -134,6 +136,42 @@ async def test_post_under_two_tags_is_one_row_with_two_links(scrape_env, fake: F
     assert sorted(tags) == ["maki", "riko"]
 
 
+def test_two_pollers_storing_one_post_at_once_make_one_row(scrape_env) -> None:
+    """The tag pollers run at once: while one has inserted a post carrying both tags and not yet committed,
+    the other stores the same post. It waits for the first (PostgreSQL: the unique index; SQLite: the
+    write lock), then finds its row and adds nothing twice, instead of failing on the unique key."""
+    import threading
+
+    from scraper.client import ApiPost
+    from scraper.store import store_listed, upsert_posts
+
+    add_characters(["maki", "riko"])
+    with session_scope() as session:
+        characters = list(session.exec(select(Character)).all())
+    post = ApiPost.model_validate({"id": 77, "hash": "ab" * 16, "file_url": "https://safebooru.org/images/1/a.jpg",
+                                   "tags": "maki riko", "rating": "general"})
+    second: dict[str, object] = {}
+
+    def other_poller() -> None:
+        try:
+            second["ids"] = store_listed("safebooru", [post], characters)
+        except Exception as exc:  # noqa: BLE001 - the assertion below names it
+            second["error"] = exc
+
+    with session_scope() as session:  # the first poller's transaction, held open
+        first_ids = upsert_posts(session, "safebooru", [post], characters)
+        thread = threading.Thread(target=other_poller)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive(), "the second store did not wait for the first transaction"
+    thread.join(30)
+    assert "error" not in second, second.get("error")
+    assert len(first_ids) == 1 and second["ids"] == []  # new once: downloaded once
+    with session_scope() as session:
+        assert len(session.exec(select(Post)).all()) == 1
+        assert len(session.exec(select(PostCharacter)).all()) == 2
+
+
 async def test_rating_filter_and_reposts_are_skipped_with_reasons(scrape_env, fake: FakeSafebooru,
                                                                   redis_client) -> None:
     add_characters(["maki"], ratings="general,safe")
@@ -195,6 +233,50 @@ async def test_run_forever_stops_promptly(scrape_env, fake: FakeSafebooru, monke
     assert len(rows()) == 1
     stop.set()
     await asyncio.wait_for(task, 5)  # sleeping an hour must not delay a stop
+
+
+async def test_run_forever_stopped_mid_poll_ends_at_once_and_loses_nothing(
+        scrape_env, fake: FakeSafebooru, redis_client, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The stop arrives while a catch-up waits out a 429's one-minute Retry-After between its first and
+    second page: the run ends at once, the committed page stays, and the cursor is not moved past the posts
+    of the pages never fetched, so the next poll gets them."""
+    monkeypatch.setenv("WAIFU_POLL_INTERVAL", "3600")
+    reset_settings_cache()
+    add_characters(["maki"])
+    first = new_post(fake, "maki", "before")
+    assert (await poll_once(get_settings())).new == 1  # synced: the cursor stands at `first`
+    burst = sorted(new_post(fake, "maki", f"burst{i}").id for i in range(45))  # 20 + 20 + 5 a page
+    redis_client.delete("io")
+    fake.requests.clear()
+    fake.retry_after = "60"
+    fake.api_faults.extend(["none", "429"])  # "none" is no fault: page 1 is answered, page 2 refused
+    caplog.set_level(logging.WARNING, logger="waifu.scraper.client")
+
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(run_forever(get_settings(), stop))
+    deadline = time.monotonic() + 30
+    while not any("api retry" in r.getMessage() for r in caplog.records):  # now in the 60 s wait
+        assert not task.done() and time.monotonic() < deadline, "the poll never reached the 429 on page 2"
+        await asyncio.sleep(0.02)
+    stop.set()
+    started = time.monotonic()
+    await asyncio.wait_for(task, 5)  # not after the minute the server asked for
+    assert time.monotonic() - started < 5
+    assert len(fake.api_requests()) == 2, "the refused page was asked again after the stop"
+
+    newest_page = burst[-20:]
+    assert set(rows()) == {first.id, *newest_page}  # the page committed before the stop stays
+    assert queued(redis_client) == newest_page
+    with session_scope() as session:
+        cursor = session.get(ScrapeCursor, ("safebooru", "maki"))
+    assert cursor.newest_id == first.id, f"cursor moved to {cursor.newest_id}, past 25 posts never stored"
+
+    redis_client.delete("io")
+    report = await poll_once(get_settings())  # the site answers again: the rest arrives, nothing twice
+    assert report.errors == [] and report.new == 25
+    assert set(rows()) == {first.id, *burst}
+    assert queued(redis_client) == burst[:25]
 
 
 async def test_unusable_entries_become_failed_rows(scrape_env, fake: FakeSafebooru, redis_client) -> None:
