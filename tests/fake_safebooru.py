@@ -34,10 +34,11 @@ DEEP_PAGINATION_MESSAGE = "Too deep! Pull it back some. Holy fuck."
 #   "redirect_local"    302 to another path on the same host (allowed)
 #   "404"           the file is gone (post deleted after listing)
 #   "503_once"      the first request for the file answers 503, later ones succeed
+#   "429_once"      the first request for the file answers 429 with `Retry-After: retry_after`, later ones succeed
 #   "slow_once"     the first request's body trickles out over `slow_seconds` (a download to kill a worker in)
 FILE_FAULTS = {
     "html", "not_image", "md5_mismatch", "truncated", "redirect_offsite", "redirect_local", "404", "503_once",
-    "slow_once",
+    "429_once", "slow_once",
 }
 
 
@@ -259,6 +260,8 @@ class FakeSafebooru:
             return web.Response(status=404, text="<html>404 Not Found</html>", content_type="text/html")
         if fault == "503_once" and self.file_hits[post.id] == 1:
             return web.Response(status=503, text="busy")
+        if fault == "429_once" and self.file_hits[post.id] == 1:
+            return web.Response(status=429, text="slow down", headers={"Retry-After": self.retry_after})
         if fault == "redirect_offsite":
             raise web.HTTPFound(self.offsite_url)
         if fault == "redirect_local" and "moved" not in request.query:

@@ -120,18 +120,36 @@ def test_the_web_page_is_published_on_loopback_with_its_login(tmp_path: Path) ->
 def test_databases_are_not_published_and_state_is_persistent(compose: dict) -> None:
     services = compose["services"]
     assert "ports" not in services["redis"] and "ports" not in services["postgres"]
-    assert "--appendonly" in services["redis"]["command"]
+    redis_cmd = services["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes", redis_cmd
     assert any(v.endswith(":/var/lib/postgresql/data") for v in services["postgres"]["volumes"])
     assert {"waifu-data", "redis-data", "postgres-data"} <= set(compose["volumes"])
 
 
-def test_every_service_has_health_restart_and_ordering(compose: dict) -> None:
+def dockerfile_healthcheck() -> list[str]:
+    """The argv of the image's HEALTHCHECK (exec form), which every waifu service without its own inherits."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    match = re.search(r"^HEALTHCHECK\b.*?\bCMD\s+(\[.*?\])\s*$", text, re.M)
+    assert match, "the Dockerfile has no exec-form HEALTHCHECK"
+    return yaml.safe_load(match.group(1))
+
+
+def test_every_service_has_a_healthcheck_a_restart_policy_and_ordering(compose: dict) -> None:
     services = compose["services"]
-    for name in ("redis", "postgres", "flower"):
+    assert dockerfile_healthcheck() == ["waifu", "healthcheck"]
+    for name in ("redis", "postgres", "flower", "web"):
         assert "healthcheck" in services[name], name
+    for name in (*WAIFU_SERVICES, "redis", "postgres"):
+        health = services[name].get("healthcheck", {})
+        assert not health.get("disable"), f"{name}: healthcheck disabled"
+        test = health.get("test", ["CMD", *dockerfile_healthcheck()])
+        if test[1] == "waifu":  # the same command the Dockerfile runs, plus the service's own port
+            assert test[:3] == ["CMD", "waifu", "healthcheck"], name
+            assert all(arg == "--http" or arg.startswith("http://127.0.0.1:") for arg in test[3:]), name
+        # a one-shot job must not be restarted; everything else comes back after a crash or a reboot
+        assert services[name].get("restart") == ("no" if name == "migrate" else "unless-stopped"), name
     for name in WAIFU_SERVICES:
         service = services[name]
-        assert service.get("restart") in ("unless-stopped", "always", "no"), name
         assert "waifu-data:/data" in service["volumes"], name
         deps = service["depends_on"]
         assert deps["redis"]["condition"] == "service_healthy", name

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -78,13 +81,16 @@ def side_by_side(*names: str) -> bytes:
     return buffer.getvalue()
 
 
-def test_one_character_one_face_is_labelled_by_tag(chars) -> None:
-    post_id = store_post(1, raw_image(MAKI).read_bytes(), ["nishikino_maki", "1girl"])
+# each character's own picture: the label is the post's one tracked tag, not merely the first tracked one
+@pytest.mark.parametrize(("picture", "tag"), [(MAKI, "nishikino_maki"), (RIKO, "sakurauchi_riko")],
+                         ids=["first-tracked", "second-tracked"])
+def test_one_character_one_face_is_labelled_by_tag(chars, picture, tag) -> None:
+    post_id = store_post(1, raw_image(picture).read_bytes(), [tag, "1girl"], suffix=picture.rsplit(".", 1)[1])
     faces = run_pipeline(post_id)
     assert len(faces) == 1
     face = faces[0]
     assert face.state == FaceState.ready
-    assert face.label == "nishikino_maki" and face.label_source == LabelSource.tag
+    assert face.label == tag and face.label_source == LabelSource.tag
     assert face.split in (Split.train, Split.test) and face.split == split_for(face.sha256, 0.15)
     crop = get_settings().data_dir / face.path
     assert crop.name == f"{face.sha256}.png"
@@ -155,20 +161,29 @@ def test_near_duplicate_repost_follows_its_original(chars) -> None:
     assert other.duplicate_of is None
 
 
-def test_split_is_stable_across_runs_with_new_data_in_between(chars, tmp_path) -> None:
+def test_split_is_stable_across_runs_with_new_data_in_between(chars) -> None:
     first = run_pipeline(store_post(10, raw_image(MAKI).read_bytes(), ["nishikino_maki"]))
-    before = {f.sha256: f.split for f in first}
+    before = {f.id: (f.sha256, f.split, f.duplicate_of) for f in first}
+    # new data arrives: other pictures, and a resized, recompressed repost of the same picture
     for i, name in enumerate([n for n in raw_names() if "/sakurauchi_riko/" in n][1:4]):
         path = data_file(name)
         run_pipeline(store_post(20 + i, path.read_bytes(), ["sakurauchi_riko"], suffix=path.suffix[1:]))
-    # processing the same picture again from scratch (a second run) gives the same split
+    image = Image.open(raw_image(MAKI)).convert("RGB")
+    buffer = io.BytesIO()
+    image.resize((image.width * 4 // 5, image.height * 4 // 5)).save(buffer, format="JPEG", quality=75)
+    [repost] = run_pipeline(store_post(30, buffer.getvalue(), ["nishikino_maki"], suffix="jpg"))
+    # the first face, read back as it is now, has not moved; its repost follows it
     with session_scope() as session:
-        for face in session.exec(select(Face)).all():
-            session.delete(face)
-        post = session.get(Post, 10)
-        post.state = PostState.downloaded
-    again = run_pipeline(10)
-    assert {f.sha256: f.split for f in again} == before
+        now = {f.id: (f.sha256, f.split, f.duplicate_of)
+               for f in session.exec(select(Face).where(Face.post_id == 10)).all()}
+        every = session.exec(select(Face)).all()
+    assert now == before
+    assert repost.duplicate_of == first[0].id and repost.split == first[0].split
+    # and no face's split depends on what arrived before it: the hash alone, or its original's
+    originals = {f.id: f for f in every}
+    for face in every:
+        expected = originals[face.duplicate_of].split if face.duplicate_of else split_for(face.sha256, 0.15)
+        assert face.split == expected, face
 
 
 def test_split_for_is_deterministic_and_near_85_15() -> None:
@@ -201,16 +216,68 @@ def test_missing_detector_model_leaves_the_post_waiting(chars, monkeypatch) -> N
     assert "waiting for the detector" in row.reason and "WAIFU_LBPCASCADE_PATH" in row.reason
 
 
-def test_faces_of_one_post_finished_concurrently_close_the_post(chars) -> None:
-    """Two workers cropping the two faces of one post at once: the later one must see the other `ready`."""
-    from concurrent.futures import ThreadPoolExecutor
+def others_wait_for_a_lock(count: int) -> bool:
+    """True once `count` other sessions of this database wait for a lock (a row lock, on PostgreSQL). On
+    SQLite every write transaction holds the whole database from BEGIN IMMEDIATE: nobody else is inside one."""
+    from sqlalchemy import text
+
+    from db.engine import get_engine
+
+    engine = get_engine()
+    if engine.dialect.name == "sqlite":
+        return True
+    with engine.connect() as conn:
+        waiting = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND wait_event_type = 'Lock'")).scalar_one()
+    return waiting >= count
+
+
+def test_faces_of_one_post_finished_concurrently_close_the_post(chars, monkeypatch) -> None:
+    """Workers record the faces of one post at the same moment: the last one must see the others `ready` and
+    close the post. Forced: every crop is cut first, then all commits start together (a barrier); at the
+    "is the post complete?" check each waits until every other worker is there too or blocked on a lock,
+    and if they are all there, nobody commits before all have looked (without the post's row lock each
+    would see the others still `detected`, and the post would never close)."""
+    from contextlib import contextmanager
+
+    import crop.step as step
 
     settings = get_settings()
-    for post_id in (50, 51, 52):
-        store_post(post_id, side_by_side(MAKI, RIKO) + bytes([post_id]), ["nishikino_maki"])
-        face_ids = detect_post(post_id, settings).next_ids
-        assert len(face_ids) >= 2
-        with ThreadPoolExecutor(max_workers=len(face_ids)) as pool:
-            states = list(pool.map(lambda f: crop_face(f, settings).state, face_ids))
-        assert set(states) == {FaceState.ready}
-        assert post_row(post_id).state == PostState.done
+    post_id = store_post(50, side_by_side(MAKI, RIKO), ["nishikino_maki"])
+    face_ids = detect_post(post_id, settings).next_ids
+    workers = len(face_ids)
+    assert workers >= 2
+    commit_together = threading.Barrier(workers, timeout=120)
+    looked_together = threading.Barrier(workers, timeout=120)
+    guard = threading.Lock()
+    count = {"arrived": 0, "inside": 0}
+    real_still_claimed, real_finish = step.still_claimed, step.finish_post_if_complete
+
+    @contextmanager
+    def commit_at_once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        commit_together.wait()
+        with real_still_claimed(*args, **kwargs) as pair:
+            yield pair
+
+    def check_at_once(session, post) -> None:  # noqa: ANN001
+        with guard:
+            count["arrived"] += 1
+            count["inside"] += 1
+        deadline = time.monotonic() + 120
+        while count["arrived"] < workers and not others_wait_for_a_lock(workers - count["arrived"]):
+            assert time.monotonic() < deadline, "the other workers neither arrived nor waited for a lock"
+            time.sleep(0.005)
+        with guard:
+            together = count["inside"] == workers
+        real_finish(session, post)
+        if together:
+            looked_together.wait()
+        with guard:
+            count["inside"] -= 1
+
+    monkeypatch.setattr(step, "still_claimed", commit_at_once)
+    monkeypatch.setattr(step, "finish_post_if_complete", check_at_once)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        states = list(pool.map(lambda f: crop_face(f, settings).state, face_ids))
+    assert set(states) == {FaceState.ready}
+    assert post_row(post_id).state == PostState.done

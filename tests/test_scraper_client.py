@@ -79,10 +79,14 @@ async def test_429_retry_after_is_honoured(fake: FakeSafebooru) -> None:
 async def test_burst_of_503_then_success(fake: FakeSafebooru) -> None:
     load_drawn(fake, dict.fromkeys(COUNTS, 1))
     fake.api_faults.extend(["503"] * 3)
-    posts, client = await fetch(fake, "nishikino_maki")
+    # a first backoff well above the limiter's spacing (1/50 s), so the gaps measure the backoff alone
+    posts, client = await fetch(fake, "nishikino_maki", api_backoff=0.1)
     assert len(posts) == 1 and client.requests == 4
     gaps = [b.at - a.at for a, b in zip(fake.api_requests(), fake.api_requests()[1:], strict=False)]
-    assert gaps[1] > gaps[0] * 0.9, "backoff grows between retries"
+    # the n-th wait is 0.1 * 2**n jittered by x0.5..x1.5: at least 0.05, 0.1, 0.2 s. A constant backoff
+    # (at most 0.15 s) cannot reach the third bound, no backoff at all cannot reach the first (2 ms: the
+    # event loop's clock resolution)
+    assert [g >= 0.1 * 2**n * 0.5 - 0.002 for n, g in enumerate(gaps)] == [True] * 3, gaps
 
 
 async def test_503_forever_is_bounded(fake: FakeSafebooru) -> None:

@@ -33,12 +33,14 @@ async def test_a_second_scraper_refuses_to_start_while_one_runs(fake: FakeSafebo
     log = (tmp_path / "first.log").open("wb")
     first = await asyncio.create_subprocess_exec(sys.executable, "-m", "waifu.cli", "scrape", env=env,
                                                  cwd=PROJECT_ROOT, stdout=log, stderr=log)
+    seconds = []  # killed at the end whatever happens: a scraper that failed to refuse would poll forever
     try:
         await wait_for(lambda: len(fake.api_requests()) >= 4, 60, "the first scraper to poll")
         for args in (["scrape", "--once"], ["scrape"]):
             second = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "waifu.cli", *args, env=env, cwd=PROJECT_ROOT,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            seconds.append(second)
             out, _ = await asyncio.wait_for(second.communicate(), 60)
             text = " ".join(out.decode(errors="replace").split())
             assert second.returncode == 3, text
@@ -48,8 +50,16 @@ async def test_a_second_scraper_refuses_to_start_while_one_runs(fake: FakeSafebo
         await wait_for(lambda: len(fake.api_requests()) >= 30, 120, "the first scraper's later polls")
         assert max_in_window([r.at for r in fake.api_requests()], window=0.95) <= 3
     finally:
+        for proc in seconds:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
         first.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(first.wait(), 30)
+        try:
+            await asyncio.wait_for(first.wait(), 30)
+        except TimeoutError:
+            first.kill()  # never leave a scraper behind; the returncode check below reports it
+            await first.wait()
         log.close()
     assert first.returncode == 0, (tmp_path / "first.log").read_text()[-2000:]
 
