@@ -30,17 +30,19 @@ endif
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# lint only: the code is wrapped by hand where a formatter would split a sentence-like call over lines
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 
 bench: install
 	$(PY) -m bench.collect
+	$(PY) -m bench.collect --through crop --database both
 	$(PY) -m bench.faces
 	$(PY) -m bench.predict
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.web
-	$(PY) -m bench.train --models classical-plain,classical,smallcnn-64,chosen --seeds 0,1 --folds 3
+	$(PY) -m bench.train_cost
+	$(PY) -m bench.train --models classical-plain,classical,resnet,chosen --seeds 0,1 --folds 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
