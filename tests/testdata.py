@@ -141,6 +141,9 @@ def _download(name: str) -> Path:
     if base in _network_failure:
         raise unavailable(_network_failure[base])
     fetcher = _pooch(base, str(cache_dir()))
+    # pooch creates the parent folder with a check-then-makedirs (no exist_ok): two parallel fetches into one
+    # folder can race there (seen in CI as FileExistsError), so the folder is made here first, race-free
+    (cache_dir() / name).parent.mkdir(parents=True, exist_ok=True)
     # big chunks: pooch's default 1 KiB chunk is slow in Python for 44 MB of illustrations
     downloader = pooch.HTTPDownloader(chunk_size=1 << 16, timeout=60)
     try:
