@@ -58,7 +58,7 @@ def classify_image(
     )
     probabilities = predict(classifier, crops)
     ranked = top_k(classifier, probabilities, k=k)
-    threshold = float(getattr(classifier, "threshold", 0.0))
+    threshold = float(classifier.threshold)
     # `name` is the answer: the best guess, or "unknown" when its probability is under the model's threshold
     # (chosen at training time on held-out faces); `top` always shows the guesses and their probabilities
     return [

@@ -18,8 +18,8 @@ from sqlmodel import func, select
 
 from core.settings import get_settings, reset_settings_cache
 from db.engine import session_scope
-from db.models import Face, FaceState, LabelSource, ModelStatus, ModelVersion, Post
-from tests.conftest import PROJECT_ROOT
+from db.models import Face, LabelSource, ModelStatus, ModelVersion, Post
+from tests.conftest import PROJECT_ROOT, ready_face
 from tests.testdata import IMAGE_SUFFIXES, crop_counts, crop_dirs, raw_image
 from train.step import NotEnoughData, RetrainBusy, retrain_lock, run_retrain, should_retrain
 from worker.tasks import _retrain_outcome
@@ -60,25 +60,7 @@ def add_faces(tags: list[str] | None = None, copies: int = 1, limit: int | None 
                             )
                         )
                         session.flush()
-                        session.add(
-                            Face(
-                                post_id=post_id,
-                                detector="animeface",
-                                x=0,
-                                y=0,
-                                w=96,
-                                h=96,
-                                crop_left=0,
-                                crop_top=0,
-                                crop_right=96,
-                                crop_bottom=96,
-                                state=FaceState.ready,
-                                path=relative,
-                                label=tag_dir.name,
-                                label_source=LabelSource.tag,
-                                split=split,
-                            )
-                        )
+                        session.add(ready_face(post_id, relative, split, tag_dir.name, LabelSource.tag))
                         added += 1
     return added
 

@@ -20,6 +20,7 @@ from crop.rules import inferred_pairs
 from db.engine import session_scope
 from db.models import Character, Face, FaceState, LabelSource, ModelStatus, ModelVersion, Post, PostCharacter
 from scraper.characters import add_characters
+from tests.conftest import ready_face
 from tests.testdata import IMAGE_SUFFIXES, crop_dirs
 from train.registry import labelled_count, labelled_faces
 from train.step import suggest_for_ambiguous
@@ -95,23 +96,7 @@ class Collection:
                 relative = f"faces/{self.files:04d}{path.suffix}"
                 (settings.data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, settings.data_dir / relative)
-                face = Face(
-                    post_id=post_id,
-                    detector="animeface",
-                    x=0,
-                    y=0,
-                    w=96,
-                    h=96,
-                    crop_left=0,
-                    crop_top=0,
-                    crop_right=96,
-                    crop_bottom=96,
-                    state=FaceState.ready,
-                    path=relative,
-                    split=split,
-                    label=label,
-                    label_source=source,
-                )
+                face = ready_face(post_id, relative, split, label, source)
                 session.add(face)
                 session.flush()
                 ids.append(face.id)
