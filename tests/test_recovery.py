@@ -168,12 +168,15 @@ async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_
     # row would be taken up again too (harmless, the compare-and-set keeps one result, but slow)
     claim_timeout, interval = 20.0, 1.0
     env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_CLAIM_TIMEOUT": str(claim_timeout),
-           "WAIFU_RECONCILE_INTERVAL": str(interval), "WAIFU_STUCK_AFTER": "1", "WAIFU_BACKFILL_PAGES": "1"}
+           "WAIFU_RECONCILE_INTERVAL": str(interval), "WAIFU_STUCK_AFTER": "1", "WAIFU_BACKFILL_PAGES": "1",
+           # every pass on the full picture: about 3 s on an idle core, so the detection is still under way
+           # when it is looked for (on the default 250,000-pixel working copy it takes 0.4 s and can be missed)
+           "WAIFU_DETECTOR_MAX_PIXELS": "0"}
     fake.slow_seconds = 60.0
     illustration = raw_image("nishikino_maki/1.png").read_bytes()
     slow_file = fake.add(FakePost(id=7001, tags="nishikino_maki", data=illustration, image="a.png",
                                   fault="slow_once"))
-    store_downloaded(7002, slow_to_detect(7, side=900))
+    store_downloaded(7002, slow_to_detect(7, side=1400))
     assert (await run_cli(env, "characters", "add", "nishikino_maki"))[0] == 0
     assert (await run_cli(env, "scrape", "--once"))[0] == 0
     slow = listed(slow_file.id)
