@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint format bench clean
 
 install: $(STAMP)
 
@@ -30,9 +30,13 @@ endif
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# lint only: the code is wrapped by hand where a formatter would split a sentence-like call over lines
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: install
 	$(PY) -m bench.collect

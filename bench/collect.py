@@ -46,13 +46,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rps", type=float, default=1.0, help="WAIFU_REQUESTS_PER_SECOND")
     p.add_argument("--dps", type=float, default=2.0, help="WAIFU_DOWNLOADS_PER_SECOND")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (per database with --through crop)")
-    p.add_argument("--through", choices=["download", "crop"], default="download",
-                   help="download: the collection alone (default); crop: the whole pipeline as `waifu run` runs it")
-    p.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="sqlite",
-                   help="--through crop: the database(s) to run on")
+    p.add_argument(
+        "--through",
+        choices=["download", "crop"],
+        default="download",
+        help="download: the collection alone (default); crop: the whole pipeline as `waifu run` runs it",
+    )
+    p.add_argument(
+        "--database",
+        choices=["sqlite", "postgresql", "both"],
+        default="sqlite",
+        help="--through crop: the database(s) to run on",
+    )
     p.add_argument("--copies", type=int, default=2, help="--through crop: times the 107 illustrations are posted")
-    p.add_argument("--cpu-processes", type=int, default=0,
-                   help="--through crop: prefork cpu processes (0: one per core, as `waifu run` plans)")
+    p.add_argument(
+        "--cpu-processes",
+        type=int,
+        default=0,
+        help="--through crop: prefork cpu processes (0: one per core, as `waifu run` plans)",
+    )
     return p.parse_args()
 
 
@@ -98,9 +110,25 @@ async def main() -> int:
     add_characters(sorted({p.tags.split()[1] for p in posts}))
 
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "io", "-c", str(args.workers),
-         "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
-        env={**os.environ}, cwd=ROOT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "-Q",
+            "io",
+            "-c",
+            str(args.workers),
+            "--loglevel",
+            "WARNING",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env={**os.environ},
+        cwd=ROOT,
+        start_new_session=True,
     )
     try:
         await asyncio.sleep(3)  # let the worker connect; not part of the measured time
@@ -129,8 +157,9 @@ async def main() -> int:
     table = Table(title=f"collection of the real test set ({n} posts, {args.workers} io workers)")
     for col in ("posts done", "API requests", "elapsed s", "achieved posts/s", "ceiling posts/s", "ratio"):
         table.add_column(col, justify="right")
-    table.add_row(str(done), str(api_requests), f"{elapsed:.1f}", f"{achieved:.2f}", f"{ceiling:.2f}",
-                  f"{achieved / ceiling:.2f}")
+    table.add_row(
+        str(done), str(api_requests), f"{elapsed:.1f}", f"{achieved:.2f}", f"{ceiling:.2f}", f"{achieved / ceiling:.2f}"
+    )
     console.print(table)
     return 0 if done == n else 1
 
@@ -156,12 +185,14 @@ def leftovers() -> dict:
     from db.models import TERMINAL_STATES, Face, FaceState, Post, PostState
 
     with session_scope(readonly=True) as session:
-        posts = session.exec(select(func.count()).select_from(Post).where(
-            Post.state.not_in([str(s) for s in TERMINAL_STATES]))).one()
+        posts = session.exec(
+            select(func.count()).select_from(Post).where(Post.state.not_in([str(s) for s in TERMINAL_STATES]))
+        ).one()
         faces = session.exec(select(func.count()).select_from(Face).where(Face.state == FaceState.detected)).one()
         failures: dict[str, int] = {}
-        for state, reason in session.exec(select(Post.state, Post.reason).where(
-                Post.state.in_([PostState.failed, PostState.skipped]))).all():
+        for state, reason in session.exec(
+            select(Post.state, Post.reason).where(Post.state.in_([PostState.failed, PostState.skipped]))
+        ).all():
             key = f"post {state}: {reason_group(reason)}"
             failures[key] = failures.get(key, 0) + 1
         for (reason,) in session.exec(select(Face.reason).where(Face.state == FaceState.failed)).all():
@@ -170,8 +201,13 @@ def leftovers() -> dict:
         # not failures, but the rest of the story: rows in each final state
         states = dict(session.exec(select(Post.state, func.count()).group_by(Post.state)).all())
         face_states = dict(session.exec(select(Face.state, func.count()).group_by(Face.state)).all())
-    return {"stuck_posts": int(posts), "stuck_faces": int(faces), "failures": failures, "post_states": states,
-            "face_states": face_states}
+    return {
+        "stuck_posts": int(posts),
+        "stuck_faces": int(faces),
+        "failures": failures,
+        "post_states": states,
+        "face_states": face_states,
+    }
 
 
 def progress_counts() -> tuple[int, int]:
@@ -182,14 +218,14 @@ def progress_counts() -> tuple[int, int]:
     from db.models import TERMINAL_STATES, Post, PostState
 
     with session_scope(readonly=True) as session:
-        terminal = session.exec(select(func.count()).select_from(Post).where(
-            Post.state.in_([str(s) for s in TERMINAL_STATES]))).one()
-        waiting = session.exec(select(func.count()).select_from(Post).where(
-            Post.state == PostState.discovered)).one()
+        terminal = session.exec(
+            select(func.count()).select_from(Post).where(Post.state.in_([str(s) for s in TERMINAL_STATES]))
+        ).one()
+        waiting = session.exec(select(func.count()).select_from(Post).where(Post.state == PostState.discovered)).one()
     return int(terminal), int(waiting)
 
 
-def wait_for_workers(expected: int, supervisor, timeout: float = 90.0) -> None:  # noqa: ANN001
+def wait_for_workers(expected: int, supervisor, timeout: float = 90.0) -> None:
     """Until every planned worker answers a ping (start-up is not part of the measured time)."""
     from worker.app import app
 
@@ -205,8 +241,7 @@ def wait_for_workers(expected: int, supervisor, timeout: float = 90.0) -> None: 
     raise RuntimeError(f"workers did not answer a ping within {timeout:.0f}s")
 
 
-async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.Namespace, tmp: Path,
-                       console) -> dict:  # noqa: ANN001
+async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.Namespace, tmp: Path, console) -> dict:
     """One database: a fresh database and data dir, a fresh fake site holding `files`, the workers `waifu
     run` would start (no beat, no scraper loop: one poll in this process), until every post is terminal."""
     import redis
@@ -228,8 +263,9 @@ async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.
     for tag, path in files:
         per_tag.setdefault(tag, []).append((path.read_bytes(), path.suffix.lower()))
     posts = publish(fake, per_tag)
-    os.environ.update({"WAIFU_DATA_DIR": str(data), "WAIFU_DATABASE_URL": database,
-                       "WAIFU_SAFEBOORU_URL": await fake.start()})
+    os.environ.update(
+        {"WAIFU_DATA_DIR": str(data), "WAIFU_DATABASE_URL": database, "WAIFU_SAFEBOORU_URL": await fake.start()}
+    )
     reset_settings_cache()
     settings = get_settings()
     redis.Redis.from_url(settings.broker_url).flushdb()
@@ -244,8 +280,9 @@ async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.
     n, done, elapsed, api_requests, collected, behind = len(posts), 0, 0.0, 0, None, 0
     try:
         for spec in specs:
-            supervisor.start(f"worker-{spec.kind}",
-                             celery_command(celery_worker_args(spec, "WARNING", node_name("", spec.kind))))
+            supervisor.start(
+                f"worker-{spec.kind}", celery_command(celery_worker_args(spec, "WARNING", node_name("", spec.kind)))
+            )
         await asyncio.to_thread(wait_for_workers, len(specs), supervisor)
         started = last_load = time.monotonic()
         loads.append(os.getloadavg())
@@ -284,16 +321,25 @@ async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.
         drop()
     lines = output.path.read_text(errors="replace").splitlines()
     return {
-        "kind": kind, "posts": n, "terminal": done, "seconds": elapsed, "collected": collected, "behind": behind,
-        "api_requests": api_requests, "busy": sum("database busy, retrying" in line for line in lines),
+        "kind": kind,
+        "posts": n,
+        "terminal": done,
+        "seconds": elapsed,
+        "collected": collected,
+        "behind": behind,
+        "api_requests": api_requests,
+        "busy": sum("database busy, retrying" in line for line in lines),
         "problems": sum(any(f" {level} " in line for level in ("WARNING", "ERROR", "CRITICAL")) for line in lines),
-        "poll_errors": getattr(report, "errors", [repr(report)]), **left, "loads": loads, "log": output.path,
+        "poll_errors": getattr(report, "errors", [repr(report)]),
+        **left,
+        "loads": loads,
+        "log": output.path,
         "processes": next(s.concurrency for s in specs if s.pool == "prefork"),
         "workers": ", ".join(f"{s.kind}: {s.pool} x{s.concurrency}" for s in specs),
     }
 
 
-def pipeline_table(run: dict, alone: float, args: argparse.Namespace):  # noqa: ANN201
+def pipeline_table(run: dict, alone: float, args: argparse.Namespace):
     from rich.table import Table
 
     n, seconds = run["posts"], run["seconds"]
@@ -303,8 +349,10 @@ def pipeline_table(run: dict, alone: float, args: argparse.Namespace):  # noqa: 
     limit = "download" if download_floor >= detection_floor else "detection"
     achieved, ceiling = 60 * run["terminal"] / seconds, 60 * n / floor
     ones = [x[0] for x in run["loads"]]
-    table = Table(title=f"full pipeline on {run['kind']}: fake API -> download -> detect -> crop "
-                        f"({n} posts; {run['workers']})", show_header=False)
+    table = Table(
+        title=f"full pipeline on {run['kind']}: fake API -> download -> detect -> crop ({n} posts; {run['workers']})",
+        show_header=False,
+    )
     table.add_column("", justify="left")
     table.add_column("", justify="right")
     stuck = run["stuck_posts"] + run["stuck_faces"]
@@ -312,17 +360,23 @@ def pipeline_table(run: dict, alone: float, args: argparse.Namespace):  # noqa: 
         ("posts (terminal / listed)", f"{run['terminal']} / {n}"),
         ("seconds (first API request to last post terminal)", f"{seconds:.1f}"),
         ("posts/min", f"{achieved:.1f}"),
-        ("  seconds until no post waited for its download",
-         "-" if run["collected"] is None else f"{run['collected']:.1f}"),
+        (
+            "  seconds until no post waited for its download",
+            "-" if run["collected"] is None else f"{run['collected']:.1f}",
+        ),
         ("  posts still in detect or crop then", "-" if run["collected"] is None else str(run["behind"])),
-        (f"download limit posts/min ({run['api_requests']} API requests at {args.rps:g}/s, "
-         f"{n} files at {args.dps:g}/s)", f"{60 * n / download_floor:.1f}"),
-        (f"detection ceiling posts/min ({alone:.1f} s one process / {min(run['processes'], os.cpu_count() or 1)})",
-         f"{60 * n / detection_floor:.1f}"),
+        (
+            f"download limit posts/min ({run['api_requests']} API requests at {args.rps:g}/s, "
+            f"{n} files at {args.dps:g}/s)",
+            f"{60 * n / download_floor:.1f}",
+        ),
+        (
+            f"detection ceiling posts/min ({alone:.1f} s one process / {min(run['processes'], os.cpu_count() or 1)})",
+            f"{60 * n / detection_floor:.1f}",
+        ),
         ("ceiling posts/min", f"{ceiling:.1f} ({limit})"),
         ("ratio", f"{achieved / ceiling:.2f}"),
-        ("rows left non-terminal (posts + faces `detected`)",
-         f"{stuck} ({run['stuck_posts']} + {run['stuck_faces']})"),
+        ("rows left non-terminal (posts + faces `detected`)", f"{stuck} ({run['stuck_posts']} + {run['stuck_faces']})"),
         ("worker log: database-busy retries / warning+error lines", f"{run['busy']} / {run['problems']}"),
         ("post states", ", ".join(f"{k} {v}" for k, v in sorted(run["post_states"].items()))),
         ("face states", ", ".join(f"{k} {v}" for k, v in sorted(run["face_states"].items()))),
@@ -342,15 +396,17 @@ def pipeline_table(run: dict, alone: float, args: argparse.Namespace):  # noqa: 
 async def full_pipeline(args: argparse.Namespace) -> int:
     import shutil
 
-    os.environ.update({
-        "WAIFU_BROKER_URL": os.environ.get("WAIFU_BENCH_REDIS_URL", "redis://127.0.0.1:6379/11"),
-        "WAIFU_REQUESTS_PER_SECOND": str(args.rps),
-        "WAIFU_DOWNLOADS_PER_SECOND": str(args.dps),
-        "WAIFU_BACKFILL_PAGES": "50",
-        "WAIFU_DETECTOR": "both",  # the default, whatever the calling shell says
-        "WAIFU_DETECTOR_FALLBACKS": "true",
-        "WAIFU_LOG_LEVEL": "WARNING",
-    })
+    os.environ.update(
+        {
+            "WAIFU_BROKER_URL": os.environ.get("WAIFU_BENCH_REDIS_URL", "redis://127.0.0.1:6379/11"),
+            "WAIFU_REQUESTS_PER_SECOND": str(args.rps),
+            "WAIFU_DOWNLOADS_PER_SECOND": str(args.dps),
+            "WAIFU_BACKFILL_PAGES": "50",
+            "WAIFU_DETECTOR": "both",  # the default, whatever the calling shell says
+            "WAIFU_DETECTOR_FALLBACKS": "true",
+            "WAIFU_LOG_LEVEL": "WARNING",
+        }
+    )
     from rich.console import Console
 
     from bench.pipeline import detection_seconds, illustrations
@@ -364,8 +420,10 @@ async def full_pipeline(args: argparse.Namespace) -> int:
         paths = illustrations(args.copies, tmp / "copies")  # the raw set, then each copy in the same order
         files = [(tags[i % len(tags)], path) for i, path in enumerate(paths)]
         before = os.getloadavg()
-        console.print(f"detection alone, one process, `both` + fallbacks, {len(paths)} files "
-                      f"(load average {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}) ...")
+        console.print(
+            f"detection alone, one process, `both` + fallbacks, {len(paths)} files "
+            f"(load average {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}) ..."
+        )
         alone = detection_seconds(paths, "both")
         after = os.getloadavg()
         console.print(f"  {alone:.1f} s (load average after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f})")

@@ -65,12 +65,16 @@ class Run:
     def row(self) -> list[str]:
         times = sorted(self.seconds)
         hits = sum(1 for d in self.found.values() if d)
-        return [f"{hits / len(self.found):.1%}", str(sum(len(d) for d in self.found.values())),
-                f"{statistics.median(times):.3f}", f"{times[int(0.9 * (len(times) - 1))]:.3f}",
-                f"{statistics.mean(times):.3f}"]
+        return [
+            f"{hits / len(self.found):.1%}",
+            str(sum(len(d) for d in self.found.values())),
+            f"{statistics.median(times):.3f}",
+            f"{times[int(0.9 * (len(times) - 1))]:.3f}",
+            f"{statistics.mean(times):.3f}",
+        ]
 
 
-def timed(image, settings):  # noqa: ANN001, ANN201
+def timed(image, settings):
     from detect.detectors import find_faces
 
     started = time.process_time()  # CPU time of this process: other work on the machine adds less noise
@@ -78,7 +82,7 @@ def timed(image, settings):  # noqa: ANN001, ANN201
     return time.process_time() - started, found
 
 
-def before_after(console, named: list[tuple[str, Path]]) -> dict[str, dict[str, Run]]:  # noqa: ANN001
+def before_after(console, named: list[tuple[str, Path]]) -> dict[str, dict[str, Run]]:
     """{variant: {"before": Run, "after": Run}}; both paths on each image back to back (same conditions)."""
     from rich.progress import track
 
@@ -102,14 +106,16 @@ def before_after(console, named: list[tuple[str, Path]]) -> dict[str, dict[str, 
     return runs
 
 
-def latency_table(console, runs: dict[str, dict[str, Run]]) -> None:  # noqa: ANN001
+def latency_table(console, runs: dict[str, dict[str, Run]]) -> None:
     from rich.table import Table
 
     from core.settings import Settings
 
     pixels = Settings(_env_file=None).detector_max_pixels
-    table = Table(title=f"detection before vs after, same files, same run (1 thread, CPU s per image); after: "
-                        f"a working copy of at most {pixels:,} pixels, fallbacks on it")
+    table = Table(
+        title=f"detection before vs after, same files, same run (1 thread, CPU s per image); after: "
+        f"a working copy of at most {pixels:,} pixels, fallbacks on it"
+    )
     for col in ("images", "path", "images with a face", "faces", "median s", "p90 s", "mean s"):
         table.add_column(col, justify="left" if col in ("images", "path") else "right")
     for variant, pair in runs.items():
@@ -119,7 +125,7 @@ def latency_table(console, runs: dict[str, dict[str, Run]]) -> None:  # noqa: AN
     console.print(table)
 
 
-def detector_table(console, named: list[tuple[str, Path]]) -> None:  # noqa: ANN001
+def detector_table(console, named: list[tuple[str, Path]]) -> None:
     from rich.progress import track
     from rich.table import Table
 
@@ -147,13 +153,18 @@ def detector_table(console, named: list[tuple[str, Path]]) -> None:  # noqa: ANN
             hits += bool(found)
             faces += len(found)
         times.sort()
-        table.add_row(name, f"{hits / len(loaded):.1%}", str(faces), f"{statistics.median(times):.3f}",
-                      f"{times[int(0.9 * (len(times) - 1))]:.3f}")
+        table.add_row(
+            name,
+            f"{hits / len(loaded):.1%}",
+            str(faces),
+            f"{statistics.median(times):.3f}",
+            f"{times[int(0.9 * (len(times) - 1))]:.3f}",
+        )
     console.print(table)
 
 
 # ---------------------------------------------------------------------------- face check ----
-def checked_features(console) -> tuple[list, list[dict[str, float]]]:  # noqa: ANN001
+def checked_features(console) -> tuple[list, list[dict[str, float]]]:
     """Every checked row and the face check's measurements of it."""
     from rich.progress import track
 
@@ -167,8 +178,9 @@ def checked_features(console) -> tuple[list, list[dict[str, float]]]:  # noqa: A
     by_image: dict[tuple[str, str], list[int]] = {}
     for i, row in enumerate(rows):
         by_image.setdefault((row.file, row.variant), []).append(i)
-    for (file, variant), indices in track(sorted(by_image.items()), description="face check on the checked list",
-                                          console=console, transient=True):
+    for (file, variant), indices in track(
+        sorted(by_image.items()), description="face check on the checked list", console=console, transient=True
+    ):
         image = checked.degraded(open_image(data_file(file)), variant)
         for i in indices:
             values[i] = features(image, rows[i].detection)
@@ -192,7 +204,7 @@ def leave_one_character_out(rows: list, values: list[dict[str, float]]) -> list[
     return out.tolist()
 
 
-def fit(x, y):  # noqa: ANN001, ANN201
+def fit(x, y):
     from sklearn.linear_model import LogisticRegression  # the `train` extra; only here, never at run time
 
     return LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
@@ -208,7 +220,7 @@ def judged(rows: list, probabilities: list[float], variant: str | None) -> tuple
     return (sum(p >= THRESHOLD for p in faces), len(faces), sum(p >= THRESHOLD for p in others), len(others))
 
 
-def check_tables(console, runs: dict[str, dict[str, Run]], named: list[tuple[str, Path]]) -> None:  # noqa: ANN001
+def check_tables(console, runs: dict[str, dict[str, Run]], named: list[tuple[str, Path]]) -> None:
     from rich.table import Table
 
     from core.images import open_image
@@ -229,8 +241,13 @@ def check_tables(console, runs: dict[str, dict[str, Run]], named: list[tuple[str
             if probabilities is None:
                 continue
             kept, faces, wrong, others = judged(rows, probabilities, variant)
-            table.add_row("all" if variant is None else SETS[variant], label, f"{kept}/{faces} ({kept / faces:.1%})",
-                          f"{wrong}/{others}", f"{kept / max(1, kept + wrong):.1%}")
+            table.add_row(
+                "all" if variant is None else SETS[variant],
+                label,
+                f"{kept}/{faces} ({kept / faces:.1%})",
+                f"{wrong}/{others}",
+                f"{kept / max(1, kept + wrong):.1%}",
+            )
     console.print(table)
 
     # the defaults end to end: their own detections, matched to the checked list, with and without the check
@@ -255,12 +272,19 @@ def check_tables(console, runs: dict[str, dict[str, Run]], named: list[tuple[str
                 counts[mode][3] += any(m is not None and m.is_face for m in labels)
         for mode, (total, unmatched, wrong, hits) in counts.items():
             matched = total - unmatched
-            table.add_row(f"{SETS[variant]} ({len(run.found)})", mode, str(total), str(unmatched), str(wrong),
-                          f"{(matched - wrong) / max(1, matched):.1%}", f"{hits / len(run.found):.1%}")
+            table.add_row(
+                f"{SETS[variant]} ({len(run.found)})",
+                mode,
+                str(total),
+                str(unmatched),
+                str(wrong),
+                f"{(matched - wrong) / max(1, matched):.1%}",
+                f"{hits / len(run.found):.1%}",
+            )
     console.print(table)
 
 
-def fit_check(console) -> None:  # noqa: ANN001
+def fit_check(console) -> None:
     """Fits the face check's weights on every checked row; prints them for detect/verify.py."""
     import numpy as np
 
@@ -277,8 +301,10 @@ def fit_check(console) -> None:  # noqa: ANN001
     held_out = leave_one_character_out(rows, values)
     for variant in (None, *SETS):
         kept, faces, wrong, others = judged(rows, held_out, variant)
-        console.print(f"leave one character out, {'all' if variant is None else SETS[variant]}: faces kept "
-                      f"{kept}/{faces}, not-faces kept {wrong}/{others}")
+        console.print(
+            f"leave one character out, {'all' if variant is None else SETS[variant]}: faces kept "
+            f"{kept}/{faces}, not-faces kept {wrong}/{others}"
+        )
 
 
 def notebook_loop(paths: list[Path], out: Path) -> float:
@@ -297,7 +323,7 @@ def notebook_loop(paths: list[Path], out: Path) -> float:
             continue
         gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
         for j, (x, y, w, h) in enumerate(cascade.detectMultiScale(gray, 1.1, 5, minSize=(24, 24))):
-            face = cv2.resize(image[y:y + h, x:x + w], (96, 96))
+            face = cv2.resize(image[y : y + h, x : x + w], (96, 96))
             cv2.imwrite(str(out / f"{i}_{j}.png"), face)
     return time.perf_counter() - started
 
@@ -328,12 +354,35 @@ def queue_run(paths: list[Path], workers: int, tmp: Path) -> tuple[float, int]:
             relative = Path("images") / md5[:2] / f"{md5}{path.suffix.lower()}"
             (data / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, data / relative)
-            session.add(Post(id=i + 1, md5=md5, file_url="https://safebooru.org//x", state=PostState.downloaded,
-                             stored_path=relative.as_posix()))
+            session.add(
+                Post(
+                    id=i + 1,
+                    md5=md5,
+                    file_url="https://safebooru.org//x",
+                    state=PostState.downloaded,
+                    stored_path=relative.as_posix(),
+                )
+            )
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "cpu", "-c", str(workers),
-         "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
-        env={**os.environ}, cwd=ROOT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "-Q",
+            "cpu",
+            "-c",
+            str(workers),
+            "--loglevel",
+            "WARNING",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env={**os.environ},
+        cwd=ROOT,
+        start_new_session=True,
     )
     try:
         time.sleep(4)  # worker start-up is not part of the measured time
@@ -341,8 +390,11 @@ def queue_run(paths: list[Path], workers: int, tmp: Path) -> tuple[float, int]:
         enqueue("detect", range(1, len(paths) + 1))
         while True:
             with session_scope() as session:
-                pending = session.exec(select(func.count()).select_from(Post).where(
-                    Post.state.in_([PostState.downloaded, PostState.detected]))).one()
+                pending = session.exec(
+                    select(func.count())
+                    .select_from(Post)
+                    .where(Post.state.in_([PostState.downloaded, PostState.detected]))
+                ).one()
                 faces = session.exec(select(func.count()).select_from(Face).where(Face.state == "ready")).one()
             if pending == 0:
                 return time.perf_counter() - started, faces
@@ -384,12 +436,22 @@ def main() -> int:
         for col in ("pipeline", "seconds", "images/s", "ratio to notebook", "faces kept"):
             table.add_column(col, justify="right" if col != "pipeline" else "left")
         notebook_faces = len(list((tmp / "notebook").glob("*.png")))
-        table.add_row("notebook loop (lbpcascade only)", f"{baseline:.1f}", f"{len(paths) / baseline:.2f}", "1.00",
-                      str(notebook_faces))
+        table.add_row(
+            "notebook loop (lbpcascade only)",
+            f"{baseline:.1f}",
+            f"{len(paths) / baseline:.2f}",
+            "1.00",
+            str(notebook_faces),
+        )
         for workers in (1, 2):
             seconds, faces = queue_run(paths, workers, tmp)
-            table.add_row(f"cpu queue, {workers} process(es), detector both", f"{seconds:.1f}",
-                          f"{len(paths) / seconds:.2f}", f"{baseline / seconds:.2f}", str(faces))
+            table.add_row(
+                f"cpu queue, {workers} process(es), detector both",
+                f"{seconds:.1f}",
+                f"{len(paths) / seconds:.2f}",
+                f"{baseline / seconds:.2f}",
+                str(faces),
+            )
         console.print(table)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -76,7 +76,7 @@ def notebook_loop(paths: list[Path], out: Path) -> tuple[float, int]:
             continue
         gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
         for j, (x, y, w, h) in enumerate(cascade.detectMultiScale(gray, 1.1, 5, minSize=(24, 24))):
-            cv2.imwrite(str(out / f"{i}_{j}.png"), cv2.resize(image[y:y + h, x:x + w], (96, 96)))
+            cv2.imwrite(str(out / f"{i}_{j}.png"), cv2.resize(image[y : y + h, x : x + w], (96, 96)))
             faces += 1
     return time.perf_counter() - started, faces
 
@@ -109,8 +109,9 @@ def fresh_database(kind: str, tmp: Path) -> tuple[str, callable]:
     from sqlalchemy import create_engine, text
 
     name = f"waifu_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1),
-                          isolation_level="AUTOCOMMIT")
+    admin = create_engine(
+        POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+    )
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
 
@@ -137,8 +138,13 @@ def queue_run(paths: list[Path], processes: int, detector: str, database: str, t
     from worker.steps import enqueue
 
     data = tmp / f"data-{uuid.uuid4().hex[:6]}"
-    env = {"WAIFU_DATA_DIR": str(data), "WAIFU_DATABASE_URL": database, "WAIFU_BROKER_URL": REDIS_URL,
-           "WAIFU_DETECTOR": detector, "WAIFU_LOG_LEVEL": "WARNING"}
+    env = {
+        "WAIFU_DATA_DIR": str(data),
+        "WAIFU_DATABASE_URL": database,
+        "WAIFU_BROKER_URL": REDIS_URL,
+        "WAIFU_DETECTOR": detector,
+        "WAIFU_LOG_LEVEL": "WARNING",
+    }
     os.environ.update(env)
     reset_settings_cache()
     data.mkdir(parents=True)
@@ -151,20 +157,46 @@ def queue_run(paths: list[Path], processes: int, detector: str, database: str, t
             relative = Path("images") / md5[:2] / f"{md5}{path.suffix.lower()}"
             (data / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, data / relative)
-            session.add(Post(id=i + 1, md5=md5, file_url="https://safebooru.org//x", state=PostState.downloaded,
-                             stored_path=relative.as_posix()))
+            session.add(
+                Post(
+                    id=i + 1,
+                    md5=md5,
+                    file_url="https://safebooru.org//x",
+                    state=PostState.downloaded,
+                    stored_path=relative.as_posix(),
+                )
+            )
     log = (tmp / "worker.log").open("ab")
-    worker = subprocess.Popen([sys.executable, "-m", "waifu.cli", "worker", "--queues", "cpu", "--concurrency",
-                               str(processes), "--loglevel", "WARNING"], env={**os.environ, **env}, cwd=ROOT,
-                              start_new_session=True, stdout=log, stderr=log)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "waifu.cli",
+            "worker",
+            "--queues",
+            "cpu",
+            "--concurrency",
+            str(processes),
+            "--loglevel",
+            "WARNING",
+        ],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=log,
+        stderr=log,
+    )
     try:
         time.sleep(5)  # worker start-up is not part of the measured time
         started = time.perf_counter()
         enqueue("detect", range(1, len(paths) + 1))
         while True:
             with session_scope(readonly=True) as session:
-                pending = session.exec(select(func.count()).select_from(Post).where(
-                    Post.state.in_([PostState.downloaded, PostState.detected]))).one()
+                pending = session.exec(
+                    select(func.count())
+                    .select_from(Post)
+                    .where(Post.state.in_([PostState.downloaded, PostState.detected]))
+                ).one()
             if pending == 0:
                 seconds = time.perf_counter() - started
                 break
@@ -204,9 +236,25 @@ def crop_cost(existing: int, sample: list[Path], tmp: Path) -> float:
             rows, band_rows = [], []
             for face_id in range(start + 1, min(existing, start + batch) + 1):
                 phash = f"{rng.getrandbits(64):016x}"
-                rows.append({"id": face_id, "post_id": 1, "detector": "animeface", "x": 0, "y": 0, "w": 10, "h": 10,
-                             "crop_left": 0, "crop_top": 0, "crop_right": 10, "crop_bottom": 10, "state": "ready",
-                             "phash": phash, "path": f"faces/{face_id}.png", "split": "train"})
+                rows.append(
+                    {
+                        "id": face_id,
+                        "post_id": 1,
+                        "detector": "animeface",
+                        "x": 0,
+                        "y": 0,
+                        "w": 10,
+                        "h": 10,
+                        "crop_left": 0,
+                        "crop_top": 0,
+                        "crop_right": 10,
+                        "crop_bottom": 10,
+                        "state": "ready",
+                        "phash": phash,
+                        "path": f"faces/{face_id}.png",
+                        "split": "train",
+                    }
+                )
                 band_rows += [{"band": b, "value": v, "face_id": face_id, "phash": phash} for b, v in bands(phash)]
             conn.execute(insert(Face), rows)
             conn.execute(insert(FaceHashBand), band_rows)
@@ -217,12 +265,23 @@ def crop_cost(existing: int, sample: list[Path], tmp: Path) -> float:
         (data / "images").mkdir(exist_ok=True)
         shutil.copy(path, data / relative)
         with session_scope() as session:
-            post = Post(id=1000 + i, md5=f"{i:032x}", file_url="x", state=PostState.detected, faces=1,
-                        stored_path=relative)
+            post = Post(
+                id=1000 + i, md5=f"{i:032x}", file_url="x", state=PostState.detected, faces=1, stored_path=relative
+            )
             session.add(post)
             session.flush()
-            face = Face(post_id=post.id, detector="animeface", x=10, y=10, w=80, h=80, crop_left=0, crop_top=0,
-                        crop_right=100, crop_bottom=100)
+            face = Face(
+                post_id=post.id,
+                detector="animeface",
+                x=10,
+                y=10,
+                w=80,
+                h=80,
+                crop_left=0,
+                crop_top=0,
+                crop_right=100,
+                crop_bottom=100,
+            )
             session.add(face)
             session.flush()
             face_id = face.id
@@ -253,8 +312,15 @@ def main() -> int:
             table = Table(title=f"detect + crop through the real queue, {len(paths)} illustrations, {cores} cores")
             for col in ("run", "database", "seconds", "images/s", "vs notebook", "vs 1 process", "faces"):
                 table.add_column(col, justify="left" if col in ("run", "database") else "right")
-            table.add_row("notebook loop, lbpcascade, 1 process", "-", f"{nb_seconds:.1f}",
-                          f"{len(paths) / nb_seconds:.2f}", "1.00", "", str(nb_faces))
+            table.add_row(
+                "notebook loop, lbpcascade, 1 process",
+                "-",
+                f"{nb_seconds:.1f}",
+                f"{len(paths) / nb_seconds:.2f}",
+                "1.00",
+                "",
+                str(nb_faces),
+            )
             for kind in ("sqlite",) + (() if args.skip_postgres else ("postgresql",)):
                 one = None
                 for processes in (1, 2):
@@ -264,14 +330,25 @@ def main() -> int:
                     finally:
                         drop()
                     one = one or seconds
-                    table.add_row(f"queue, lbpcascade, {processes} process(es)", kind, f"{seconds:.1f}",
-                                  f"{len(paths) / seconds:.2f}", f"{nb_seconds / seconds:.2f}",
-                                  f"{one / seconds:.2f}", str(faces))
+                    table.add_row(
+                        f"queue, lbpcascade, {processes} process(es)",
+                        kind,
+                        f"{seconds:.1f}",
+                        f"{len(paths) / seconds:.2f}",
+                        f"{nb_seconds / seconds:.2f}",
+                        f"{one / seconds:.2f}",
+                        str(faces),
+                    )
             console.print(table)
 
             ceiling_table = Table(title="default detectors (both + fallbacks) against the detection ceiling")
-            for col in ("database", "detection + check, 1 process (s)", "ceiling at 2 processes (s)", "queue (s)",
-                        "share of ceiling"):
+            for col in (
+                "database",
+                "detection + check, 1 process (s)",
+                "ceiling at 2 processes (s)",
+                "queue (s)",
+                "share of ceiling",
+            ):
                 ceiling_table.add_column(col, justify="right")
             alone = detection_seconds(paths, "both")
             for kind in ("sqlite",) + (() if args.skip_postgres else ("postgresql",)):
@@ -281,8 +358,9 @@ def main() -> int:
                 finally:
                     drop()
                 ceiling = alone / min(2, cores)
-                ceiling_table.add_row(kind, f"{alone:.1f}", f"{ceiling:.1f}", f"{seconds:.1f}",
-                                      f"{ceiling / seconds:.2f}")
+                ceiling_table.add_row(
+                    kind, f"{alone:.1f}", f"{ceiling:.1f}", f"{seconds:.1f}", f"{ceiling / seconds:.2f}"
+                )
             console.print(ceiling_table)
         if args.only in (None, "crop"):
             sample = paths[:15]

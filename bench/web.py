@@ -40,8 +40,11 @@ SCENARIOS = {
     "deep page (after id 90,000)": "after=90000",
     "page before id 50,000, ambiguous": "source=ambiguous&before=50000",
 }
-INDEXES = {"ix_face_source_state_id": ["label_source", "state", "id"], "ix_face_suggestion": ["suggestion"],
-           "ix_face_suggestion_score": ["suggestion_score"]}
+INDEXES = {
+    "ix_face_source_state_id": ["label_source", "state", "id"],
+    "ix_face_suggestion": ["suggestion"],
+    "ix_face_suggestion_score": ["suggestion_score"],
+}
 
 
 def fill(url: str, faces: int, seed: int = 0) -> None:
@@ -60,15 +63,34 @@ def fill(url: str, faces: int, seed: int = 0) -> None:
     posts = max(1, faces * 2 // 5)
     start = datetime(2026, 1, 1, tzinfo=UTC)
     with engine.begin() as conn:
-        conn.execute(insert(Character), [{"tag": c, "extra_terms": "", "ratings": "", "created_at": start}
-                                         for c in CHARACTERS])
+        conn.execute(
+            insert(Character), [{"tag": c, "extra_terms": "", "ratings": "", "created_at": start} for c in CHARACTERS]
+        )
         ids = {tag: i + 1 for i, tag in enumerate(CHARACTERS)}
         for first in range(1, posts + 1, 5000):
             batch = range(first, min(posts + 1, first + 5000))
-            conn.execute(insert(Post), [{"id": p, "md5": f"{p:032x}", "file_url": "https://safebooru.org/x",
-                                         "image": "", "directory": "", "rating": "", "tags": "", "source": "",
-                                         "state": "done", "attempts": 0, "faces": 2, "stored_path": None,
-                                         "created_at": start, "updated_at": start} for p in batch])
+            conn.execute(
+                insert(Post),
+                [
+                    {
+                        "id": p,
+                        "md5": f"{p:032x}",
+                        "file_url": "https://safebooru.org/x",
+                        "image": "",
+                        "directory": "",
+                        "rating": "",
+                        "tags": "",
+                        "source": "",
+                        "state": "done",
+                        "attempts": 0,
+                        "faces": 2,
+                        "stored_path": None,
+                        "created_at": start,
+                        "updated_at": start,
+                    }
+                    for p in batch
+                ],
+            )
             links = []
             for p in batch:
                 for tag in rng.sample(CHARACTERS, rng.choice((1, 1, 2))):
@@ -81,16 +103,32 @@ def fill(url: str, faces: int, seed: int = 0) -> None:
             state = "rejected" if rng.random() < 0.03 else "ready"
             label = None if source == "ambiguous" else pick()
             suggested = source == "ambiguous" and rng.random() < 0.9
-            rows.append({
-                "post_id": 1 + (face_id - 1) * posts // faces, "detector": "animeface", "score": 0.9,
-                "x": 10, "y": 10, "w": 50, "h": 50, "crop_left": 0, "crop_top": 0, "crop_right": 70,
-                "crop_bottom": 70, "state": state, "path": f"faces/{face_id:06d}.png", "sha256": None,
-                "phash": None, "label": label, "label_source": source,
-                "split": "test" if rng.random() < 0.15 else "train",
-                "suggestion": pick() if suggested else None,
-                "suggestion_score": round(rng.uniform(0.2, 1.0), 3) if suggested else None,
-                "created_at": start + timedelta(minutes=face_id), "updated_at": start,
-            })
+            rows.append(
+                {
+                    "post_id": 1 + (face_id - 1) * posts // faces,
+                    "detector": "animeface",
+                    "score": 0.9,
+                    "x": 10,
+                    "y": 10,
+                    "w": 50,
+                    "h": 50,
+                    "crop_left": 0,
+                    "crop_top": 0,
+                    "crop_right": 70,
+                    "crop_bottom": 70,
+                    "state": state,
+                    "path": f"faces/{face_id:06d}.png",
+                    "sha256": None,
+                    "phash": None,
+                    "label": label,
+                    "label_source": source,
+                    "split": "test" if rng.random() < 0.15 else "train",
+                    "suggestion": pick() if suggested else None,
+                    "suggestion_score": round(rng.uniform(0.2, 1.0), 3) if suggested else None,
+                    "created_at": start + timedelta(minutes=face_id),
+                    "updated_at": start,
+                }
+            )
             if len(rows) == 5000:
                 conn.execute(insert(Face), rows)
                 rows = []
@@ -169,8 +207,9 @@ def run_backend(backend: str, faces: int, runs: int, tmp: Path) -> tuple[dict[st
         url = f"sqlite:///{tmp / 'bench-web.db'}"
     else:
         name = f"waifu_bench_web_{uuid.uuid4().hex[:8]}"
-        admin = create_engine(POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1),
-                              isolation_level="AUTOCOMMIT")
+        admin = create_engine(
+            POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+        )
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         url = f"{POSTGRES_URL.rpartition('/')[0]}/{name}"
@@ -214,17 +253,25 @@ def main() -> int:
         os.environ.pop("WAIFU_WEB_PASSWORD", None)
         for backend in args.backends.split(","):
             http, queries, without, fill_s = run_backend(backend.strip(), args.faces, args.runs, Path(tmp))
-            table = Table(title=f"GET /faces, page of 200, {args.faces:,} faces, {backend} "
-                                f"(median of {args.runs}; rows inserted in {fill_s:.0f} s)")
+            table = Table(
+                title=f"GET /faces, page of 200, {args.faces:,} faces, {backend} "
+                f"(median of {args.runs}; rows inserted in {fill_s:.0f} s)"
+            )
             for column in ("filter", "HTTP ms", "queries ms", "queries ms without 0005 indexes", "ratio"):
                 table.add_column(column, justify="left" if column == "filter" else "right")
             for name in SCENARIOS:
-                table.add_row(name, f"{http[name] * 1000:.0f}", f"{queries[name] * 1000:.1f}",
-                              f"{without[name] * 1000:.1f}", f"{without[name] / queries[name]:.2f}x")
+                table.add_row(
+                    name,
+                    f"{http[name] * 1000:.0f}",
+                    f"{queries[name] * 1000:.1f}",
+                    f"{without[name] * 1000:.1f}",
+                    f"{without[name] / queries[name]:.2f}x",
+                )
             console.print(table)
             worst = max(http.values())
-            console.print(f"{backend}: slowest page {worst * 1000:.0f} ms "
-                          f"({'under' if worst < 0.3 else 'OVER'} the 300 ms goal)")
+            console.print(
+                f"{backend}: slowest page {worst * 1000:.0f} ms ({'under' if worst < 0.3 else 'OVER'} the 300 ms goal)"
+            )
     return 0
 
 

@@ -28,8 +28,9 @@ def parse_retry_after(value: str | None, cap: float) -> float | None:
     return max(0.0, min(seconds, cap))
 
 
-def check_status(status: int, reason: str, retry_after: str | None, cap: float, what: str = "",
-                 subject: str = "file") -> None:
+def check_status(
+    status: int, reason: str, retry_after: str | None, cap: float, what: str = "", subject: str = "file"
+) -> None:
     """Raises for anything but 200: 429 and 5xx are `Retryable` (with the server's wait), every other
     answer is a final `Refused` whose message names the status and what it means for us."""
     if status == 200:

@@ -59,16 +59,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 # first bytes -> what the file is, for a readable refusal; ours first, then what people often try
 SIGNATURES = (
-    (0, b"\xff\xd8\xff", "JPEG"), (0, b"\x89PNG\r\n\x1a\n", "PNG"), (0, b"GIF8", "GIF"), (8, b"WEBP", "WEBP"),
-    (0, b"II*\x00", "TIFF"), (0, b"MM\x00*", "TIFF"), (0, b"8BPS", "Photoshop (PSD)"),
-    (4, b"ftypavi", "AVIF"), (4, b"ftyphei", "HEIF"), (4, b"ftypmif1", "HEIF"), (0, b"\xff\x0a", "JPEG XL"),
-    (4, b"JXL ", "JPEG XL"), (0, b"%PDF", "PDF"), (0, b"PK\x03\x04", "ZIP"),
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"GIF8", "GIF"),
+    (8, b"WEBP", "WEBP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (0, b"8BPS", "Photoshop (PSD)"),
+    (4, b"ftypavi", "AVIF"),
+    (4, b"ftyphei", "HEIF"),
+    (4, b"ftypmif1", "HEIF"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (4, b"JXL ", "JPEG XL"),
+    (0, b"%PDF", "PDF"),
+    (0, b"PK\x03\x04", "ZIP"),
 )
 
 
 def sniff(head: bytes) -> str | None:
     """The format the first bytes announce, or None."""
-    return next((name for at, magic, name in SIGNATURES if head[at:at + len(magic)] == magic), None)
+    return next((name for at, magic, name in SIGNATURES if head[at : at + len(magic)] == magic), None)
 
 
 def head_of(path: Path) -> bytes:
@@ -118,12 +128,13 @@ def open_image(source: Path | str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
         raise Refused(f"not an image: {path} is a directory")
     fmt = ""
     try:
-        with own_pixel_check(), Image.open(path if path is not None else BytesIO(source),
-                                           formats=IMAGE_FORMATS) as im:
+        with own_pixel_check(), Image.open(path if path is not None else BytesIO(source), formats=IMAGE_FORMATS) as im:
             fmt, (width, height) = im.format or "", im.size
             if width * height > max_pixels:
-                raise Refused(f"image is {width}x{height} = {width * height / 1e6:.0f} MP, over the "
-                              f"{max_pixels / 1e6:.0f} MP limit (decompression bomb?)")
+                raise Refused(
+                    f"image is {width}x{height} = {width * height / 1e6:.0f} MP, over the "
+                    f"{max_pixels / 1e6:.0f} MP limit (decompression bomb?)"
+                )
             im.seek(0)  # animations: the first frame
             im.load()
             upright = ImageOps.exif_transpose(im)  # a copy whose pixels no longer need the file

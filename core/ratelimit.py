@@ -58,12 +58,10 @@ def _hit_all(limiter: MovingWindowRateLimiter, items: tuple[RateLimitItem, ...],
     return all(limiter.hit(item, host) for item in items)
 
 
-def _until_free(limiter: MovingWindowRateLimiter, items: tuple[RateLimitItem, ...], host: str,
-                poll: float) -> float:
+def _until_free(limiter: MovingWindowRateLimiter, items: tuple[RateLimitItem, ...], host: str, poll: float) -> float:
     """Seconds until the fullest window frees a slot (polled at least every second: other hosts' clocks)."""
     now = time.time()
-    waits = [stats.reset_time - now for item in items
-             if (stats := limiter.get_window_stats(item, host)).remaining <= 0]
+    waits = [stats.reset_time - now for item in items if (stats := limiter.get_window_stats(item, host)).remaining <= 0]
     return min(1.0, max([poll, *waits]))
 
 

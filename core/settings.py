@@ -99,8 +99,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [-25.0, 25.0], description="Rotations (degrees) of the tilted-head fallback"
     )
     face_verify: bool = Field(
-        True, description="Check every detection again (detect.verify); the ones judged not a face are kept as "
-        "`filtered` faces with the reason, never cropped nor labelled"
+        True,
+        description="Check every detection again (detect.verify); the ones judged not a face are kept as "
+        "`filtered` faces with the reason, never cropped nor labelled",
     )
     face_size: int = Field(96, ge=16, le=1024, description="Side of the square face crops in pixels")
     face_margin: float = Field(0.2, ge=0, le=2, description="Crop margin around a face box, share of its side")
@@ -125,8 +126,10 @@ class Settings(BaseSettings):
     train_epochs: int | None = Field(None, ge=1, description="Epochs of the CNN (default: the chosen design's)")
     train_threads: int | None = Field(None, ge=1, description="TensorFlow threads (default: 2)")
     train_cnn_budget_s: float = Field(
-        100.0, ge=0, description="Seconds of CNN training a retrain aims at on 2 cores: its input size (64 or 48 px) "
-        "and epochs follow the number of faces (0: always the full 64 px, 15-epoch design)"
+        100.0,
+        ge=0,
+        description="Seconds of CNN training a retrain aims at on 2 cores: its input size (64 or 48 px) "
+        "and epochs follow the number of faces (0: always the full 64 px, 15-epoch design)",
     )
 
     # --- web page (`waifu web`) ------------------------------------------------------------------
@@ -175,8 +178,12 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown site {name!r}; known: {', '.join(sorted(KNOWN_SITES))}")
         override = self.sites.get(name) or SiteOverride()
         url = override.url or (self.safebooru_url if name == DEFAULT_SITE else None)
-        return configured(KNOWN_SITES[name], url=url, api_key=override.api_key or self.api_key,
-                          user_id=override.user_id or self.user_id)
+        return configured(
+            KNOWN_SITES[name],
+            url=url,
+            api_key=override.api_key or self.api_key,
+            user_id=override.user_id or self.user_id,
+        )
 
     @property
     def all_sites(self) -> list[Site]:

@@ -39,14 +39,33 @@ class Site:
 
 
 KNOWN_SITES: dict[str, Site] = {
-    site.name: site for site in (
-        Site("safebooru", "https://safebooru.org",
-             frozenset({"safebooru.org", "www.safebooru.org", "img.safebooru.org"}),
-             max_page=100, needs_credentials=False, ratings=("general", "safe", "questionable", "explicit")),
-        Site("gelbooru", "https://gelbooru.com",
-             frozenset({"gelbooru.com", "img1.gelbooru.com", "img2.gelbooru.com", "img3.gelbooru.com",
-                        "img4.gelbooru.com", "video-cdn3.gelbooru.com"}),
-             max_page=100, needs_credentials=True, ratings=("general", "sensitive", "questionable", "explicit")),
+    site.name: site
+    for site in (
+        Site(
+            "safebooru",
+            "https://safebooru.org",
+            frozenset({"safebooru.org", "www.safebooru.org", "img.safebooru.org"}),
+            max_page=100,
+            needs_credentials=False,
+            ratings=("general", "safe", "questionable", "explicit"),
+        ),
+        Site(
+            "gelbooru",
+            "https://gelbooru.com",
+            frozenset(
+                {
+                    "gelbooru.com",
+                    "img1.gelbooru.com",
+                    "img2.gelbooru.com",
+                    "img3.gelbooru.com",
+                    "img4.gelbooru.com",
+                    "video-cdn3.gelbooru.com",
+                }
+            ),
+            max_page=100,
+            needs_credentials=True,
+            ratings=("general", "sensitive", "questionable", "explicit"),
+        ),
     )
 }
 

@@ -79,10 +79,17 @@ def undo(face_id: int | None = None) -> Action:
         latest = session.exec(query.order_by(col(FaceLabelEvent.id).desc())).first()
         if latest is None:
             raise LookupError("nothing to undo" if face_id is None else f"nothing to undo for face {face_id}")
-        events = [latest] if face_id is not None else list(session.exec(
-            select(FaceLabelEvent).where(FaceLabelEvent.action == latest.action,
-                                         col(FaceLabelEvent.undone_at).is_(None)).order_by(FaceLabelEvent.id)
-        ).all())
+        events = (
+            [latest]
+            if face_id is not None
+            else list(
+                session.exec(
+                    select(FaceLabelEvent)
+                    .where(FaceLabelEvent.action == latest.action, col(FaceLabelEvent.undone_at).is_(None))
+                    .order_by(FaceLabelEvent.id)
+                ).all()
+            )
+        )
         now = utcnow()
         result = Action(latest.action)
         for event in events:
@@ -143,10 +150,26 @@ def _apply(session: Session, labels: dict[int, str | None], faces: list[Face], o
         face.doubt, face.doubt_score, face.inferred_margin = None, None, None
         face.updated_at = now
         after = {suffix: getattr(face, attribute) for attribute, suffix in FIELDS}
-        session.add(FaceLabelEvent(action=action.action, face_id=face.id, origin=origin, created_at=now,
-                                   **{f"before_{k}": v for k, v in before.items()},
-                                   **{f"after_{k}": v for k, v in after.items()}))
-        log.info(kv("face labelled", face=face.id, label=face.label, state=face.state, source="manual",
-                    origin=origin, action=action.action))
+        session.add(
+            FaceLabelEvent(
+                action=action.action,
+                face_id=face.id,
+                origin=origin,
+                created_at=now,
+                **{f"before_{k}": v for k, v in before.items()},
+                **{f"after_{k}": v for k, v in after.items()},
+            )
+        )
+        log.info(
+            kv(
+                "face labelled",
+                face=face.id,
+                label=face.label,
+                state=face.state,
+                source="manual",
+                origin=origin,
+                action=action.action,
+            )
+        )
         action.faces.append(face)
     return action

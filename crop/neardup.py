@@ -34,13 +34,17 @@ def bands(phash: str) -> list[tuple[int, int]]:
     return [(band, (value >> (8 * band)) & 0xFF) for band in range(BANDS)]
 
 
-def candidates(phash: str):  # noqa: ANN201 - a SQLAlchemy selectable
+def candidates(phash: str):
     """(face id, phash) of indexed faces sharing at least one band with `phash`: one index range per band,
     on the band table alone."""
-    return union(*(
-        select(FaceHashBand.face_id, FaceHashBand.phash).where(FaceHashBand.band == band, FaceHashBand.value == value)
-        for band, value in bands(phash)
-    ))
+    return union(
+        *(
+            select(FaceHashBand.face_id, FaceHashBand.phash).where(
+                FaceHashBand.band == band, FaceHashBand.value == value
+            )
+            for band, value in bands(phash)
+        )
+    )
 
 
 def find_near_duplicate(session: Session, face_id: int | None, phash: str, max_distance: int) -> Face | None:
@@ -48,10 +52,14 @@ def find_near_duplicate(session: Session, face_id: int | None, phash: str, max_d
     if max_distance <= MAX_INDEXED_DISTANCE:
         rows = session.exec(candidates(phash)).all()
     else:
-        rows = session.exec(select(Face.id, Face.phash).where(
-            Face.state == FaceState.ready, col(Face.phash).is_not(None))).all()
-    close = sorted(other_id for other_id, other_phash in rows
-                   if other_id != face_id and hamming(other_phash, phash) <= max_distance)
+        rows = session.exec(
+            select(Face.id, Face.phash).where(Face.state == FaceState.ready, col(Face.phash).is_not(None))
+        ).all()
+    close = sorted(
+        other_id
+        for other_id, other_phash in rows
+        if other_id != face_id and hamming(other_phash, phash) <= max_distance
+    )
     for other_id in close:  # few: a picture and its reposts
         other = session.get(Face, other_id)
         if other is not None and other.state == FaceState.ready:

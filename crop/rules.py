@@ -21,8 +21,9 @@ def label_for(tracked_tags: list[str], faces_in_post: int) -> tuple[str | None, 
     return None, LabelSource.ambiguous
 
 
-def inferred_pairs(scores: Sequence[Sequence[float]], min_margin: float,
-                   min_score: float = 0.0) -> list[tuple[int, int, float]]:
+def inferred_pairs(
+    scores: Sequence[Sequence[float]], min_margin: float, min_score: float = 0.0
+) -> list[tuple[int, int, float]]:
     """Which face shows which of a post's tracked characters, from a model's scores (faces x characters,
     probabilities): every character is in the post at least once, each face is at most one of them.
 

@@ -41,10 +41,13 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def tracked_tags(session: Session, post_id: int) -> list[str]:
-    return sorted(session.exec(
-        select(Character.tag).join(PostCharacter, PostCharacter.character_id == Character.id)
-        .where(PostCharacter.post_id == post_id)
-    ).all())
+    return sorted(
+        session.exec(
+            select(Character.tag)
+            .join(PostCharacter, PostCharacter.character_id == Character.id)
+            .where(PostCharacter.post_id == post_id)
+        ).all()
+    )
 
 
 def _now_state(face_id: int) -> StepOutcome:
@@ -88,8 +91,17 @@ def crop_face(face_id: int, settings: Settings, token: str | None = None) -> Ste
             face.label, face.label_source = label_for(tracked_tags(session, post.id), post.faces or 0)
         face.state, face.updated_at = FaceState.ready, utcnow()
         index_face(session, face)
-        log.info(kv("face ready", face=face.id, post=post.id, label=face.label, source=face.label_source,
-                    split=face.split, duplicate_of=face.duplicate_of))
+        log.info(
+            kv(
+                "face ready",
+                face=face.id,
+                post=post.id,
+                label=face.label,
+                source=face.label_source,
+                split=face.split,
+                duplicate_of=face.duplicate_of,
+            )
+        )
         finish_post_if_complete(session, post)
         return StepOutcome(face.state)
 
@@ -108,8 +120,6 @@ def record_failed(face_id: int, token: str, reason: str) -> StepOutcome:
 def finish_post_if_complete(session: Session, post: Post) -> None:
     """A post is `done` once none of its faces still waits for its crop."""
     session.flush()
-    waiting = session.exec(
-        select(Face.id).where(Face.post_id == post.id, Face.state == FaceState.detected)
-    ).first()
+    waiting = session.exec(select(Face.id).where(Face.post_id == post.id, Face.state == FaceState.detected)).first()
     if waiting is None and post.state == PostState.detected:
         transition(post, PostState.done)

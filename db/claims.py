@@ -51,8 +51,14 @@ def held_by_other(row: SQLModel, token: str, now: datetime) -> bool:
     return row.claim_token not in (None, token) and until is not None and until > now
 
 
-def claim(table: type[Row], row_id: int, state: str, token: str, seconds: float,
-          on_claim: Callable[[Session, Row], None] | None = None) -> Row | None:
+def claim(
+    table: type[Row],
+    row_id: int,
+    state: str,
+    token: str,
+    seconds: float,
+    on_claim: Callable[[Session, Row], None] | None = None,
+) -> Row | None:
     """The row, detached, if it is in `state` and free (or ours): claimed for `seconds`. Else None.
 
     `on_claim` runs in the claiming transaction (count an attempt, settle a duplicate at once); if it
@@ -82,15 +88,23 @@ def peek(table: type[Row], row_id: int) -> Row | None:
 
 
 @contextmanager
-def still_claimed(table: type[Row], row_id: int, state: str, token: str,
-                  keep: bool = False) -> Iterator[tuple[Session, Row | None]]:
+def still_claimed(
+    table: type[Row], row_id: int, state: str, token: str, keep: bool = False
+) -> Iterator[tuple[Session, Row | None]]:
     """A short transaction on the row if it is still in `state` under our claim (else the row is None and
     nothing may be written). The claim is released when the block ends without an error, unless `keep`."""
     with session_scope() as session:
         row = session.get(table, row_id, with_for_update=True)
         if row is None or row.state != state or row.claim_token != token:
-            log.info(kv("claim lost", table=table.__tablename__, row=row_id, token=token,
-                        state=None if row is None else row.state))
+            log.info(
+                kv(
+                    "claim lost",
+                    table=table.__tablename__,
+                    row=row_id,
+                    token=token,
+                    state=None if row is None else row.state,
+                )
+            )
             yield session, None
             return
         yield session, row

@@ -32,7 +32,7 @@ def engine_for(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_ms / 1000})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+        def _sqlite_pragmas(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -42,7 +42,7 @@ def engine_for(url: str) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin(conn):  # noqa: ANN001
+        def _begin(conn):
             # Writers take the lock at the start and queue for it (busy_timeout); readers take none (WAL).
             readonly = conn.get_execution_options().get(READONLY, False)
             conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
@@ -90,6 +90,16 @@ def is_transient(error: BaseException) -> bool:
         return True
     text = str(orig).lower()
     if isinstance(error, exc.OperationalError):
-        return any(word in text for word in ("database is locked", "database is busy", "locked", "busy",
-                                             "could not connect", "connection", "server closed"))
+        return any(
+            word in text
+            for word in (
+                "database is locked",
+                "database is busy",
+                "locked",
+                "busy",
+                "could not connect",
+                "connection",
+                "server closed",
+            )
+        )
     return False

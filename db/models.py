@@ -56,9 +56,7 @@ class PostCharacter(SQLModel, table=True):
 
     __tablename__ = "post_character"
 
-    post_id: int = Field(
-        sa_column=Column(BigInteger, ForeignKey("post.id", ondelete="CASCADE"), primary_key=True)
-    )
+    post_id: int = Field(sa_column=Column(BigInteger, ForeignKey("post.id", ondelete="CASCADE"), primary_key=True))
     character_id: int = Field(
         sa_column=Column(Integer, ForeignKey("character.id", ondelete="CASCADE"), primary_key=True)
     )
@@ -86,9 +84,7 @@ class Post(SQLModel, table=True):
     source: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     change: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
-    state: str = Field(
-        default=PostState.discovered, sa_column=Column(String(16), nullable=False, index=True)
-    )
+    state: str = Field(default=PostState.discovered, sa_column=Column(String(16), nullable=False, index=True))
     reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     attempts: int = Field(default=0, nullable=False)
     duplicate_of: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
@@ -160,8 +156,9 @@ class Face(SQLModel, table=True):
     __tablename__ = "face"
 
     id: int | None = Field(default=None, primary_key=True)
-    post_id: int = Field(sa_column=Column(BigInteger, ForeignKey("post.id", ondelete="CASCADE"), index=True,
-                                          nullable=False))
+    post_id: int = Field(
+        sa_column=Column(BigInteger, ForeignKey("post.id", ondelete="CASCADE"), index=True, nullable=False)
+    )
     # the detection, in the original image's pixels
     detector: str = Field(sa_column=Column(String(32), nullable=False))
     score: float | None = None

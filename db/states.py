@@ -32,9 +32,11 @@ def hand_over_reposts(session: Session, failed: Post) -> int | None:
     """A repost was skipped in favour of `failed`, which never got its file: the earliest repost takes
     its place (back to `discovered`; the caller enqueues it) and the others now wait on that one.
     A duplicate is final only once its original is stored."""
-    reposts = list(session.exec(
-        select(Post).where(Post.duplicate_of == failed.id, Post.state == PostState.skipped).order_by(Post.id)
-    ).all())
+    reposts = list(
+        session.exec(
+            select(Post).where(Post.duplicate_of == failed.id, Post.state == PostState.skipped).order_by(Post.id)
+        ).all()
+    )
     if not reposts:
         return None
     heir, others = reposts[0], reposts[1:]
@@ -50,8 +52,15 @@ def orphaned_reposts(session: Session) -> list[Post]:
     """Failed originals that still have skipped reposts waiting on them (a repost listed while its
     original failed): reconcile hands them over."""
     failed_ids = select(Post.id).where(Post.state == PostState.failed)
-    return list(session.exec(
-        select(Post).where(Post.state == PostState.failed,
-                           col(Post.id).in_(select(Post.duplicate_of).where(
-                               Post.state == PostState.skipped, col(Post.duplicate_of).in_(failed_ids))))
-    ).all())
+    return list(
+        session.exec(
+            select(Post).where(
+                Post.state == PostState.failed,
+                col(Post.id).in_(
+                    select(Post.duplicate_of).where(
+                        Post.state == PostState.skipped, col(Post.duplicate_of).in_(failed_ids)
+                    )
+                ),
+            )
+        ).all()
+    )

@@ -22,7 +22,8 @@ def annotate(image: Image.Image, detections: list[Detection], labels: list[str] 
             text += f" {det.score:.2f}"
         text_box = draw.textbbox((det.x, det.y), text)
         ty = max(0, det.y - (text_box[3] - text_box[1]) - 4)
-        draw.rectangle([det.x, ty, det.x + (text_box[2] - text_box[0]) + 4, ty + (text_box[3] - text_box[1]) + 4],
-                       fill=colour)
+        draw.rectangle(
+            [det.x, ty, det.x + (text_box[2] - text_box[0]) + 4, ty + (text_box[3] - text_box[1]) + 4], fill=colour
+        )
         draw.text((det.x + 2, ty + 1), text, fill=(255, 255, 255))
     return out

@@ -39,8 +39,9 @@ def degraded(image: Image.Image, variant: str) -> Image.Image:
     if variant == "":
         return image
     if variant == "scaled15":
-        return image.resize((max(1, round(image.width * 0.15)), max(1, round(image.height * 0.15))),
-                            Image.Resampling.LANCZOS)
+        return image.resize(
+            (max(1, round(image.width * 0.15)), max(1, round(image.height * 0.15))), Image.Resampling.LANCZOS
+        )
     if variant == "rot35":
         return image.rotate(35, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=(255, 255, 255))
     raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
@@ -48,11 +49,23 @@ def degraded(image: Image.Image, variant: str) -> Image.Image:
 
 def load(path: Path = CHECKED_CSV) -> list[Checked]:
     with path.open(newline="", encoding="utf-8") as fh:
-        return [Checked(row["file"], row["variant"],
-                        Detection(int(row["x"]), int(row["y"]), int(row["w"]), int(row["h"]), row["detector"],
-                                  float(row["score"]) if row["score"] else None),
-                        row["is_face"] == "1", row["note"])
-                for row in csv.DictReader(fh)]
+        return [
+            Checked(
+                row["file"],
+                row["variant"],
+                Detection(
+                    int(row["x"]),
+                    int(row["y"]),
+                    int(row["w"]),
+                    int(row["h"]),
+                    row["detector"],
+                    float(row["score"]) if row["score"] else None,
+                ),
+                row["is_face"] == "1",
+                row["note"],
+            )
+            for row in csv.DictReader(fh)
+        ]
 
 
 def save(rows: list[Checked], path: Path = CHECKED_CSV) -> None:
@@ -61,8 +74,20 @@ def save(rows: list[Checked], path: Path = CHECKED_CSV) -> None:
         writer.writerow(COLUMNS)
         for r in sorted(rows, key=lambda r: (r.variant, r.file, r.detection.y, r.detection.x)):
             d = r.detection
-            writer.writerow([r.file, r.variant, d.x, d.y, d.w, d.h, d.detector,
-                             "" if d.score is None else f"{d.score:.4f}", int(r.is_face), r.note])
+            writer.writerow(
+                [
+                    r.file,
+                    r.variant,
+                    d.x,
+                    d.y,
+                    d.w,
+                    d.h,
+                    d.detector,
+                    "" if d.score is None else f"{d.score:.4f}",
+                    int(r.is_face),
+                    r.note,
+                ]
+            )
 
 
 def overlap_ratio(a: Detection, b: Detection) -> float:
@@ -75,6 +100,9 @@ def overlap_ratio(a: Detection, b: Detection) -> float:
 
 def match(rows: list[Checked], file: str, variant: str, det: Detection, min_iou: float = 0.5) -> Checked | None:
     """The checked row that stands for `det` (same file and variant, boxes overlapping), if any."""
-    best = max((r for r in rows if r.file == file and r.variant == variant),
-               key=lambda r: overlap_ratio(r.detection, det), default=None)
+    best = max(
+        (r for r in rows if r.file == file and r.variant == variant),
+        key=lambda r: overlap_ratio(r.detection, det),
+        default=None,
+    )
     return best if best is not None and overlap_ratio(best.detection, det) >= min_iou else None

@@ -71,17 +71,21 @@ def cascade_path(settings: Settings) -> Path:
         return path
     if SHIPPED_CASCADE not in _verified:
         if not SHIPPED_CASCADE.is_file():
-            raise DetectorUnavailable(f"the shipped cascade {SHIPPED_CASCADE} is missing: reinstall waifu, "
-                                      f"or set WAIFU_LBPCASCADE_PATH to a copy of lbpcascade_animeface.xml")
+            raise DetectorUnavailable(
+                f"the shipped cascade {SHIPPED_CASCADE} is missing: reinstall waifu, "
+                f"or set WAIFU_LBPCASCADE_PATH to a copy of lbpcascade_animeface.xml"
+            )
         digest = sha256_of(SHIPPED_CASCADE)
         if digest != LBPCASCADE_SHA256:
-            raise DetectorUnavailable(f"the shipped cascade {SHIPPED_CASCADE} has sha256 {digest}, expected "
-                                      f"{LBPCASCADE_SHA256}: refused (reinstall, or set WAIFU_LBPCASCADE_PATH)")
+            raise DetectorUnavailable(
+                f"the shipped cascade {SHIPPED_CASCADE} has sha256 {digest}, expected "
+                f"{LBPCASCADE_SHA256}: refused (reinstall, or set WAIFU_LBPCASCADE_PATH)"
+            )
         _verified.add(SHIPPED_CASCADE)
     return SHIPPED_CASCADE
 
 
-def load_cascade(path: Path):  # noqa: ANN201
+def load_cascade(path: Path):
     import cv2
 
     if not hasattr(cv2, "CascadeClassifier"):
@@ -96,17 +100,25 @@ def load_cascade(path: Path):  # noqa: ANN201
         return _cascades[key]
 
 
-def detect_lbpcascade(image: Image.Image, settings: Settings | None = None, scale_factor: float = 1.1,
-                      min_neighbors: int = 5, min_size: int = 24) -> list[Detection]:
+def detect_lbpcascade(
+    image: Image.Image,
+    settings: Settings | None = None,
+    scale_factor: float = 1.1,
+    min_neighbors: int = 5,
+    min_size: int = 24,
+) -> list[Detection]:
     import cv2
     import numpy as np
 
     cascade = load_cascade(cascade_path(settings or get_settings()))
     gray = cv2.equalizeHist(cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY))
-    boxes, neighbours = cascade.detectMultiScale2(gray, scaleFactor=scale_factor, minNeighbors=min_neighbors,
-                                                  minSize=(min_size, min_size))
-    return [Detection(int(x), int(y), int(w), int(h), "lbpcascade", float(n))
-            for (x, y, w, h), n in zip(boxes, neighbours, strict=False)]
+    boxes, neighbours = cascade.detectMultiScale2(
+        gray, scaleFactor=scale_factor, minNeighbors=min_neighbors, minSize=(min_size, min_size)
+    )
+    return [
+        Detection(int(x), int(y), int(w), int(h), "lbpcascade", float(n))
+        for (x, y, w, h), n in zip(boxes, neighbours, strict=False)
+    ]
 
 
 # ------------------------------------------------------------------------ animeface -----------
@@ -119,8 +131,9 @@ def detect_animeface(image: Image.Image, min_likelihood: float = 0.0) -> list[De
         if face.likelihood < min_likelihood:
             continue
         box = face.face.pos
-        out.append(Detection(int(box.x), int(box.y), int(box.width), int(box.height), "animeface",
-                             float(face.likelihood)))
+        out.append(
+            Detection(int(box.x), int(box.y), int(box.width), int(box.height), "animeface", float(face.likelihood))
+        )
     return out
 
 
@@ -162,8 +175,14 @@ def scaled(d: Detection, factor: float) -> Detection:
     """A box found in a copy resized by `factor`, in the pixels of the image it was resized from."""
     if factor == 1:
         return d
-    return Detection(round(d.x / factor), round(d.y / factor), max(1, round(d.w / factor)),
-                     max(1, round(d.h / factor)), d.detector, d.score)
+    return Detection(
+        round(d.x / factor),
+        round(d.y / factor),
+        max(1, round(d.w / factor)),
+        max(1, round(d.h / factor)),
+        d.detector,
+        d.score,
+    )
 
 
 def work_factor(image: Image.Image, max_pixels: int) -> float:
@@ -176,8 +195,13 @@ def work_factor(image: Image.Image, max_pixels: int) -> float:
 def upscaled_pass(image: Image.Image, detector: str, settings: Settings, factor: float) -> list[Detection]:
     """Small faces (full-body pictures) fall under the detectors' minimum size: look again, larger.
     `factor` is relative to `image` (the original); 1 or less just looks at more of its pixels."""
-    copy = image if factor == 1 else resized(image, factor) if factor < 1 else image.resize(
-        (round(image.width * factor), round(image.height * factor)), Image.Resampling.LANCZOS)
+    copy = (
+        image
+        if factor == 1
+        else resized(image, factor)
+        if factor < 1
+        else image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.LANCZOS)
+    )
     return [replace(scaled(d, factor), detector=f"{d.detector}@up") for d in single_pass(copy, detector, settings)]
 
 
@@ -203,8 +227,9 @@ def rotated_pass(image: Image.Image, detector: str, settings: Settings, angle: f
     return out
 
 
-def fallback_passes(image: Image.Image, work: Image.Image, factor: float, detector: str,
-                    settings: Settings) -> list[Callable[[], list[Detection]]]:
+def fallback_passes(
+    image: Image.Image, work: Image.Image, factor: float, detector: str, settings: Settings
+) -> list[Callable[[], list[Detection]]]:
     """The passes tried in turn when the first finds nothing, each returning boxes in `image`'s pixels.
 
     Small faces: a copy `detector_upscale` times the working copy, made from the original. Tilted heads:
@@ -216,8 +241,10 @@ def fallback_passes(image: Image.Image, work: Image.Image, factor: float, detect
     large = factor * settings.detector_upscale
     split = detector == "both" and settings.detector_max_pixels > 0
     passes = [lambda: upscaled_pass(image, "lbpcascade" if split else detector, settings, large)]
-    passes += [lambda a=a: [scaled(d, factor) for d in rotated_pass(work, detector, settings, a)]
-               for a in settings.detector_angles]
+    passes += [
+        lambda a=a: [scaled(d, factor) for d in rotated_pass(work, detector, settings, a)]
+        for a in settings.detector_angles
+    ]
     if split:
         passes.append(lambda: upscaled_pass(image, "animeface", settings, large))
     return passes

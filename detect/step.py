@@ -67,11 +67,24 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
     with still_claimed(Post, post_id, WAITING, token) as (session, row):
         if row is None:
             return _now_state(post_id)
-        faces = [Face(post_id=row.id, detector=det.detector, score=det.score, x=det.x, y=det.y, w=det.w, h=det.h,
-                      crop_left=left, crop_top=top, crop_right=right, crop_bottom=bottom,
-                      state=FaceState.detected if verdict is None or verdict.face else FaceState.filtered,
-                      reason=None if verdict is None or verdict.face else verdict.reason)
-                 for det, verdict, (left, top, right, bottom) in zip(detections, verdicts, boxes, strict=True)]
+        faces = [
+            Face(
+                post_id=row.id,
+                detector=det.detector,
+                score=det.score,
+                x=det.x,
+                y=det.y,
+                w=det.w,
+                h=det.h,
+                crop_left=left,
+                crop_top=top,
+                crop_right=right,
+                crop_bottom=bottom,
+                state=FaceState.detected if verdict is None or verdict.face else FaceState.filtered,
+                reason=None if verdict is None or verdict.face else verdict.reason,
+            )
+            for det, verdict, (left, top, right, bottom) in zip(detections, verdicts, boxes, strict=True)
+        ]
         session.add_all(faces)
         accepted = [f for f in faces if f.state == FaceState.detected]
         row.faces = len(accepted)  # the label rule counts faces, not detections

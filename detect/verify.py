@@ -58,8 +58,7 @@ def rotation_of(det: Detection) -> float:
 def crop_around(image: Image.Image, det: Detection, margin: float, angle: float = 0.0) -> Image.Image:
     """The box with `margin` of its side around it (black beyond the image), upright, CHECK_SIDE square."""
     extra = max(det.w, det.h) * margin
-    crop = image.crop((int(det.x - extra), int(det.y - extra), int(det.x + det.w + extra),
-                       int(det.y + det.h + extra)))
+    crop = image.crop((int(det.x - extra), int(det.y - extra), int(det.x + det.w + extra), int(det.y + det.h + extra)))
     if angle:
         crop = crop.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=(255, 255, 255))
     return crop.resize((CHECK_SIDE, CHECK_SIDE), Image.Resampling.BILINEAR)
@@ -94,11 +93,15 @@ def features(image: Image.Image, det: Detection, settings: Settings | None = Non
     out: dict[str, float] = {}
     for margin, name in zip(MARGINS, ("near", "wide"), strict=True):
         crop = crop_around(image, det, margin, angle)
-        liked = [f.likelihood for f in animeface.detect(crop)
-                 if _central(f.face.pos.x, f.face.pos.y, f.face.pos.width, f.face.pos.height, margin)]
+        liked = [
+            f.likelihood
+            for f in animeface.detect(crop)
+            if _central(f.face.pos.x, f.face.pos.y, f.face.pos.width, f.face.pos.height, margin)
+        ]
         gray = cv2.equalizeHist(cv2.cvtColor(np.asarray(crop), cv2.COLOR_RGB2GRAY))
-        boxes, neighbours = cascade.detectMultiScale2(gray, scaleFactor=1.1, minNeighbors=1,
-                                                      minSize=(CHECK_SIDE // 5, CHECK_SIDE // 5))
+        boxes, neighbours = cascade.detectMultiScale2(
+            gray, scaleFactor=1.1, minNeighbors=1, minSize=(CHECK_SIDE // 5, CHECK_SIDE // 5)
+        )
         agreeing = [int(n) for (x, y, w, h), n in zip(boxes, neighbours, strict=False) if _central(x, y, w, h, margin)]
         out[f"cascade_{name}"] = min(max(agreeing, default=0), 20) / 10  # saturates: 20 windows is certain
         out[f"animeface_{name}"] = max(liked, default=0.0)
@@ -113,9 +116,11 @@ def probability(values: dict[str, float]) -> float:
 
 
 def explain(values: dict[str, float]) -> str:
-    return (f"cascade {round(values['cascade_near'] * 10)}/{round(values['cascade_wide'] * 10)} windows, "
-            f"animeface {values['animeface_near']:.2f}/{values['animeface_wide']:.2f} on the crop, "
-            f"detector likelihood {values['likelihood']:.2f}, skin {values['skin']:.0%}")
+    return (
+        f"cascade {round(values['cascade_near'] * 10)}/{round(values['cascade_wide'] * 10)} windows, "
+        f"animeface {values['animeface_near']:.2f}/{values['animeface_wide']:.2f} on the crop, "
+        f"detector likelihood {values['likelihood']:.2f}, skin {values['skin']:.0%}"
+    )
 
 
 def check(image: Image.Image, det: Detection, settings: Settings | None = None) -> Verdict:

@@ -65,8 +65,9 @@ def take_slot(host: str, settings: Settings) -> None:
 def fetch(url: str, settings: Settings, workdir: Path, allowed: frozenset[str]) -> Fetched:
     """Streams `url` into a temp file in `workdir`, touching only `allowed` hosts (redirects included);
     md5 computed on the way."""
-    with httpx.Client(timeout=settings.http_timeout, follow_redirects=False,
-                      headers={"User-Agent": USER_AGENT}) as client:
+    with httpx.Client(
+        timeout=settings.http_timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT}
+    ) as client:
         for _hop in range(settings.max_redirects + 1):
             host = check_url(url, allowed)
             take_slot(host, settings)
@@ -76,12 +77,18 @@ def fetch(url: str, settings: Settings, workdir: Path, allowed: frozenset[str]) 
                         target = urljoin(url, resp.headers.get("location", ""))
                         target_host = (urlsplit(target).hostname or "").lower()
                         if target_host not in allowed:
-                            raise Refused(f"redirect to disallowed host {target_host or '?'!r} refused "
-                                          f"({target[:200]})")
+                            raise Refused(
+                                f"redirect to disallowed host {target_host or '?'!r} refused ({target[:200]})"
+                            )
                         url = target
                         continue
-                    check_status(resp.status_code, resp.reason_phrase, resp.headers.get("retry-after"),
-                                 settings.retry_after_max, subject="file")
+                    check_status(
+                        resp.status_code,
+                        resp.reason_phrase,
+                        resp.headers.get("retry-after"),
+                        settings.retry_after_max,
+                        subject="file",
+                    )
                     return stream_to_file(resp, settings, workdir)
             except httpx.TimeoutException as exc:
                 raise Retryable(f"timed out after {settings.http_timeout:.0f} s: {type(exc).__name__}") from exc

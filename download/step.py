@@ -36,7 +36,8 @@ def stored_original(session: Session, post: Post) -> Post | None:
     if not post.md5:
         return None  # an empty md5 would match every other empty one
     return session.exec(
-        select(Post).where(Post.md5 == post.md5, Post.id != post.id, col(Post.state).in_(STORED_STATES))
+        select(Post)
+        .where(Post.md5 == post.md5, Post.id != post.id, col(Post.state).in_(STORED_STATES))
         .order_by(Post.id)
     ).first()
 
@@ -122,8 +123,7 @@ def record_failed(post_id: int, token: str, reason: str) -> StepOutcome:
         return StepOutcome(post.state, post.reason, again_ids=[heir] if heir else [])
 
 
-def record_stored(post_id: int, token: str, relative: Path, width: int, height: int,
-                  settings: Settings) -> StepOutcome:
+def record_stored(post_id: int, token: str, relative: Path, width: int, height: int, settings: Settings) -> StepOutcome:
     with still_claimed(Post, post_id, WAITING, token) as (session, post):
         if post is None:
             return _now_state(post_id)

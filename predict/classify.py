@@ -12,7 +12,7 @@ from core.settings import Settings, get_settings
 WHOLE_IMAGE_MAX_SIDE = 160  # an image this small with no detection is taken to be a face crop
 
 
-def load_current(settings: Settings | None = None):  # noqa: ANN201
+def load_current(settings: Settings | None = None):
     """(model version row, classifier) of the current model, or (None, None) when there is none yet."""
     from db.engine import session_scope
     from train.model import load_artifacts

@@ -29,8 +29,9 @@ def check_ratings(site: str, ratings: str) -> str:
     return ",".join(words)
 
 
-def add_characters(tags: list[str], extra_terms: str = "", ratings: str = "",
-                   site: str = DEFAULT_SITE) -> tuple[list[str], list[str]]:
+def add_characters(
+    tags: list[str], extra_terms: str = "", ratings: str = "", site: str = DEFAULT_SITE
+) -> tuple[list[str], list[str]]:
     get_settings().site(site)  # an unknown site is refused before anything is written
     ratings = check_ratings(site, ratings)
     added, updated = [], []
@@ -79,14 +80,17 @@ def list_characters() -> list[dict[str, Any]]:
         rows = []
         for c in session.exec(select(Character).order_by(Character.site, Character.tag)).all():
             cursor = session.get(ScrapeCursor, (c.site, c.tag))
-            rows.append({
-                "site": c.site,
-                "tag": c.tag,
-                "extra_terms": c.extra_terms,
-                "ratings": c.ratings,
-                "posts": int(counts.get(c.id, 0)),
-                "newest_id": cursor.newest_id if cursor else None,
-                "last_poll_at": cursor.last_poll_at.isoformat(timespec="seconds") if cursor and cursor.last_poll_at
-                else None,
-            })
+            rows.append(
+                {
+                    "site": c.site,
+                    "tag": c.tag,
+                    "extra_terms": c.extra_terms,
+                    "ratings": c.ratings,
+                    "posts": int(counts.get(c.id, 0)),
+                    "newest_id": cursor.newest_id if cursor else None,
+                    "last_poll_at": cursor.last_poll_at.isoformat(timespec="seconds")
+                    if cursor and cursor.last_poll_at
+                    else None,
+                }
+            )
     return rows

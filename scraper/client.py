@@ -139,8 +139,9 @@ def _decode_entries(text: str, what: str) -> list[object]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise Retryable(f"malformed JSON from API ({what}): {exc.msg} at char {exc.pos}; "
-                             f"body starts {text[:60]!r}") from exc
+        raise Retryable(
+            f"malformed JSON from API ({what}): {exc.msg} at char {exc.pos}; body starts {text[:60]!r}"
+        ) from exc
     if isinstance(data, dict) and "post" in data:  # some Gelbooru versions wrap the list
         data = data["post"]
     if not isinstance(data, list):
@@ -167,8 +168,13 @@ def parse_posts(body: bytes, base_url: str, what: str) -> tuple[list[ApiPost], l
 class BooruClient:
     """One site's API. `requests` counts every HTTP request made, retries included."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings, site: Site | None = None,
-                 limiter: AsyncLimiter | None = None) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        site: Site | None = None,
+        limiter: AsyncLimiter | None = None,
+    ) -> None:
         self.session = session
         self.settings = settings
         self.site = site or settings.site()
@@ -192,11 +198,21 @@ class BooruClient:
                 on_request()
             try:
                 timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout)
-                async with self.session.get(f"{self.site.url}/index.php", params=params, timeout=timeout,
-                                            headers={"User-Agent": USER_AGENT}, allow_redirects=False) as resp:
-                    check_status(resp.status, resp.reason or "", resp.headers.get("Retry-After"),
-                                 self.settings.retry_after_max, what=f"{self.site.name} API, {what}",
-                                 subject="API page")
+                async with self.session.get(
+                    f"{self.site.url}/index.php",
+                    params=params,
+                    timeout=timeout,
+                    headers={"User-Agent": USER_AGENT},
+                    allow_redirects=False,
+                ) as resp:
+                    check_status(
+                        resp.status,
+                        resp.reason or "",
+                        resp.headers.get("Retry-After"),
+                        self.settings.retry_after_max,
+                        what=f"{self.site.name} API, {what}",
+                        subject="API page",
+                    )
                     return await resp.read()
             except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 name = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
@@ -208,15 +224,22 @@ class BooruClient:
         base = self.settings.api_backoff * (2 ** (attempt - 1))
         return min(self.settings.api_backoff_max, base * random.uniform(0.5, 1.5))
 
-    async def _with_retries(self, params: dict[str, str], what: str, parse,  # noqa: ANN001, ANN202
-                            on_request: Callable[[], None] | None = None):
+    async def _with_retries(
+        self, params: dict[str, str], what: str, parse, on_request: Callable[[], None] | None = None
+    ):
         attempts = AsyncRetrying(
             stop=stop_after_attempt(self.settings.api_retries + 1),
             retry=retry_if_exception_type(Retryable),
             wait=lambda state: self._backoff(state.attempt_number, state.outcome.exception()),
-            before_sleep=lambda state: log.warning(kv(
-                "api retry", what=what, attempt=state.attempt_number, error=state.outcome.exception(),
-                wait=round(state.next_action.sleep, 2))),
+            before_sleep=lambda state: log.warning(
+                kv(
+                    "api retry",
+                    what=what,
+                    attempt=state.attempt_number,
+                    error=state.outcome.exception(),
+                    wait=round(state.next_action.sleep, 2),
+                )
+            ),
             reraise=True,
         )
         try:
@@ -226,16 +249,23 @@ class BooruClient:
         except Retryable as exc:
             raise Refused(f"gave up after {self.settings.api_retries + 1} attempts: {exc}") from exc
 
-    async def fetch_posts(self, tags: str, pid: int = 0, limit: int | None = None,
-                          on_request: Callable[[], None] | None = None,
-                          on_unusable: Callable[[Unusable], None] | None = None) -> list[ApiPost]:
+    async def fetch_posts(
+        self,
+        tags: str,
+        pid: int = 0,
+        limit: int | None = None,
+        on_request: Callable[[], None] | None = None,
+        on_unusable: Callable[[Unusable], None] | None = None,
+    ) -> list[ApiPost]:
         """One page of posts; `on_request` is called for every HTTP request made (retries included),
         `on_unusable` for every listed entry that could not be parsed."""
         limit = limit or self.settings.page_size
         what = f"tags={tags!r} pid={pid}"
         posts, unusable = await self._with_retries(
-            self._params(tags, pid, limit, as_json=True), what,
-            lambda body: parse_posts(body, self.site.url, what), on_request,
+            self._params(tags, pid, limit, as_json=True),
+            what,
+            lambda body: parse_posts(body, self.site.url, what),
+            on_request,
         )
         for bad in unusable:
             log.warning(kv("unusable post", what=what, post=bad.id, reason=bad.reason))

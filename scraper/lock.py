@@ -37,8 +37,10 @@ async def only_scraper(redis_url: str) -> AsyncIterator[None]:
     lock = Lock(client, KEY, timeout=LOCK_SECONDS, thread_local=False)  # renewed from a worker thread
     if not lock.acquire(blocking=False, token=holder_description()):
         holder = client.get(KEY)
-        raise Unavailable(f"another scraper is running ({(holder or b'?').decode()}): one scraper keeps the "
-                          f"site's request limit; stop it first, or wait for its next poll")
+        raise Unavailable(
+            f"another scraper is running ({(holder or b'?').decode()}): one scraper keeps the "
+            f"site's request limit; stop it first, or wait for its next poll"
+        )
 
     async def renew() -> None:
         while True:

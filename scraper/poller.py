@@ -69,8 +69,14 @@ def _default_enqueue(ids: Iterable[int]) -> int:
 class TagPoller:
     """Polls one tag on one site; keeps its cursor in memory and saves it at the end."""
 
-    def __init__(self, client: BooruClient, character: Character, characters: list[Character],
-                 settings: Settings, enqueue: Enqueue) -> None:
+    def __init__(
+        self,
+        client: BooruClient,
+        character: Character,
+        characters: list[Character],
+        settings: Settings,
+        enqueue: Enqueue,
+    ) -> None:
         self.client, self.character, self.characters = client, character, characters
         self.settings, self.enqueue = settings, enqueue
         self.site = client.site.name
@@ -80,8 +86,12 @@ class TagPoller:
 
     async def _fetch(self, terms: str, limit: int | None = None) -> list[ApiPost]:
         unusable: list[Unusable] = []
-        posts = await self.client.fetch_posts(f"{self.query} {terms}".strip(), limit=limit or self.page_size,
-                                              on_request=self._count_request, on_unusable=unusable.append)
+        posts = await self.client.fetch_posts(
+            f"{self.query} {terms}".strip(),
+            limit=limit or self.page_size,
+            on_request=self._count_request,
+            on_unusable=unusable.append,
+        )
         if unusable:
             await asyncio.to_thread(self._record_unusable, unusable)
         return posts
@@ -146,8 +156,9 @@ class TagPoller:
 
     async def poll(self) -> TagReport:
         with session_scope() as session:
-            cursor = (session.get(ScrapeCursor, (self.site, self.character.tag))
-                      or ScrapeCursor(site=self.site, tag=self.character.tag))
+            cursor = session.get(ScrapeCursor, (self.site, self.character.tag)) or ScrapeCursor(
+                site=self.site, tag=self.character.tag
+            )
         try:
             if cursor.newest_id is not None and cursor.backfill_done:
                 await self.catch_up(cursor)
@@ -165,14 +176,27 @@ class TagPoller:
             cursor.last_poll_at = utcnow()
             with session_scope() as session:
                 session.merge(cursor)
-        log.info(kv("polled", site=self.site, tag=self.character.tag, new=self.report.new, seen=self.report.seen,
-                    requests=self.report.requests, newest=cursor.newest_id, error=self.report.error))
+        log.info(
+            kv(
+                "polled",
+                site=self.site,
+                tag=self.character.tag,
+                new=self.report.new,
+                seen=self.report.seen,
+                requests=self.report.requests,
+                newest=cursor.newest_id,
+                error=self.report.error,
+            )
+        )
         return self.report
 
 
-async def poll_once(settings: Settings, enqueue: Enqueue | None = None,
-                    session: aiohttp.ClientSession | None = None,
-                    clients: dict[str, BooruClient] | None = None) -> PollReport:
+async def poll_once(
+    settings: Settings,
+    enqueue: Enqueue | None = None,
+    session: aiohttp.ClientSession | None = None,
+    clients: dict[str, BooruClient] | None = None,
+) -> PollReport:
     """One pass over every tracked character of every site, all concurrently; one client (and limiter) a site."""
     with session_scope(readonly=True) as db:
         characters = list(db.exec(select(Character).order_by(Character.site, Character.tag)).all())

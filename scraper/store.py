@@ -38,19 +38,23 @@ def upsert_posts(session: Session, site: str, posts: list[ApiPost], characters: 
     unique = {p.id: p for p in posts}  # the same post twice on one page counts once
     if not unique:
         return []
-    existing = {p.remote_id: p for p in session.exec(
-        select(Post).where(Post.site == site, col(Post.remote_id).in_(list(unique))))}
+    existing = {
+        p.remote_id: p
+        for p in session.exec(select(Post).where(Post.site == site, col(Post.remote_id).in_(list(unique))))
+    }
     links = {
         (link.post_id, link.character_id)
-        for link in session.exec(select(PostCharacter).where(
-            col(PostCharacter.post_id).in_([p.id for p in existing.values()])))
+        for link in session.exec(
+            select(PostCharacter).where(col(PostCharacter.post_id).in_([p.id for p in existing.values()]))
+        )
     }
     # the same file from any site is one picture: md5 decides, whatever the site
     originals = {
         row.md5: row
         for row in session.exec(
-            select(Post).where(col(Post.md5).in_(list({p.md5 for p in unique.values()})),
-                               col(Post.state).in_(ACTIVE_STATES)).order_by(Post.id)
+            select(Post)
+            .where(col(Post.md5).in_(list({p.md5 for p in unique.values()})), col(Post.state).in_(ACTIVE_STATES))
+            .order_by(Post.id)
         )
         if not (row.site == site and row.remote_id in unique)
     }
@@ -63,16 +67,28 @@ def upsert_posts(session: Session, site: str, posts: list[ApiPost], characters: 
         if row is None:
             reason = _skip_reason(api, linked, originals.get(api.md5))
             row = Post(
-                site=site, remote_id=api.id, md5=api.md5, file_url=api.file_url, image=api.image,
-                directory=api.directory, width=api.width, height=api.height, rating=api.rating, score=api.score,
-                tags=api.tags, source=api.source, change=api.change,
-                state=PostState.skipped if reason else PostState.discovered, reason=reason,
+                site=site,
+                remote_id=api.id,
+                md5=api.md5,
+                file_url=api.file_url,
+                image=api.image,
+                directory=api.directory,
+                width=api.width,
+                height=api.height,
+                rating=api.rating,
+                score=api.score,
+                tags=api.tags,
+                source=api.source,
+                change=api.change,
+                state=PostState.skipped if reason else PostState.discovered,
+                reason=reason,
                 duplicate_of=originals[api.md5].id if reason and "duplicate" in reason else None,
             )
             session.add(row)
             session.flush()  # its id: links, logs and later reposts on this page refer to it
-            transition_log.info(kv("transition", post=row.id, site=site, remote=api.id, frm="new", to=row.state,
-                                   reason=reason))
+            transition_log.info(
+                kv("transition", post=row.id, site=site, remote=api.id, frm="new", to=row.state, reason=reason)
+            )
             if reason is None:
                 to_download.append(row.id)
                 originals.setdefault(api.md5, row)  # a repost later on the same page is a duplicate
@@ -95,8 +111,12 @@ def store_listed(site: str, posts: list[ApiPost], characters: list[Character]) -
     A post carrying two tracked tags is listed by both tags' pollers at the same time: on PostgreSQL both
     may insert it, and the second commit meets the unique (site, remote id) or (post, character). Run
     again, the upsert finds the other's rows and adds only what is missing."""
-    for attempt in Retrying(retry=retry_if_exception(_worth_another_go), stop=stop_after_attempt(5),
-                            wait=wait_random(0.05, 0.5), reraise=True):
+    for attempt in Retrying(
+        retry=retry_if_exception(_worth_another_go),
+        stop=stop_after_attempt(5),
+        wait=wait_random(0.05, 0.5),
+        reraise=True,
+    ):
         with attempt, session_scope() as session:
             new_ids = upsert_posts(session, site, posts, characters)
     return new_ids
@@ -105,11 +125,22 @@ def store_listed(site: str, posts: list[ApiPost], characters: list[Character]) -
 def record_unusable(session: Session, site: str, entries: list[Unusable]) -> None:
     """A listed entry the API described too badly to use becomes a `failed` row, so status shows it."""
     for entry in entries:
-        if entry.id is None or session.exec(
-                select(Post.id).where(Post.site == site, Post.remote_id == entry.id)).first() is not None:
+        if (
+            entry.id is None
+            or session.exec(select(Post.id).where(Post.site == site, Post.remote_id == entry.id)).first() is not None
+        ):
             continue
         row = Post(site=site, remote_id=entry.id, md5="", file_url="", state=PostState.failed, reason=entry.reason)
         session.add(row)
         session.flush()
-        transition_log.info(kv("transition", post=row.id, site=site, remote=entry.id, frm="new",
-                               to=PostState.failed.value, reason=entry.reason))
+        transition_log.info(
+            kv(
+                "transition",
+                post=row.id,
+                site=site,
+                remote=entry.id,
+                frm="new",
+                to=PostState.failed.value,
+                reason=entry.reason,
+            )
+        )

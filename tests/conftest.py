@@ -40,7 +40,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------- real images ----
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201 - hook wrapper
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """A test without its real images fails with the one line that says how to provide them, no traceback."""
     outcome = yield
     if call.excinfo is not None and call.excinfo.errisinstance(ImagesUnavailable):
@@ -59,8 +59,9 @@ def redis_client() -> Iterator[redis.Redis]:
 # ------------------------------------------------------------------------------- databases ----
 def _postgres_database() -> Iterator[str]:
     name = f"waifu_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(TEST_POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1),
-                          isolation_level="AUTOCOMMIT")
+    admin = create_engine(
+        TEST_POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+    )
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     base, _, _ = TEST_POSTGRES_URL.rpartition("/")
@@ -87,8 +88,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def service_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                redis_client: redis.Redis) -> Iterator[dict[str, str]]:
+def service_env(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis
+) -> Iterator[dict[str, str]]:
     """Environment of a whole service: data dir, migrated database, clean broker. Returns the env vars."""
     data_dir = tmp_path / "data"
     env = {
@@ -128,13 +130,29 @@ def start_worker(service_env: dict[str, str]) -> Iterator[Callable[..., subproce
     """Starts real `celery worker` processes (subprocesses) with the test environment."""
     procs: list[subprocess.Popen] = []
 
-    def start(queues: str = "io,cpu", concurrency: int = 2, extra_env: dict[str, str] | None = None,
-              pool: str = "prefork") -> subprocess.Popen:
+    def start(
+        queues: str = "io,cpu", concurrency: int = 2, extra_env: dict[str, str] | None = None, pool: str = "prefork"
+    ) -> subprocess.Popen:
         env = {**os.environ, **service_env, **(extra_env or {})}
         cmd = [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues,
-            "-c", str(concurrency), "-P", pool, "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h",
-            "--without-mingle", "--without-gossip",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            str(concurrency),
+            "-P",
+            pool,
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"test-{uuid.uuid4().hex[:6]}@%h",
+            "--without-mingle",
+            "--without-gossip",
         ]
         proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, start_new_session=True)
         procs.append(proc)
@@ -152,8 +170,9 @@ def start_worker(service_env: dict[str, str]) -> Iterator[Callable[..., subproce
             proc.wait()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 120.0, interval: float = 0.25,
-               message: str = "condition") -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 120.0, interval: float = 0.25, message: str = "condition"
+) -> None:
     """Polls `predicate` until true; fails the test with `message` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,10 +182,25 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 120.0, interval: 
     pytest.fail(f"timed out after {timeout}s waiting for {message}")
 
 
-def ready_face(post_id: int, path: str, split: str, label: str | None, source: str):  # noqa: ANN201 - a db Face
+def ready_face(post_id: int, path: str, split: str, label: str | None, source: str):
     """A ready face whose 96x96 crop is the whole file at `path` (relative to the data dir): what the crop
     step leaves behind, for tests that start from faces rather than from illustrations."""
     from db.models import Face, FaceState
 
-    return Face(post_id=post_id, detector="animeface", x=0, y=0, w=96, h=96, crop_left=0, crop_top=0, crop_right=96,
-                crop_bottom=96, state=FaceState.ready, path=path, split=split, label=label, label_source=source)
+    return Face(
+        post_id=post_id,
+        detector="animeface",
+        x=0,
+        y=0,
+        w=96,
+        h=96,
+        crop_left=0,
+        crop_top=0,
+        crop_right=96,
+        crop_bottom=96,
+        state=FaceState.ready,
+        path=path,
+        split=split,
+        label=label,
+        label_source=source,
+    )

@@ -37,8 +37,16 @@ DEEP_PAGINATION_MESSAGE = "Too deep! Pull it back some. Holy fuck."
 #   "429_once"      the first request for the file answers 429 with `Retry-After: retry_after`, later ones succeed
 #   "slow_once"     the first request's body trickles out over `slow_seconds` (a download to kill a worker in)
 FILE_FAULTS = {
-    "html", "not_image", "md5_mismatch", "truncated", "redirect_offsite", "redirect_local", "404", "503_once",
-    "429_once", "slow_once",
+    "html",
+    "not_image",
+    "md5_mismatch",
+    "truncated",
+    "redirect_offsite",
+    "redirect_local",
+    "404",
+    "503_once",
+    "429_once",
+    "slow_once",
 }
 
 
@@ -141,8 +149,11 @@ class FakeSafebooru:
             return web.Response(status=404, text="not found")
         if self.credentials and (q.get("api_key"), q.get("user_id")) != self.credentials:
             # gelbooru's answer to anonymous or wrong API requests
-            return web.Response(status=401, text="Missing authentication. Go to api access credentials on your "
-                                                 "account profile page to find your API credentials.")
+            return web.Response(
+                status=401,
+                text="Missing authentication. Go to api access credentials on your "
+                "account profile page to find your API credentials.",
+            )
         if self.api_faults:
             fault = self.api_faults.popleft()
             if fault == "429":
@@ -242,9 +253,17 @@ class FakeSafebooru:
 
     def _xml(self, post: FakePost) -> str:
         attrs = {
-            "id": post.id, "md5": post.api_md5(), "file_url": self._file_url(post), "tags": f" {post.tags} ",
-            "rating": post.rating[:1], "width": post.width, "height": post.height, "change": post.change,
-            "score": 0, "source": "", "status": "active",
+            "id": post.id,
+            "md5": post.api_md5(),
+            "file_url": self._file_url(post),
+            "tags": f" {post.tags} ",
+            "rating": post.rating[:1],
+            "width": post.width,
+            "height": post.height,
+            "change": post.change,
+            "score": 0,
+            "source": "",
+            "status": "active",
         }
         return "<post " + " ".join(f"{k}={quoteattr(str(v))}" for k, v in attrs.items()) + "/>"
 
@@ -328,8 +347,7 @@ def publish(fake: FakeSafebooru, per_tag: dict[str, list[tuple[bytes, str]]], fi
     return posts
 
 
-def load_illustrations(fake: FakeSafebooru, first_id: int = 5000,
-                       limit_per_tag: int | None = None) -> list[FakePost]:
+def load_illustrations(fake: FakeSafebooru, first_id: int = 5000, limit_per_tag: int | None = None) -> list[FakePost]:
     """Publish the real illustrations of the test set (tests/testdata.py): one post each. The set holds one
     real repost (takimoto_hifumi 3.jpg = 11.jpg)."""
     from tests.testdata import raw_images
@@ -342,8 +360,9 @@ def load_illustrations(fake: FakeSafebooru, first_id: int = 5000,
     return publish(fake, per_tag, first_id)
 
 
-def load_drawn(fake: FakeSafebooru, counts: dict[str, int], first_id: int = 5000,
-               size: tuple[int, int] = (160, 120)) -> list[FakePost]:
+def load_drawn(
+    fake: FakeSafebooru, counts: dict[str, int], first_id: int = 5000, size: tuple[int, int] = (160, 120)
+) -> list[FakePost]:
     """Publish `counts[tag]` pictures drawn with Pillow per tag (PNG and JPEG alternating, all distinct)."""
     from tests.drawn import drawn_image
 

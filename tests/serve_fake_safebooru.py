@@ -42,8 +42,11 @@ async def serve(port: int, drawn: dict[str, int], illustrations: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=18765)
-    parser.add_argument("--drawn", default="nishikino_maki=5,sakurauchi_riko=5,takimoto_hifumi=5",
-                        help="TAG=N,...: N pictures drawn with Pillow per tag")
+    parser.add_argument(
+        "--drawn",
+        default="nishikino_maki=5,sakurauchi_riko=5,takimoto_hifumi=5",
+        help="TAG=N,...: N pictures drawn with Pillow per tag",
+    )
     parser.add_argument("--illustrations", action="store_true", help="serve the real test illustrations")
     args = parser.parse_args()
     asyncio.run(serve(args.port, parse_counts(args.drawn), args.illustrations))

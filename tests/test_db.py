@@ -18,10 +18,17 @@ from worker import inflight
 from worker.reconcile import reconcile_stuck, retry_failed
 
 
-def make_post(post_id: int, state: PostState = PostState.discovered, reason: str | None = None,
-              age: float = 0.0) -> Post:
-    return Post(id=post_id, md5=f"{post_id:032x}", file_url=f"https://safebooru.org//images/1/{post_id}.jpg",
-                state=state, reason=reason, updated_at=utcnow() - timedelta(seconds=age))
+def make_post(
+    post_id: int, state: PostState = PostState.discovered, reason: str | None = None, age: float = 0.0
+) -> Post:
+    return Post(
+        id=post_id,
+        md5=f"{post_id:032x}",
+        file_url=f"https://safebooru.org//images/1/{post_id}.jpg",
+        state=state,
+        reason=reason,
+        updated_at=utcnow() - timedelta(seconds=age),
+    )
 
 
 def queued_ids(redis_client) -> list[int]:
@@ -82,13 +89,15 @@ def test_characters_add_list_remove_keeps_posts(service_env: dict[str, str]) -> 
 def test_status_counts_states_and_groups_failure_reasons(service_env: dict[str, str], redis_client) -> None:
     add_characters(["nishikino_maki"])
     with session_scope() as session:
-        session.add_all([
-            make_post(1, PostState.downloaded),
-            make_post(2, PostState.failed, "md5 mismatch: API announced aaaa, file is bbbb"),
-            make_post(3, PostState.failed, "md5 mismatch: API announced cccc, file is dddd"),
-            make_post(4, PostState.failed, "HTTP 404 Not Found: file gone (post deleted after listing?)"),
-            make_post(5, PostState.skipped, "duplicate of post 1 (same md5)"),
-        ])
+        session.add_all(
+            [
+                make_post(1, PostState.downloaded),
+                make_post(2, PostState.failed, "md5 mismatch: API announced aaaa, file is bbbb"),
+                make_post(3, PostState.failed, "md5 mismatch: API announced cccc, file is dddd"),
+                make_post(4, PostState.failed, "HTTP 404 Not Found: file gone (post deleted after listing?)"),
+                make_post(5, PostState.skipped, "duplicate of post 1 (same md5)"),
+            ]
+        )
     redis_client.rpush("io", b"x", b"y")
     status = collect_status(get_settings())
     assert status["posts"]["failed"] == 3 and status["posts"]["downloaded"] == 1 and status["total"] == 5
@@ -105,12 +114,14 @@ def test_reason_category_folds_numbers_and_hashes() -> None:
 
 def test_reconcile_requeues_only_orphaned_stale_rows(service_env: dict[str, str], redis_client) -> None:
     with session_scope() as session:
-        session.add_all([
-            make_post(10, age=3600),  # stale, no marker: its message was lost
-            make_post(11, age=3600),  # stale, but its message is still in flight
-            make_post(12, age=1),  # recent
-            make_post(13, PostState.failed, age=3600),  # terminal
-        ])
+        session.add_all(
+            [
+                make_post(10, age=3600),  # stale, no marker: its message was lost
+                make_post(11, age=3600),  # stale, but its message is still in flight
+                make_post(12, age=1),  # recent
+                make_post(13, PostState.failed, age=3600),  # terminal
+            ]
+        )
     inflight.mark("download", [11])
     counts = reconcile_stuck(get_settings(), older_than=600)
     assert counts["discovered"] == 1 and counts["downloaded"] == 0

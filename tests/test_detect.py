@@ -32,8 +32,11 @@ def raw_detections(settings: Settings) -> dict[str, dict[str, list]]:
     out = {}
     for _tag, path in raw_images():
         image = to_rgb(Image.open(path))
-        out[str(path)] = {"animeface": detect_animeface(image), "lbpcascade": detect_lbpcascade(image, settings),
-                          "size": image.size}
+        out[str(path)] = {
+            "animeface": detect_animeface(image),
+            "lbpcascade": detect_lbpcascade(image, settings),
+            "size": image.size,
+        }
     return out
 
 
@@ -95,9 +98,13 @@ def test_several_faces_yield_several_detections(settings: Settings) -> None:
 
 def test_union_keeps_one_box_per_face(raw_detections: dict) -> None:
     """Where both detectors saw the single face of a solo picture, the union must not count it twice."""
-    doubled = [p for p, r in raw_detections.items()
-               if len(r["animeface"]) == 1 and len(r["lbpcascade"]) == 1
-               and len(suppress(r["animeface"] + r["lbpcascade"])) != 1]
+    doubled = [
+        p
+        for p, r in raw_detections.items()
+        if len(r["animeface"]) == 1
+        and len(r["lbpcascade"]) == 1
+        and len(suppress(r["animeface"] + r["lbpcascade"])) != 1
+    ]
     agreeing = [p for p, r in raw_detections.items() if len(r["animeface"]) == 1 and len(r["lbpcascade"]) == 1]
     assert len(agreeing) >= 30
     assert len(doubled) <= len(agreeing) * 0.1, doubled
@@ -149,7 +156,6 @@ def test_unknown_detector_is_refused(settings: Settings) -> None:
         find_faces(Image.new("RGB", (10, 10)), "yolo", settings)
 
 
-
 def test_reduced_working_copy_reports_boxes_in_the_original_pixels() -> None:
     """WAIFU_DETECTOR_MAX_PIXELS: detection on a smaller copy, boxes mapped back onto the full image."""
     from detect.checked import overlap_ratio
@@ -157,8 +163,7 @@ def test_reduced_working_copy_reports_boxes_in_the_original_pixels() -> None:
     image = to_rgb(Image.open(raw_image(KNOWN_FACES[0])))
     assert detect.work_factor(image, 100_000) < 0.5
     full = find_faces(image, "both", Settings(_env_file=None, detector_max_pixels=0, detector_fallbacks=False))
-    reduced = find_faces(image, "both", Settings(_env_file=None, detector_max_pixels=100_000,
-                                                 detector_fallbacks=False))
+    reduced = find_faces(image, "both", Settings(_env_file=None, detector_max_pixels=100_000, detector_fallbacks=False))
     assert full and reduced
     assert max(overlap_ratio(a, b) for a in reduced for b in full) >= 0.6, (full, reduced)
 

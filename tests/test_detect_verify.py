@@ -35,8 +35,9 @@ def rows() -> list[checked.Checked]:
 
 
 def row_for(rows: list[checked.Checked], file: str, note: str = "", is_face: bool = False) -> checked.Checked:
-    return next(r for r in rows if r.file == file and r.variant == "" and r.is_face == is_face
-                and (is_face or r.note == note))
+    return next(
+        r for r in rows if r.file == file and r.variant == "" and r.is_face == is_face and (is_face or r.note == note)
+    )
 
 
 def test_checked_list_is_data_about_the_test_set(rows: list[checked.Checked]) -> None:
@@ -87,8 +88,17 @@ def test_rotated_pass_detections_are_judged_upright(rows: list[checked.Checked])
     r = tilted[0]
     image = checked.degraded(open_image(data_file(r.file)), r.variant)
     upright = features(image, r.detection)
-    as_if_plain = features(image, Detection(r.detection.x, r.detection.y, r.detection.w, r.detection.h,
-                                            r.detection.detector.split("@")[0], r.detection.score))
+    as_if_plain = features(
+        image,
+        Detection(
+            r.detection.x,
+            r.detection.y,
+            r.detection.w,
+            r.detection.h,
+            r.detection.detector.split("@")[0],
+            r.detection.score,
+        ),
+    )
     assert rotation_of(r.detection) == -25
     assert probability(upright) >= THRESHOLD
     assert upright != as_if_plain
@@ -151,8 +161,9 @@ def test_post_whose_only_detection_is_filtered_ends_with_no_face(service_env) ->
     image = open_image(data_file(RIKO_WITH_RIBBON))
     face = next(r for r in checked.load() if r.file == RIKO_WITH_RIBBON and r.is_face and r.variant == "")
     d, margin = face.detection, face.detection.w // 3
-    ImageDraw.Draw(image).rectangle([d.x - margin, d.y - margin, d.x + d.w + margin, d.y + d.h + margin],
-                                    fill=(240, 240, 240))
+    ImageDraw.Draw(image).rectangle(
+        [d.x - margin, d.y - margin, d.x + d.w + margin, d.y + d.h + margin], fill=(240, 240, 240)
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     post_id = store_post(12, buffer.getvalue(), ["sakurauchi_riko"])

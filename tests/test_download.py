@@ -78,8 +78,17 @@ def list_post(fake: FakeSafebooru, post: FakePost, image: str | None = None) -> 
     """Inserts the row the scraper would have made from the fake's JSON for this post."""
     api = fake._json(post)
     with session_scope() as session:
-        session.add(Post(id=post.id, md5=api["hash"], file_url=api["file_url"], image=image or api["image"],
-                         directory=str(api["directory"]), tags=post.tags, rating=post.rating))
+        session.add(
+            Post(
+                id=post.id,
+                md5=api["hash"],
+                file_url=api["file_url"],
+                image=image or api["image"],
+                directory=str(api["directory"]),
+                tags=post.tags,
+                rating=post.rating,
+            )
+        )
     return post.id
 
 
@@ -138,7 +147,7 @@ async def test_two_messages_for_one_post_at_once_fetch_it_once(dl_settings, fake
     both_ask, both_answered = threading.Barrier(2, timeout=60), threading.Barrier(2, timeout=60)
     real_claim = step.claim
 
-    def claim_together(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def claim_together(*args, **kwargs):
         both_ask.wait()  # both claims are made at the same moment...
         try:
             return real_claim(*args, **kwargs)
@@ -168,20 +177,30 @@ def test_download_backoff_doubles_with_jitter_and_honours_retry_after() -> None:
     ("make", "reason"),
     [
         (lambda f, g: new(f, g.data + b"!", fault="md5_mismatch"), "md5 mismatch: API announced"),
-        (lambda f, g: new(f, b"<!DOCTYPE html><html><body>Nope</body></html>", fault="html"),
-         "not an image: an HTML page"),
+        (
+            lambda f, g: new(f, b"<!DOCTYPE html><html><body>Nope</body></html>", fault="html"),
+            "not an image: an HTML page",
+        ),
         (lambda f, g: new(f, bytes(range(256)) * 40), r"not an image: starts with b'\x00\x01\x02"),
         # Pillow could decode TIFF, but only the formats we store are ever tried on fetched bytes
         (lambda f, g: new(f, png_bytes((8, 8), fmt="TIFF")), "not an image: starts with b'II*\\x00"),
-        (lambda f, g: new(f, png_bytes((20000, 20000), mode="1"), image="bomb.png"),
-         "image is 20000x20000 = 400 MP, over the 80 MP limit"),
-        (lambda f, g: new(f, g.data + b"r", fault="redirect_offsite"),
-         "redirect to disallowed host 'evil.example.invalid' refused"),
+        (
+            lambda f, g: new(f, png_bytes((20000, 20000), mode="1"), image="bomb.png"),
+            "image is 20000x20000 = 400 MP, over the 80 MP limit",
+        ),
+        (
+            lambda f, g: new(f, g.data + b"r", fault="redirect_offsite"),
+            "redirect to disallowed host 'evil.example.invalid' refused",
+        ),
         (lambda f, g: new(f, g.data + b"4", fault="404"), "HTTP 404 Not Found: file gone"),
         # the body breaks off mid-way: retried, then given up with what went wrong
-        (lambda f, g: new(f, g.data + b"t", fault="truncated"),
-         re.compile(r"^gave up after 3 attempts: (connection broke off mid-body \(truncated\?\)|truncated body: "
-                    r"got \d+ of \d+ bytes)")),
+        (
+            lambda f, g: new(f, g.data + b"t", fault="truncated"),
+            re.compile(
+                r"^gave up after 3 attempts: (connection broke off mid-body \(truncated\?\)|truncated body: "
+                r"got \d+ of \d+ bytes)"
+            ),
+        ),
     ],
     ids=["md5-mismatch", "html", "not-image", "tiff", "pixel-bomb", "offsite-redirect", "404", "truncated"],
 )
@@ -192,8 +211,7 @@ async def test_bad_input_fails_with_reason_and_good_row_goes_on(dl_settings, fak
     bad_row = await run_download(bad_id, dl_settings)
     good_row = await run_download(good_id, dl_settings)
     assert bad_row.state == PostState.failed
-    assert (reason.search(bad_row.reason) if isinstance(reason, re.Pattern) else reason in bad_row.reason), \
-        bad_row.reason
+    assert reason.search(bad_row.reason) if isinstance(reason, re.Pattern) else reason in bad_row.reason, bad_row.reason
     assert bad_row.stored_path is None
     # a refusal is final at once; only transient trouble (the truncated body) is tried again
     assert bad_row.attempts == (3 if isinstance(reason, re.Pattern) else 1)

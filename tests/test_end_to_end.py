@@ -27,8 +27,14 @@ TAGS = ["nishikino_maki", "sakurauchi_riko", "takimoto_hifumi"]
 async def run_cli(env: dict[str, str], *args: str, timeout: float = 300) -> tuple[int, str, str]:
     """Runs `waifu ARGS` as a real process without blocking the fake's event loop."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "waifu.cli", *args, env={**os.environ, **env}, cwd=PROJECT_ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "waifu.cli",
+        *args,
+        env={**os.environ, **env},
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode, out.decode(), err.decode()
@@ -56,9 +62,11 @@ PENDING = (PostState.discovered, PostState.downloaded, PostState.detected)
 
 def all_settled(expected: int) -> Callable[[], bool]:
     """True once `expected` posts exist and every one is in a terminal state (done, failed, skipped)."""
+
     def check() -> bool:
         counts = posts_by_state()
         return sum(counts.values()) == expected and not any(counts.get(s, 0) for s in PENDING)
+
     return check
 
 
@@ -66,7 +74,8 @@ def character_links() -> dict[int, set[str]]:
     """Tracked tags per post, by the site's own post id (the fake's ids)."""
     with session_scope() as session:
         rows = session.exec(
-            select(Post.remote_id, Character.tag).join(PostCharacter, PostCharacter.post_id == Post.id)
+            select(Post.remote_id, Character.tag)
+            .join(PostCharacter, PostCharacter.post_id == Post.id)
             .join(Character, Character.id == PostCharacter.character_id)
         ).all()
     links: dict[int, set[str]] = {}
@@ -75,18 +84,27 @@ def character_links() -> dict[int, set[str]]:
     return links
 
 
-async def test_full_run_downloads_every_image_once(fake: FakeSafebooru, service_env: dict[str, str],
-                                                   start_worker) -> None:
+async def test_full_run_downloads_every_image_once(
+    fake: FakeSafebooru, service_env: dict[str, str], start_worker
+) -> None:
     posts = load_illustrations(fake)  # real illustrations: the face counts below need real faces
     tags = sorted({p.tags.split()[1] for p in posts})
     # one illustration shows two tracked characters: one row, two links
     both = posts[0]
     both.tags = f"{both.tags} {tags[-1] if tags[-1] not in both.tags else tags[0]}"
     # and two bad ones, which must not disturb the others
-    bad_md5 = fake.add(FakePost(id=fake.next_id(), tags=f"1girl {tags[0]}", data=posts[1].data + b"x",
-                                image="badmd5.jpg", fault="md5_mismatch"))
-    gone = fake.add(FakePost(id=fake.next_id(), tags=f"1girl {tags[1]}", data=posts[2].data + b"y",
-                             image="gone.jpg", fault="404"))
+    bad_md5 = fake.add(
+        FakePost(
+            id=fake.next_id(),
+            tags=f"1girl {tags[0]}",
+            data=posts[1].data + b"x",
+            image="badmd5.jpg",
+            fault="md5_mismatch",
+        )
+    )
+    gone = fake.add(
+        FakePost(id=fake.next_id(), tags=f"1girl {tags[1]}", data=posts[2].data + b"y", image="gone.jpg", fault="404")
+    )
     env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_BACKFILL_PAGES": "10"}
 
     code, out, err = await run_cli(env, "characters", "add", *tags)
@@ -139,8 +157,11 @@ async def test_full_run_downloads_every_image_once(fake: FakeSafebooru, service_
     assert faces["posts_without_face"] <= len(originals) * 0.05
     # labels: a face labelled by tag carries the one tracked character of its own post, for every character
     with session_scope() as session:
-        labelled = session.exec(select(Post.remote_id, Face.label).join(Face, Face.post_id == Post.id)
-                                .where(Face.label_source == LabelSource.tag)).all()
+        labelled = session.exec(
+            select(Post.remote_id, Face.label)
+            .join(Face, Face.post_id == Post.id)
+            .where(Face.label_source == LabelSource.tag)
+        ).all()
     wrong = [(remote_id, label) for remote_id, label in labelled if links[remote_id] != {label}]
     assert wrong == [], "faces labelled with another post's character"
     assert set(faces["per_character"]) == set(tags)
@@ -151,8 +172,9 @@ async def test_full_run_downloads_every_image_once(fake: FakeSafebooru, service_
         assert counted >= single * 0.7, f"{tag}: {counted} faces labelled of {single} single-character posts"
 
 
-async def test_lost_messages_are_reconciled(fake: FakeSafebooru, service_env: dict[str, str], start_worker,
-                                            redis_client) -> None:
+async def test_lost_messages_are_reconciled(
+    fake: FakeSafebooru, service_env: dict[str, str], start_worker, redis_client
+) -> None:
     posts = load_drawn(fake, dict.fromkeys(TAGS, 4))  # no face needed: drawn pictures end done with 0 faces
     tags = sorted({p.tags.split()[1] for p in posts})
     env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
@@ -178,7 +200,8 @@ async def test_lost_messages_are_reconciled(fake: FakeSafebooru, service_env: di
 
 
 async def test_messages_lost_after_download_and_mid_crop_are_reconciled(
-        fake: FakeSafebooru, service_env: dict[str, str], start_worker, redis_client) -> None:
+    fake: FakeSafebooru, service_env: dict[str, str], start_worker, redis_client
+) -> None:
     """Rows waiting at every step lose their message (Redis flushed): `waifu reconcile` brings back the
     detections, the crops, and a post none of whose faces waits any more (rejected by hand before its crop)."""
     from core.settings import get_settings
@@ -199,8 +222,10 @@ async def test_messages_lost_after_download_and_mid_crop_are_reconciled(
     for post_id in ids[2:]:
         await asyncio.to_thread(detect_post, post_id, get_settings())
     with session_scope() as session:
-        faces = {post_id: [f.id for f in session.exec(select(Face).where(Face.post_id == post_id)).all()]
-                 for post_id in ids[2:]}
+        faces = {
+            post_id: [f.id for f in session.exec(select(Face).where(Face.post_id == post_id)).all()]
+            for post_id in ids[2:]
+        }
     emptied = next(post_id for post_id in ids[2:] if faces[post_id])
     for face_id in faces[emptied]:  # a person rejects every face of one post before it is cropped
         assert (await run_cli(env, "faces", "reject", str(face_id)))[0] == 0
@@ -226,7 +251,8 @@ async def test_messages_lost_after_download_and_mid_crop_are_reconciled(
 
 
 async def test_busy_and_rate_limited_files_are_retried_by_the_task_after_their_wait(
-        fake: FakeSafebooru, service_env: dict[str, str], start_worker) -> None:
+    fake: FakeSafebooru, service_env: dict[str, str], start_worker
+) -> None:
     """Transient download faults go through Celery's retry with the step's countdown: the backoff for a 503,
     the server's Retry-After for a 429; then the post is stored."""
     posts = load_drawn(fake, {"nishikino_maki": 2, "sakurauchi_riko": 2})
@@ -255,8 +281,9 @@ async def test_busy_and_rate_limited_files_are_retried_by_the_task_after_their_w
     assert rows[busy.id].reason == rows[limited.id].reason == "no face found"
 
 
-async def test_scrape_polls_until_sigterm_and_stops_cleanly(fake: FakeSafebooru, service_env: dict[str, str],
-                                                            tmp_path: Path) -> None:
+async def test_scrape_polls_until_sigterm_and_stops_cleanly(
+    fake: FakeSafebooru, service_env: dict[str, str], tmp_path: Path
+) -> None:
     import signal
 
     posts = load_drawn(fake, dict.fromkeys(TAGS, 2))
@@ -266,8 +293,14 @@ async def test_scrape_polls_until_sigterm_and_stops_cleanly(fake: FakeSafebooru,
     log_path = tmp_path / "scrape.log"
     with log_path.open("wb") as log_file:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "waifu.cli", "scrape", env={**os.environ, **env}, cwd=PROJECT_ROOT,
-            stdout=log_file, stderr=log_file,
+            sys.executable,
+            "-m",
+            "waifu.cli",
+            "scrape",
+            env={**os.environ, **env},
+            cwd=PROJECT_ROOT,
+            stdout=log_file,
+            stderr=log_file,
         )
         # it keeps polling: after the first pass, idle polls go on at the interval (one request per tag)
         await wait_for(lambda: len(fake.api_requests()) >= 3 * len(tags), 60, "several polls")

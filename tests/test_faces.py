@@ -37,8 +37,16 @@ def store_post(post_id: int, data: bytes, tags: list[str], suffix: str = "png") 
     (settings.data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
     (settings.data_dir / relative).write_bytes(data)
     with session_scope() as session:
-        session.add(Post(id=post_id, md5=md5, file_url=f"https://safebooru.org//images/1/{md5}.{suffix}",
-                         tags=" ".join(tags), state=PostState.downloaded, stored_path=relative.as_posix()))
+        session.add(
+            Post(
+                id=post_id,
+                md5=md5,
+                file_url=f"https://safebooru.org//images/1/{md5}.{suffix}",
+                tags=" ".join(tags),
+                state=PostState.downloaded,
+                stored_path=relative.as_posix(),
+            )
+        )
         session.flush()
         for tag in tags:
             character = session.exec(select(Character).where(Character.tag == tag)).first()
@@ -82,8 +90,9 @@ def side_by_side(*names: str) -> bytes:
 
 
 # each character's own picture: the label is the post's one tracked tag, not merely the first tracked one
-@pytest.mark.parametrize(("picture", "tag"), [(MAKI, "nishikino_maki"), (RIKO, "sakurauchi_riko")],
-                         ids=["first-tracked", "second-tracked"])
+@pytest.mark.parametrize(
+    ("picture", "tag"), [(MAKI, "nishikino_maki"), (RIKO, "sakurauchi_riko")], ids=["first-tracked", "second-tracked"]
+)
 def test_one_character_one_face_is_labelled_by_tag(chars, picture, tag) -> None:
     post_id = store_post(1, raw_image(picture).read_bytes(), [tag, "1girl"], suffix=picture.rsplit(".", 1)[1])
     faces = run_pipeline(post_id)
@@ -174,8 +183,10 @@ def test_split_is_stable_across_runs_with_new_data_in_between(chars) -> None:
     [repost] = run_pipeline(store_post(30, buffer.getvalue(), ["nishikino_maki"], suffix="jpg"))
     # the first face, read back as it is now, has not moved; its repost follows it
     with session_scope() as session:
-        now = {f.id: (f.sha256, f.split, f.duplicate_of)
-               for f in session.exec(select(Face).where(Face.post_id == 10)).all()}
+        now = {
+            f.id: (f.sha256, f.split, f.duplicate_of)
+            for f in session.exec(select(Face).where(Face.post_id == 10)).all()
+        }
         every = session.exec(select(Face)).all()
     assert now == before
     assert repost.duplicate_of == first[0].id and repost.split == first[0].split
@@ -202,7 +213,6 @@ def test_label_rule() -> None:
     assert label_for([], 1) == (None, LabelSource.ambiguous)
 
 
-
 def test_missing_detector_model_leaves_the_post_waiting(chars, monkeypatch) -> None:
     from core.settings import reset_settings_cache
 
@@ -227,8 +237,11 @@ def others_wait_for_a_lock(count: int) -> bool:
     if engine.dialect.name == "sqlite":
         return True
     with engine.connect() as conn:
-        waiting = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                    "AND wait_event_type = 'Lock'")).scalar_one()
+        waiting = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        ).scalar_one()
     return waiting >= count
 
 
@@ -254,12 +267,12 @@ def test_faces_of_one_post_finished_concurrently_close_the_post(chars, monkeypat
     real_still_claimed, real_finish = step.still_claimed, step.finish_post_if_complete
 
     @contextmanager
-    def commit_at_once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def commit_at_once(*args, **kwargs):
         commit_together.wait()
         with real_still_claimed(*args, **kwargs) as pair:
             yield pair
 
-    def check_at_once(session, post) -> None:  # noqa: ANN001
+    def check_at_once(session, post) -> None:
         with guard:
             count["arrived"] += 1
             count["inside"] += 1

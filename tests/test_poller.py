@@ -130,7 +130,8 @@ async def test_post_under_two_tags_is_one_row_with_two_links(scrape_env, fake: F
     assert queued(redis_client) == sorted(rows())  # the shared post is enqueued once
     with session_scope() as session:
         tags = session.exec(
-            select(Character.tag).join(PostCharacter, PostCharacter.character_id == Character.id)
+            select(Character.tag)
+            .join(PostCharacter, PostCharacter.character_id == Character.id)
             .where(PostCharacter.post_id == rows()[both.id].id)
         ).all()
     assert sorted(tags) == ["maki", "riko"]
@@ -148,14 +149,21 @@ def test_two_pollers_storing_one_post_at_once_make_one_row(scrape_env) -> None:
     add_characters(["maki", "riko"])
     with session_scope() as session:
         characters = list(session.exec(select(Character)).all())
-    post = ApiPost.model_validate({"id": 77, "hash": "ab" * 16, "file_url": "https://safebooru.org/images/1/a.jpg",
-                                   "tags": "maki riko", "rating": "general"})
+    post = ApiPost.model_validate(
+        {
+            "id": 77,
+            "hash": "ab" * 16,
+            "file_url": "https://safebooru.org/images/1/a.jpg",
+            "tags": "maki riko",
+            "rating": "general",
+        }
+    )
     second: dict[str, object] = {}
 
     def other_poller() -> None:
         try:
             second["ids"] = store_listed("safebooru", [post], characters)
-        except Exception as exc:  # noqa: BLE001 - the assertion below names it
+        except Exception as exc:
             second["error"] = exc
 
     with session_scope() as session:  # the first poller's transaction, held open
@@ -172,8 +180,9 @@ def test_two_pollers_storing_one_post_at_once_make_one_row(scrape_env) -> None:
         assert len(session.exec(select(PostCharacter)).all()) == 2
 
 
-async def test_rating_filter_and_reposts_are_skipped_with_reasons(scrape_env, fake: FakeSafebooru,
-                                                                  redis_client) -> None:
+async def test_rating_filter_and_reposts_are_skipped_with_reasons(
+    scrape_env, fake: FakeSafebooru, redis_client
+) -> None:
     add_characters(["maki"], ratings="general,safe")
     original = new_post(fake, "maki", "orig")
     racy = new_post(fake, "maki", "racy", rating="questionable")
@@ -188,8 +197,9 @@ async def test_rating_filter_and_reposts_are_skipped_with_reasons(scrape_env, fa
     assert queued(redis_client) == [original.id]
 
 
-async def test_api_failure_of_one_poll_is_recorded_and_recovers(scrape_env, fake: FakeSafebooru,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_api_failure_of_one_poll_is_recorded_and_recovers(
+    scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WAIFU_API_RETRIES", "1")
     reset_settings_cache()
     add_characters(["maki"])
@@ -236,8 +246,8 @@ async def test_run_forever_stops_promptly(scrape_env, fake: FakeSafebooru, monke
 
 
 async def test_run_forever_stopped_mid_poll_ends_at_once_and_loses_nothing(
-        scrape_env, fake: FakeSafebooru, redis_client, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    scrape_env, fake: FakeSafebooru, redis_client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """The stop arrives while a catch-up waits out a 429's one-minute Retry-After between its first and
     second page: the run ends at once, the committed page stays, and the cursor is not moved past the posts
     of the pages never fetched, so the next poll gets them."""

@@ -61,8 +61,15 @@ def store_downloaded(post_id: int, data: bytes) -> int:
     (settings.data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
     (settings.data_dir / relative).write_bytes(data)
     with session_scope() as session:
-        session.add(Post(id=post_id, md5=md5, file_url=f"https://safebooru.org//images/1/{md5}.png",
-                         state=PostState.downloaded, stored_path=relative.as_posix()))
+        session.add(
+            Post(
+                id=post_id,
+                md5=md5,
+                file_url=f"https://safebooru.org//images/1/{md5}.png",
+                state=PostState.downloaded,
+                stored_path=relative.as_posix(),
+            )
+        )
     return post_id
 
 
@@ -79,14 +86,32 @@ def post(post_id: int) -> Post:
 
 def start_logged(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     handle = log.open("ab")
-    return subprocess.Popen(argv, env={**os.environ, **env}, cwd=PROJECT_ROOT, stdout=handle, stderr=handle,
-                            start_new_session=True)
+    return subprocess.Popen(
+        argv, env={**os.environ, **env}, cwd=PROJECT_ROOT, stdout=handle, stderr=handle, start_new_session=True
+    )
 
 
 def celery_worker(queues: str, concurrency: int, pool: str = "prefork") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues, "-c", str(concurrency),
-            "-P", pool, "--loglevel", "INFO", "-n", f"rec-{uuid.uuid4().hex[:6]}@%h", "--without-mingle",
-            "--without-gossip"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency),
+        "-P",
+        pool,
+        "--loglevel",
+        "INFO",
+        "-n",
+        f"rec-{uuid.uuid4().hex[:6]}@%h",
+        "--without-mingle",
+        "--without-gossip",
+    ]
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -104,8 +129,12 @@ def sqlite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_client) ->
     """service_env pinned to SQLite: what these tests prove is about SQLite's single write lock."""
     from db.migrate import upgrade
 
-    env = {"WAIFU_DATA_DIR": str(tmp_path / "data"), "WAIFU_DATABASE_URL": f"sqlite:///{tmp_path / 'waifu.db'}",
-           "WAIFU_BROKER_URL": os.environ["WAIFU_BROKER_URL"], "WAIFU_DETECTOR_FALLBACKS": "true"}
+    env = {
+        "WAIFU_DATA_DIR": str(tmp_path / "data"),
+        "WAIFU_DATABASE_URL": f"sqlite:///{tmp_path / 'waifu.db'}",
+        "WAIFU_BROKER_URL": os.environ["WAIFU_BROKER_URL"],
+        "WAIFU_DETECTOR_FALLBACKS": "true",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     reset_settings_cache()
@@ -128,7 +157,7 @@ def test_two_workers_detect_at_the_same_time_on_sqlite(sqlite_env, tmp_path) -> 
     spans = sorted(tuple(o["work"]) for o in outcomes)
     # with detection inside a write transaction the second process would wait for the first to commit:
     # here some two detections ran at the same time, each between its claim and its commit
-    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if b[0] < a[1] - 0.2]
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :] if b[0] < a[1] - 0.2]
     assert overlapping, f"no two detections overlapped: {spans}"
 
 
@@ -143,8 +172,11 @@ def test_a_write_that_meets_database_is_locked_is_retried_and_finishes(sqlite_en
         from worker.app import app
 
         app.send_task(STEPS["detect"].task, args=[1])
-        wait_until(lambda: "database busy, retrying" in (tmp_path / "worker.log").read_text(), 120,
-                   message="the step to meet the lock")
+        wait_until(
+            lambda: "database busy, retrying" in (tmp_path / "worker.log").read_text(),
+            120,
+            message="the step to meet the lock",
+        )
         assert post(1).state == PostState.downloaded
         holder.execute("ROLLBACK")
         wait_until(lambda: post(1).state == PostState.done, 120, message="the retried step to finish")
@@ -163,19 +195,25 @@ def claimed(post_id: int, state: PostState) -> bool:
 
 @pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_stated_time(
-        fake: FakeSafebooru, service_env: dict[str, str], tmp_path) -> None:
+    fake: FakeSafebooru, service_env: dict[str, str], tmp_path
+) -> None:
     # the claim must outlast one detection of the slow picture even on a loaded machine, or a live worker's
     # row would be taken up again too (harmless, the compare-and-set keeps one result, but slow)
     claim_timeout, interval = 20.0, 1.0
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_CLAIM_TIMEOUT": str(claim_timeout),
-           "WAIFU_RECONCILE_INTERVAL": str(interval), "WAIFU_STUCK_AFTER": "1", "WAIFU_BACKFILL_PAGES": "1",
-           # every pass on the full picture: about 3 s on an idle core, so the detection is still under way
-           # when it is looked for (on the default 250,000-pixel working copy it takes 0.4 s and can be missed)
-           "WAIFU_DETECTOR_MAX_PIXELS": "0"}
+    env = {
+        **service_env,
+        "WAIFU_SAFEBOORU_URL": fake.base_url,
+        "WAIFU_CLAIM_TIMEOUT": str(claim_timeout),
+        "WAIFU_RECONCILE_INTERVAL": str(interval),
+        "WAIFU_STUCK_AFTER": "1",
+        "WAIFU_BACKFILL_PAGES": "1",
+        # every pass on the full picture: about 3 s on an idle core, so the detection is still under way
+        # when it is looked for (on the default 250,000-pixel working copy it takes 0.4 s and can be missed)
+        "WAIFU_DETECTOR_MAX_PIXELS": "0",
+    }
     fake.slow_seconds = 60.0
     illustration = raw_image("nishikino_maki/1.png").read_bytes()
-    slow_file = fake.add(FakePost(id=7001, tags="nishikino_maki", data=illustration, image="a.png",
-                                  fault="slow_once"))
+    slow_file = fake.add(FakePost(id=7001, tags="nishikino_maki", data=illustration, image="a.png", fault="slow_once"))
     store_downloaded(7002, slow_to_detect(7, side=1400))
     assert (await run_cli(env, "characters", "add", "nishikino_maki"))[0] == 0
     assert (await run_cli(env, "scrape", "--once"))[0] == 0
@@ -186,21 +224,28 @@ async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_
 
     app.send_task(STEPS["detect"].task, args=[7002])
     try:
-        await wait_for(lambda: claimed(slow, PostState.discovered) and claimed(7002, PostState.downloaded),
-                       120, "a download and a detection under way")
+        await wait_for(
+            lambda: claimed(slow, PostState.discovered) and claimed(7002, PostState.downloaded),
+            120,
+            "a download and a detection under way",
+        )
     finally:
         killed_at = time.monotonic()
         stop(first, signal.SIGKILL)  # the whole worker, pool processes included, mid-download and mid-detection
-    assert claimed(slow, PostState.discovered) and claimed(7002, PostState.downloaded), \
+    assert claimed(slow, PostState.discovered) and claimed(7002, PostState.downloaded), (
         "the kill must land while both rows are being worked on"
+    )
 
     second = start_logged(celery_worker("io,cpu", 2), env, tmp_path / "second.log")
     beat = start_logged([sys.executable, "-m", "waifu.cli", "beat"], env, tmp_path / "beat.log")
     try:
         # stated recovery: a dead worker's claim runs out after WAIFU_CLAIM_TIMEOUT, the next reconcile
         # (every WAIFU_RECONCILE_INTERVAL) re-enqueues the row; then the step itself runs again
-        await wait_for(lambda: post(slow).state == PostState.done and post(7002).state == PostState.done,
-                       240, "both rows to finish after the kill")
+        await wait_for(
+            lambda: post(slow).state == PostState.done and post(7002).state == PostState.done,
+            240,
+            "both rows to finish after the kill",
+        )
         recovered_in = time.monotonic() - killed_at
     finally:
         stop(beat)
@@ -210,11 +255,13 @@ async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_
     assert fake.file_hits[slow_file.id] == 2, "downloaded again after the kill, and only once more"
 
 
-async def test_an_original_that_fails_hands_its_repost_over(fake: FakeSafebooru, service_env: dict[str, str],
-                                                             start_worker) -> None:
+async def test_an_original_that_fails_hands_its_repost_over(
+    fake: FakeSafebooru, service_env: dict[str, str], start_worker
+) -> None:
     illustration = raw_image("sakurauchi_riko/1.jpg").read_bytes()
-    original = fake.add(FakePost(id=8001, tags="sakurauchi_riko", data=illustration, image="x.jpg",
-                                 fault="redirect_offsite"))
+    original = fake.add(
+        FakePost(id=8001, tags="sakurauchi_riko", data=illustration, image="x.jpg", fault="redirect_offsite")
+    )
     repost = fake.add(FakePost(id=8002, tags="sakurauchi_riko", data=illustration, image="y.jpg"))
     env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
     add_characters(["sakurauchi_riko"])

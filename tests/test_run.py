@@ -72,16 +72,24 @@ async def test_run_uses_embedded_redis_collects_and_stops_cleanly(fake: FakeSafe
     log_path = tmp_path / "run.log"  # a file, not a pipe: nobody must block on a full pipe
     log_file = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "waifu.cli", "run", env={**os.environ, **env}, cwd=PROJECT_ROOT,
-        stdout=log_file, stderr=log_file, start_new_session=True,
+        sys.executable,
+        "-m",
+        "waifu.cli",
+        "run",
+        env={**os.environ, **env},
+        cwd=PROJECT_ROOT,
+        stdout=log_file,
+        stderr=log_file,
+        start_new_session=True,
     )
     url = f"sqlite:///{data_dir / 'waifu.db'}"
     try:
         deadline = time.monotonic() + 180
         while downloaded_count(url) < len(posts):
             assert proc.returncode is None, "waifu run exited early: " + log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, (f"only {downloaded_count(url)} of {len(posts)} done: "
-                                                 + log_path.read_text()[-3000:])
+            assert time.monotonic() < deadline, (
+                f"only {downloaded_count(url)} of {len(posts)} done: " + log_path.read_text()[-3000:]
+            )
             await asyncio.sleep(0.5)
         assert (data_dir / "redis" / "redis.log").exists(), "the embedded Redis keeps its files in the data dir"
         # the web page is one of the children, on loopback
@@ -178,14 +186,26 @@ async def test_run_in_a_terminal_shows_a_live_summary_and_logs_to_a_file(fake: F
 
 
 async def test_verbose_streams_the_childrens_lines_instead_of_the_summary(tmp_path) -> None:
-    env = {"WAIFU_DATA_DIR": str(tmp_path / "data"), "WAIFU_DATABASE_URL": "",
-           "WAIFU_BROKER_URL": "redis://127.0.0.1:1/0", "WAIFU_EMBEDDED_REDIS": "true",
-           "WAIFU_WEB_PORT": str(free_port())}
+    env = {
+        "WAIFU_DATA_DIR": str(tmp_path / "data"),
+        "WAIFU_DATABASE_URL": "",
+        "WAIFU_BROKER_URL": "redis://127.0.0.1:1/0",
+        "WAIFU_EMBEDDED_REDIS": "true",
+        "WAIFU_WEB_PORT": str(free_port()),
+    }
     out_path = tmp_path / "out.log"
     with out_path.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "waifu.cli", "run", "--verbose", env={**os.environ, **env}, cwd=PROJECT_ROOT,
-            stdout=out, stderr=out, start_new_session=True,
+            sys.executable,
+            "-m",
+            "waifu.cli",
+            "run",
+            "--verbose",
+            env={**os.environ, **env},
+            cwd=PROJECT_ROOT,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 90
@@ -212,12 +232,22 @@ async def test_children_do_not_outlive_a_killed_runner(tmp_path) -> None:
 
     from waifu.pools import default_concurrency
 
-    env = {"WAIFU_DATA_DIR": str(tmp_path / "data"), "WAIFU_DATABASE_URL": "",
-           "WAIFU_BROKER_URL": "redis://127.0.0.1:1/0", "WAIFU_EMBEDDED_REDIS": "true",
-           "WAIFU_WEB_PORT": str(free_port())}
+    env = {
+        "WAIFU_DATA_DIR": str(tmp_path / "data"),
+        "WAIFU_DATABASE_URL": "",
+        "WAIFU_BROKER_URL": "redis://127.0.0.1:1/0",
+        "WAIFU_EMBEDDED_REDIS": "true",
+        "WAIFU_WEB_PORT": str(free_port()),
+    }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "waifu.cli", "run", env={**os.environ, **env}, cwd=PROJECT_ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "waifu.cli",
+        "run",
+        env={**os.environ, **env},
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     runner = psutil.Process(proc.pid)
 

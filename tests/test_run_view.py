@@ -21,32 +21,43 @@ from waifu.status import collect_status
 
 
 def post(post_id: int, state: PostState, reason: str | None = None, age: float = 0.0) -> Post:
-    return Post(id=post_id, md5=f"{post_id:032x}", file_url=f"https://safebooru.org//images/1/{post_id}.jpg",
-                state=state, reason=reason, updated_at=utcnow() - timedelta(seconds=age))
+    return Post(
+        id=post_id,
+        md5=f"{post_id:032x}",
+        file_url=f"https://safebooru.org//images/1/{post_id}.jpg",
+        state=state,
+        reason=reason,
+        updated_at=utcnow() - timedelta(seconds=age),
+    )
 
 
-def test_status_groups_the_latest_failures_and_knows_the_next_poll(service_env: dict[str, str],
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_status_groups_the_latest_failures_and_knows_the_next_poll(
+    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WAIFU_POLL_INTERVAL", "300")
     reset_settings_cache()
     add_characters(["nishikino_maki", "sakurauchi_riko"])
     polled = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     with session_scope() as session:
-        session.add_all([
-            post(1, PostState.done),
-            post(2, PostState.failed, "HTTP 404 Not Found: file gone", age=600),
-            post(3, PostState.failed, "md5 mismatch: API announced aaaa, file is bbbb", age=60),
-            post(4, PostState.failed, "md5 mismatch: API announced cccc, file is dddd", age=30),
-            ScrapeCursor(tag="nishikino_maki", last_poll_at=polled - timedelta(seconds=20)),
-            ScrapeCursor(tag="sakurauchi_riko", last_poll_at=polled),  # the pass ended with this tag
-        ])
+        session.add_all(
+            [
+                post(1, PostState.done),
+                post(2, PostState.failed, "HTTP 404 Not Found: file gone", age=600),
+                post(3, PostState.failed, "md5 mismatch: API announced aaaa, file is bbbb", age=60),
+                post(4, PostState.failed, "md5 mismatch: API announced cccc, file is dddd", age=30),
+                ScrapeCursor(tag="nishikino_maki", last_poll_at=polled - timedelta(seconds=20)),
+                ScrapeCursor(tag="sakurauchi_riko", last_poll_at=polled),  # the pass ended with this tag
+            ]
+        )
         session.flush()
         maki = session.exec(select(Character).where(Character.tag == "nishikino_maki")).one()
         session.add(PostCharacter(post_id=1, character_id=maki.id))
 
     status = collect_status(get_settings())
     assert [(f["kind"], f["reason"], f["count"]) for f in status["recent_failures"]] == [
-        ("post", "md5 mismatch", 2), ("post", "HTTP N Not Found", 1)]  # newest group first
+        ("post", "md5 mismatch", 2),
+        ("post", "HTTP N Not Found", 1),
+    ]  # newest group first
     assert status["recent_failures"][0]["example"].startswith("md5 mismatch: API announced cccc")
     assert datetime.fromisoformat(status["next_poll_at"]) == polled + timedelta(seconds=300)
     # the keys `waifu status --json` always had are still there
@@ -84,17 +95,33 @@ def snapshot(**changes) -> Snapshot:
         "posts": {"discovered": 2, "downloaded": 1, "detected": 0, "done": 40, "failed": 3, "skipped": 1},
         "total": 47,
         "characters": {"nishikino_maki": {"done": 25, "failed": 3}, "sakurauchi_riko": {"done": 15, "discovered": 2}},
-        "faces": {"states": {"detected": 1, "ready": 33, "rejected": 0, "failed": 0},
-                  "label_sources": {"tag": 30, "ambiguous": 3},
-                  "per_character": {"nishikino_maki": {"train": 17, "test": 3}}},
+        "faces": {
+            "states": {"detected": 1, "ready": 33, "rejected": 0, "failed": 0},
+            "label_sources": {"tag": 30, "ambiguous": 3},
+            "per_character": {"nishikino_maki": {"train": 17, "test": 3}},
+        },
         "queues": {"io": 2, "cpu": 1, "train": 0},
-        "recent_failures": [{"kind": "post", "reason": "HTTP N Not Found", "count": 3, "example": "HTTP 404",
-                             "last_at": "2030-01-02T03:03:05+00:00"}],
+        "recent_failures": [
+            {
+                "kind": "post",
+                "reason": "HTTP N Not Found",
+                "count": 3,
+                "example": "HTTP 404",
+                "last_at": "2030-01-02T03:03:05+00:00",
+            }
+        ],
         "next_poll_at": "2030-01-02T03:09:05+00:00",
     }
-    values = dict(data=data, error=None, rates={"done": 12.0, "ready": 9.5},
-                  children=[("worker-io", "running"), ("worker-cpu", "exited 1")], log_path=Path("/srv/d/logs/run.log"),
-                  now=datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC), uptime=125.0, broker="embedded redis://x:1/0")
+    values = dict(
+        data=data,
+        error=None,
+        rates={"done": 12.0, "ready": 9.5},
+        children=[("worker-io", "running"), ("worker-cpu", "exited 1")],
+        log_path=Path("/srv/d/logs/run.log"),
+        now=datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC),
+        uptime=125.0,
+        broker="embedded redis://x:1/0",
+    )
     values.update(changes)
     return Snapshot(**values)
 

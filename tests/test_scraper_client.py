@@ -15,8 +15,14 @@ COUNTS = {"nishikino_maki": 4, "sakurauchi_riko": 3, "takimoto_hifumi": 5}
 
 
 def settings_for(fake: FakeSafebooru, **overrides) -> Settings:
-    values = {"safebooru_url": fake.base_url, "requests_per_second": 50, "api_backoff": 0.01,
-              "api_backoff_max": 5, "api_retries": 3, "page_size": 100} | overrides
+    values = {
+        "safebooru_url": fake.base_url,
+        "requests_per_second": 50,
+        "api_backoff": 0.01,
+        "api_backoff_max": 5,
+        "api_retries": 3,
+        "page_size": 100,
+    } | overrides
     return Settings(_env_file=None, **values)
 
 
@@ -124,8 +130,11 @@ def test_unusable_entries_are_reported_not_fatal() -> None:
 
 
 def test_xml_page_is_read_when_json_is_ignored() -> None:
-    body = (b'<?xml version="1.0"?><posts count="1" offset="0"><post id="7" md5="' + b"b" * 32 +
-            b'" file_url="https://safebooru.org//images/1/x.png" tags=" maki " rating="s" width="10"/></posts>')
+    body = (
+        b'<?xml version="1.0"?><posts count="1" offset="0"><post id="7" md5="'
+        + b"b" * 32
+        + b'" file_url="https://safebooru.org//images/1/x.png" tags=" maki " rating="s" width="10"/></posts>'
+    )
     posts, unusable = parse_posts(body, "https://safebooru.org", "test")
     assert unusable == [] and posts[0].id == 7 and posts[0].rating == "safe" and posts[0].width == 10
 

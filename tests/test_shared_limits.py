@@ -21,25 +21,41 @@ from tests.test_scraper_client import max_in_window
 pytestmark = pytest.mark.slow
 
 
-async def test_a_second_scraper_refuses_to_start_while_one_runs(fake: FakeSafebooru, service_env: dict[str, str],
-                                                                tmp_path) -> None:
+async def test_a_second_scraper_refuses_to_start_while_one_runs(
+    fake: FakeSafebooru, service_env: dict[str, str], tmp_path
+) -> None:
     tags = [f"chara_{c}" for c in "abcd"]
     for i in range(40):
         data = hashlib.sha256(f"post {i}".encode()).digest() * 8
         fake.add(FakePost(id=fake.next_id(), tags=tags[i % len(tags)], data=data, image=f"{i}.jpg"))
     add_characters(tags)
-    env = {**os.environ, **service_env, "WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_REQUESTS_PER_SECOND": "3",
-           "WAIFU_PAGE_SIZE": "5", "WAIFU_BACKFILL_PAGES": "5", "WAIFU_POLL_INTERVAL": "1"}
+    env = {
+        **os.environ,
+        **service_env,
+        "WAIFU_SAFEBOORU_URL": fake.base_url,
+        "WAIFU_REQUESTS_PER_SECOND": "3",
+        "WAIFU_PAGE_SIZE": "5",
+        "WAIFU_BACKFILL_PAGES": "5",
+        "WAIFU_POLL_INTERVAL": "1",
+    }
     log = (tmp_path / "first.log").open("wb")
-    first = await asyncio.create_subprocess_exec(sys.executable, "-m", "waifu.cli", "scrape", env=env,
-                                                 cwd=PROJECT_ROOT, stdout=log, stderr=log)
+    first = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "waifu.cli", "scrape", env=env, cwd=PROJECT_ROOT, stdout=log, stderr=log
+    )
     seconds = []  # killed at the end whatever happens: a scraper that failed to refuse would poll forever
     try:
         await wait_for(lambda: len(fake.api_requests()) >= 4, 60, "the first scraper to poll")
         for args in (["scrape", "--once"], ["scrape"]):
             second = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "waifu.cli", *args, env=env, cwd=PROJECT_ROOT,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                sys.executable,
+                "-m",
+                "waifu.cli",
+                *args,
+                env=env,
+                cwd=PROJECT_ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
             seconds.append(second)
             out, _ = await asyncio.wait_for(second.communicate(), 60)
             text = " ".join(out.decode(errors="replace").split())
@@ -64,8 +80,16 @@ async def test_a_second_scraper_refuses_to_start_while_one_runs(fake: FakeSafebo
     assert first.returncode == 0, (tmp_path / "first.log").read_text()[-2000:]
 
     # once it has stopped, the lock is free again: the next scraper starts at once
-    again = await asyncio.create_subprocess_exec(sys.executable, "-m", "waifu.cli", "scrape", "--once", env=env,
-                                                 cwd=PROJECT_ROOT, stdout=asyncio.subprocess.PIPE,
-                                                 stderr=asyncio.subprocess.STDOUT)
+    again = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "waifu.cli",
+        "scrape",
+        "--once",
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await asyncio.wait_for(again.communicate(), 120)
     assert again.returncode == 0, out.decode(errors="replace")[-2000:]

@@ -34,8 +34,10 @@ async def gelbooru() -> FakeSafebooru:
 
 @pytest.fixture
 def two_sites(service_env, fake: FakeSafebooru, gelbooru: FakeSafebooru, monkeypatch: pytest.MonkeyPatch) -> dict:
-    env = {"WAIFU_SAFEBOORU_URL": fake.base_url,
-           "WAIFU_SITES": json.dumps({"gelbooru": {"url": gelbooru.base_url, "api_key": KEY[0], "user_id": KEY[1]}})}
+    env = {
+        "WAIFU_SAFEBOORU_URL": fake.base_url,
+        "WAIFU_SITES": json.dumps({"gelbooru": {"url": gelbooru.base_url, "api_key": KEY[0], "user_id": KEY[1]}}),
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     reset_settings_cache()
@@ -52,7 +54,8 @@ def rows() -> dict[tuple[str, int], Post]:
 
 
 async def test_two_sites_are_polled_each_with_its_own_ids_credentials_and_ratings(
-        two_sites, fake: FakeSafebooru, gelbooru: FakeSafebooru) -> None:
+    two_sites, fake: FakeSafebooru, gelbooru: FakeSafebooru
+) -> None:
     publish(fake, 1001, "nishikino_maki 1girl", "safe-a")
     publish(fake, 1002, "nishikino_maki", "safe-b")
     same_id = publish(gelbooru, 1001, "nishikino_maki", "gel-a", rating="general")  # the same id, another post
@@ -65,8 +68,14 @@ async def test_two_sites_are_polled_each_with_its_own_ids_credentials_and_rating
     report = await poll_once(get_settings())
     assert report.errors == []
     by_key = rows()
-    assert set(by_key) == {("safebooru", 1001), ("safebooru", 1002), ("gelbooru", 1001), ("gelbooru", 1003),
-                           ("gelbooru", 1004), ("gelbooru", 1005)}
+    assert set(by_key) == {
+        ("safebooru", 1001),
+        ("safebooru", 1002),
+        ("gelbooru", 1001),
+        ("gelbooru", 1003),
+        ("gelbooru", 1004),
+        ("gelbooru", 1005),
+    }
     assert by_key[("gelbooru", 1001)].md5 == same_id.md5 != by_key[("safebooru", 1001)].md5
     assert by_key[("gelbooru", 1003)].state == PostState.discovered, "gelbooru's own word 'sensitive' is kept"
     assert by_key[("gelbooru", 1004)].state == PostState.skipped and "questionable" in by_key[("gelbooru", 1004)].reason
@@ -76,8 +85,9 @@ async def test_two_sites_are_polled_each_with_its_own_ids_credentials_and_rating
 
     settings = get_settings()
     pair = [by_key[("safebooru", 1002)], by_key[("gelbooru", crossposted.id)]]
-    outcomes = [await asyncio.to_thread(download_post, post.id, settings) for post in pair
-                if post.state == PostState.discovered]
+    outcomes = [
+        await asyncio.to_thread(download_post, post.id, settings) for post in pair if post.state == PostState.discovered
+    ]
     states = sorted(str(post.state) for post in rows().values() if post.md5 == pair[0].md5)
     assert states == ["downloaded", "skipped"], (states, outcomes)
     repost = next(post for post in rows().values() if post.md5 == pair[0].md5 and post.state == PostState.skipped)
@@ -85,22 +95,30 @@ async def test_two_sites_are_polled_each_with_its_own_ids_credentials_and_rating
     assert repost.duplicate_of == original.id and repost.reason.startswith(f"duplicate of {original.label}")
     assert fake.file_hits.get(1002, 0) + gelbooru.file_hits.get(crossposted.id, 0) == 1
     # every gelbooru request carried the credentials; safebooru was never sent them
-    assert gelbooru.api_requests() and all((r.query.get("api_key"), r.query.get("user_id")) == KEY
-                                           for r in gelbooru.api_requests())
+    assert gelbooru.api_requests() and all(
+        (r.query.get("api_key"), r.query.get("user_id")) == KEY for r in gelbooru.api_requests()
+    )
     assert all("api_key" not in r.query for r in fake.api_requests())
     with session_scope() as session:
         cursors = {(c.site, c.tag): c.newest_id for c in session.exec(select(ScrapeCursor)).all()}
-        links = session.exec(select(Post.site, Character.site).join(PostCharacter, PostCharacter.post_id == Post.id)
-                             .join(Character, Character.id == PostCharacter.character_id)).all()
+        links = session.exec(
+            select(Post.site, Character.site)
+            .join(PostCharacter, PostCharacter.post_id == Post.id)
+            .join(Character, Character.id == PostCharacter.character_id)
+        ).all()
     assert cursors == {("safebooru", "nishikino_maki"): 1002, ("gelbooru", "nishikino_maki"): 1005}
-    assert links and all(post_site == character_site for post_site, character_site in links), \
+    assert links and all(post_site == character_site for post_site, character_site in links), (
         "a post is linked to the characters of its own site only"
-    assert {(c["site"], c["tag"]) for c in list_characters()} == {("safebooru", "nishikino_maki"),
-                                                                  ("gelbooru", "nishikino_maki")}
+    )
+    assert {(c["site"], c["tag"]) for c in list_characters()} == {
+        ("safebooru", "nishikino_maki"),
+        ("gelbooru", "nishikino_maki"),
+    }
 
 
-async def test_a_file_comes_only_from_its_own_sites_hosts(two_sites, fake: FakeSafebooru,
-                                                          gelbooru: FakeSafebooru) -> None:
+async def test_a_file_comes_only_from_its_own_sites_hosts(
+    two_sites, fake: FakeSafebooru, gelbooru: FakeSafebooru
+) -> None:
     good = publish(gelbooru, 2001, "nishikino_maki", "gel-file")
     add_characters(["nishikino_maki"], site="gelbooru")
     await poll_once(get_settings())
@@ -133,12 +151,22 @@ async def test_a_site_that_wants_credentials_says_so_on_the_cursor(service_env, 
 
 
 async def test_characters_on_a_site_from_the_command_line(two_sites) -> None:
-    code, out, err = await run_cli(two_sites, "characters", "add", "--site", "gelbooru", "--ratings", "sensitive",
-                                   "Nishikino Maki")
+    code, out, err = await run_cli(
+        two_sites, "characters", "add", "--site", "gelbooru", "--ratings", "sensitive", "Nishikino Maki"
+    )
     assert code == 0, err
     code, out, err = await run_cli(two_sites, "characters", "list", "--json")
-    assert json.loads(out) == [{"site": "gelbooru", "tag": "nishikino_maki", "extra_terms": "", "ratings": "sensitive",
-                                "posts": 0, "newest_id": None, "last_poll_at": None}]
+    assert json.loads(out) == [
+        {
+            "site": "gelbooru",
+            "tag": "nishikino_maki",
+            "extra_terms": "",
+            "ratings": "sensitive",
+            "posts": 0,
+            "newest_id": None,
+            "last_poll_at": None,
+        }
+    ]
     code, _, err = await run_cli(two_sites, "characters", "add", "--site", "gelbooru", "--ratings", "safe", "x")
     assert code == 2 and "gelbooru has no rating 'safe'" in " ".join(err.split())
     code, _, err = await run_cli(two_sites, "characters", "add", "--site", "danbooru", "x")

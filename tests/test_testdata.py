@@ -40,11 +40,11 @@ class Upstream:
         recorded = self.paths
 
         class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 recorded.append(self.path)
                 super().do_GET()
 
-            def log_message(self, *args) -> None:  # noqa: ANN002 - quiet
+            def log_message(self, *args) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))

@@ -54,7 +54,7 @@ def splits() -> tuple[Dataset, Dataset]:
 
 
 @pytest.fixture(scope="module")
-def trained(splits: tuple[Dataset, Dataset]):  # noqa: ANN201 - TrainResult, imported above
+def trained(splits: tuple[Dataset, Dataset]):
     train_set, _ = splits  # TensorFlow is a test dependency (make test installs the train extra): no skip
     return train(train_set, TrainConfig(weights="none", epochs=EPOCHS, threads=2, seed=0))
 
@@ -106,7 +106,7 @@ def test_classical_alone_beats_chance_and_reloads(splits: tuple[Dataset, Dataset
 
 
 @pytest.mark.slow
-def test_train_evaluate_save_reload(trained, splits: tuple[Dataset, Dataset], tmp_path: Path) -> None:  # noqa: ANN001
+def test_train_evaluate_save_reload(trained, splits: tuple[Dataset, Dataset], tmp_path: Path) -> None:
     _, test_set = splits
     clf = trained.classifier
     assert trained.epochs_run == EPOCHS and len(trained.history["loss"]) == EPOCHS

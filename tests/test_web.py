@@ -68,24 +68,52 @@ def make_collection() -> dict[str, list[int]]:
             data = drawn_image(post_id, (1600, 1200) if post_id == 101 else (320, 240))
             relative = f"images/{post_id}.png"
             store_file(relative, data)
-            session.add(Post(id=post_id, md5=f"{post_id:032x}", file_url="https://safebooru.org//x", state="done",
-                             stored_path=relative, tags=" ".join(tags), faces=4 if post_id == 101 else 1))
+            session.add(
+                Post(
+                    id=post_id,
+                    md5=f"{post_id:032x}",
+                    file_url="https://safebooru.org//x",
+                    state="done",
+                    stored_path=relative,
+                    tags=" ".join(tags),
+                    faces=4 if post_id == 101 else 1,
+                )
+            )
             session.flush()
             for tag in tags:
                 session.add(PostCharacter(post_id=post_id, character_id=chars[tag]))
-        plan = [(101, "ambiguous", None, "nishikino_maki", 0.91), (101, "ambiguous", None, "sakurauchi_riko", 0.42),
-                (101, "ambiguous", None, None, None), (101, "ambiguous", None, None, None),
-                (102, "tag", "nishikino_maki", None, None), (103, "tag", "takimoto_hifumi", None, None),
-                (102, "rejected", None, None, None)]
+        plan = [
+            (101, "ambiguous", None, "nishikino_maki", 0.91),
+            (101, "ambiguous", None, "sakurauchi_riko", 0.42),
+            (101, "ambiguous", None, None, None),
+            (101, "ambiguous", None, None, None),
+            (102, "tag", "nishikino_maki", None, None),
+            (103, "tag", "takimoto_hifumi", None, None),
+            (102, "rejected", None, None, None),
+        ]
         for n, (post_id, kind, label, suggestion, score) in enumerate(plan):
             relative = f"faces/{n:02d}.png"
             store_file(relative, crop_bytes(n))
             x, y, w, h = BOX
-            face = Face(post_id=post_id, detector="animeface", x=x, y=y, w=w, h=h, crop_left=x, crop_top=y,
-                        crop_right=x + w, crop_bottom=y + h, path=relative,
-                        state=FaceState.rejected if kind == "rejected" else FaceState.ready,
-                        label=label, label_source=LabelSource.manual if kind == "rejected" else kind,
-                        split="test" if n == 4 else "train", suggestion=suggestion, suggestion_score=score)
+            face = Face(
+                post_id=post_id,
+                detector="animeface",
+                x=x,
+                y=y,
+                w=w,
+                h=h,
+                crop_left=x,
+                crop_top=y,
+                crop_right=x + w,
+                crop_bottom=y + h,
+                path=relative,
+                state=FaceState.rejected if kind == "rejected" else FaceState.ready,
+                label=label,
+                label_source=LabelSource.manual if kind == "rejected" else kind,
+                split="test" if n == 4 else "train",
+                suggestion=suggestion,
+                suggestion_score=score,
+            )
             session.add(face)
             session.flush()
             ids[kind].append(face.id)
@@ -170,8 +198,15 @@ def test_faces_page_filters_and_pages(web: Web, faces) -> None:
 
 def test_collection_page_shows_status_and_tracks_characters(web: Web, faces) -> None:
     with session_scope() as session:
-        session.add(Post(id=900, md5="9" * 32, file_url="https://safebooru.org//y", state=PostState.failed,
-                         reason="md5 mismatch: expected 0123456789abcdef0123456789abcdef"))
+        session.add(
+            Post(
+                id=900,
+                md5="9" * 32,
+                file_url="https://safebooru.org//y",
+                state=PostState.failed,
+                reason="md5 mismatch: expected 0123456789abcdef0123456789abcdef",
+            )
+        )
     page = web.get("/collection")
     assert page.status_code == 200
     assert "md5 mismatch" in page.text  # failure reasons grouped
@@ -202,9 +237,18 @@ def test_models_page_shows_versions_and_serves_their_pictures(web: Web, faces) -
     (directory / "training_curves.png").write_bytes(picture.getvalue())
     metrics = {"n": 6, "per_class": {"nishikino_maki": {"precision": 1.0, "recall": 0.5, "f1": 0.667, "support": 2}}}
     with session_scope() as session:
-        session.add(ModelVersion(status=ModelStatus.current, reason="first model", accuracy=0.8333, macro_f1=0.7,
-                                 counts=json.dumps({"nishikino_maki": 30, "sakurauchi_riko": 30}),
-                                 metrics=json.dumps(metrics), artifact_dir="models/v1", labelled_faces=72))
+        session.add(
+            ModelVersion(
+                status=ModelStatus.current,
+                reason="first model",
+                accuracy=0.8333,
+                macro_f1=0.7,
+                counts=json.dumps({"nishikino_maki": 30, "sakurauchi_riko": 30}),
+                metrics=json.dumps(metrics),
+                artifact_dir="models/v1",
+                labelled_faces=72,
+            )
+        )
         session.add(ModelVersion(status=ModelStatus.failed, reason="NotEnoughData: need 2 characters"))
     page = web.get("/models")
     assert page.status_code == 200
@@ -238,9 +282,17 @@ def test_label_reject_accept_bulk_and_undo_through_the_page(web: Web, faces) -> 
 
     accepted = web.post("/faces/action", {"action": "accept", "ids": str(a1)})
     assert accepted.status_code == 200, accepted.text
-    assert accepted.json()["faces"] == [{"id": a1, "state": "ready", "label": "nishikino_maki",
-                                        "label_source": "manual", "split": splits[a1],
-                                        "suggestion": "nishikino_maki", "suggestion_score": 0.91}]
+    assert accepted.json()["faces"] == [
+        {
+            "id": a1,
+            "state": "ready",
+            "label": "nishikino_maki",
+            "label_source": "manual",
+            "split": splits[a1],
+            "suggestion": "nishikino_maki",
+            "suggestion_score": 0.91,
+        }
+    ]
     labelled = web.post("/faces/action", {"action": "label", "ids": str(a2), "tag": "sakurauchi_riko"})
     assert labelled.json()["message"] == "labelled 1 face as sakurauchi_riko"
     rejected = web.post("/faces/action", {"action": "reject", "ids": str(a3)})
@@ -251,8 +303,9 @@ def test_label_reject_accept_bulk_and_undo_through_the_page(web: Web, faces) -> 
     assert {i: face(i).split for i in faces["ambiguous"]} == splits  # the split never moves
 
     # a selection: one action, one undo
-    bulk = web.post("/faces/action", {"action": "label", "ids": f"{a3},{a4}", "tag": "nishikino_maki",
-                                      "id": str(faces["tag"][1])})
+    bulk = web.post(
+        "/faces/action", {"action": "label", "ids": f"{a3},{a4}", "tag": "nishikino_maki", "id": str(faces["tag"][1])}
+    )
     assert bulk.json()["message"] == "labelled 3 faces as nishikino_maki"
     assert face(a3).state == FaceState.ready  # labelling a rejected face takes it back
     undone = web.post("/faces/undo")
@@ -265,11 +318,20 @@ def test_label_reject_accept_bulk_and_undo_through_the_page(web: Web, faces) -> 
     with session_scope() as session:
         events = session.exec(select(FaceLabelEvent).order_by(FaceLabelEvent.id)).all()
     assert [(e.face_id, e.origin, e.undone_at is not None) for e in events] == [
-        (a1, "web", False), (a2, "web", False), (a3, "web", True), (a3, "web", True), (a4, "web", True),
-        (faces["tag"][1], "web", True)]
+        (a1, "web", False),
+        (a2, "web", False),
+        (a3, "web", True),
+        (a3, "web", True),
+        (a4, "web", True),
+        (faces["tag"][1], "web", True),
+    ]
     # without script: a plain form goes back where it came from
-    plain = web.post("/faces/action", {"action": "reject", "ids": str(a4), "back": "/faces?source=ambiguous"},
-                     json_answer=False, follow_redirects=False)
+    plain = web.post(
+        "/faces/action",
+        {"action": "reject", "ids": str(a4), "back": "/faces?source=ambiguous"},
+        json_answer=False,
+        follow_redirects=False,
+    )
     assert plain.status_code == 303 and plain.headers["location"] == "/faces?source=ambiguous"
     assert "rejected 1 face" in web.get("/faces?source=ambiguous").text
 
@@ -290,8 +352,14 @@ def test_cli_label_reject_undo_share_the_history(service_env, faces) -> None:
     a1, a2 = faces["ambiguous"][:2]
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "waifu.cli", "faces", *args], env={**os.environ},
-                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "waifu.cli", "faces", *args],
+            env={**os.environ},
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     labelled = cli("label", str(a1), "sakurauchi_riko")
     assert labelled.returncode == 0 and f"face {a1}: label sakurauchi_riko (manual)" in labelled.stdout
@@ -333,14 +401,22 @@ def test_retrain_button_enqueues_once(web: Web, faces, redis_client) -> None:
     # the worker reports progress as the retrain task does (Celery's result backend in Redis)
     from worker.app import app
 
-    app.backend.store_result(status["task"], {"phase": "scratch", "epoch": 2, "epochs": 5, "val_accuracy": 0.5},
-                             "PROGRESS")
+    app.backend.store_result(
+        status["task"], {"phase": "scratch", "epoch": 2, "epochs": 5, "val_accuracy": 0.5}, "PROGRESS"
+    )
     assert web.get("/models/retrain/status").json() == {
-        "task": status["task"], "state": "PROGRESS", "phase": "running", "stage": "scratch", "epoch": 2,
-        "epochs": 5, "val_accuracy": 0.5}
+        "task": status["task"],
+        "state": "PROGRESS",
+        "phase": "running",
+        "stage": "scratch",
+        "epoch": 2,
+        "epochs": 5,
+        "val_accuracy": 0.5,
+    }
     assert "running: epoch 2/5" in web.get("/models").text
-    app.backend.store_result(status["task"], {"status": "current", "version": 3, "reason": "first model",
-                                              "accuracy": 0.9}, "SUCCESS")
+    app.backend.store_result(
+        status["task"], {"status": "current", "version": 3, "reason": "first model", "accuracy": 0.9}, "SUCCESS"
+    )
     done = web.get("/models/retrain/status").json()
     assert (done["phase"], done["version"], done["status"]) == ("done", 3, "current")
     assert "last retrain: v3 current (first model)" in web.get("/models").text
@@ -431,8 +507,9 @@ def test_files_outside_the_data_dir_or_missing_are_refused(web: Web, faces) -> N
 def post_routes() -> list[str]:
     from waifu.web.app import create_app
 
-    return sorted({route.path for route in create_app(get_settings()).routes
-                   if "POST" in (getattr(route, "methods", None) or ())})
+    return sorted(
+        {route.path for route in create_app(get_settings()).routes if "POST" in (getattr(route, "methods", None) or ())}
+    )
 
 
 def test_every_post_without_the_csrf_token_is_refused(web: Web, faces) -> None:
@@ -444,13 +521,15 @@ def test_every_post_without_the_csrf_token_is_refused(web: Web, faces) -> None:
         assert no_token.status_code == 403 and "CSRF token" in no_token.text, path
         wrong = web.client.post(path, data={"csrf_token": "x" * 43}, headers={"x-csrf-token": "y" * 43})
         assert wrong.status_code == 403, path
-        other_site = web.client.post(path, data={"csrf_token": token},
-                                     headers={"origin": "https://evil.example", "x-csrf-token": token})
+        other_site = web.client.post(
+            path, data={"csrf_token": token}, headers={"origin": "https://evil.example", "x-csrf-token": token}
+        )
         assert other_site.status_code == 403 and "cross-origin" in other_site.text, path
     assert face(faces["ambiguous"][0]).state == FaceState.ready
     # the header alone (the page's script) is enough; the cookie must match it
-    assert web.client.post("/faces/undo", headers={"x-csrf-token": token, "accept": "application/json"}
-                           ).status_code == 409  # accepted by the guard: nothing to undo
+    assert (
+        web.client.post("/faces/undo", headers={"x-csrf-token": token, "accept": "application/json"}).status_code == 409
+    )  # accepted by the guard: nothing to undo
 
 
 @pytest.fixture
@@ -472,8 +551,12 @@ def test_login_is_required_when_credentials_are_set(with_login, web: Web, faces)
     wrong = web.post("/login", {"username": "curator", "password": "guess", "next": "/faces"}, json_answer=False)
     assert wrong.status_code == 401 and "wrong user name or password" in wrong.text
     assert "waifu_session" not in web.client.cookies
-    escape = web.post("/login", {"username": "curator", "password": "s3cret-pass", "next": "//evil.example/x"},
-                      json_answer=False, follow_redirects=False)
+    escape = web.post(
+        "/login",
+        {"username": "curator", "password": "s3cret-pass", "next": "//evil.example/x"},
+        json_answer=False,
+        follow_redirects=False,
+    )
     assert escape.status_code == 303 and escape.headers["location"] == "/"  # never off the site
     assert web.get("/faces").status_code == 200
 
@@ -500,12 +583,23 @@ def test_refuses_to_start_off_loopback_without_credentials(service_env, monkeypa
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WAIFU_WEB_")}
-    refused = subprocess.run([sys.executable, "-m", "waifu.cli", "web", "--host", "0.0.0.0", "--port", str(port)],
-                             env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "waifu.cli", "web", "--host", "0.0.0.0", "--port", str(port)],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 2 and "not a loopback address and no credentials" in refused.stderr
-    half = subprocess.run([sys.executable, "-m", "waifu.cli", "web", "--port", str(port)],
-                          env={**env, "WAIFU_WEB_USER": "curator"}, cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=60)
+    half = subprocess.run(
+        [sys.executable, "-m", "waifu.cli", "web", "--port", str(port)],
+        env={**env, "WAIFU_WEB_USER": "curator"},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert half.returncode == 2 and "set both WAIFU_WEB_USER and WAIFU_WEB_PASSWORD" in half.stderr
     monkeypatch.setenv("WAIFU_WEB_USER", "curator")
     monkeypatch.setenv("WAIFU_WEB_PASSWORD", "s3cret-pass")

@@ -64,14 +64,25 @@ def browser(tmp_path: Path) -> Iterator:
     from selenium.webdriver.chrome.service import Service
 
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail("the browser tests need Debian's chromium and chromium-driver: apt-get install -y chromium "
-                    "chromium-driver (.ci/run does it)")
+        pytest.fail(
+            "the browser tests need Debian's chromium and chromium-driver: apt-get install -y chromium "
+            "chromium-driver (.ci/run does it)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-                 "--window-size=1400,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(60)
@@ -82,7 +93,7 @@ def browser(tmp_path: Path) -> Iterator:
 
 
 class Screens:
-    def __init__(self, driver, folder: Path) -> None:  # noqa: ANN001
+    def __init__(self, driver, folder: Path) -> None:
         self.driver, self.folder = driver, folder
         folder.mkdir(parents=True, exist_ok=True)
         self.extra = Path(os.environ["WAIFU_TEST_SCREENSHOTS"]) if os.environ.get("WAIFU_TEST_SCREENSHOTS") else None
@@ -113,8 +124,12 @@ def test_a_person_sorts_faces_and_retrains(collection: list[int], browser, start
     screens = Screens(driver, tmp_path / "screenshots")
     # weak labels off: the retrain would otherwise infer labels for the ambiguous faces this person sorts
     # (test_weak_labels.py covers inference and how the page shows it)
-    start_worker(queues="train", concurrency=1, pool="solo",
-                 extra_env={"WAIFU_TRAIN_EPOCHS": "3", "WAIFU_TRAIN_THREADS": "2", "WAIFU_WEAK_LABELS": "false"})
+    start_worker(
+        queues="train",
+        concurrency=1,
+        pool="solo",
+        extra_env={"WAIFU_TRAIN_EPOCHS": "3", "WAIFU_TRAIN_THREADS": "2", "WAIFU_WEAK_LABELS": "false"},
+    )
 
     def flash_says(text: str) -> None:
         wait.until(ec.text_to_be_present_in_element((By.ID, "flash"), text))
@@ -159,8 +174,12 @@ def test_a_person_sorts_faces_and_retrains(collection: list[int], browser, start
             [v1] = session.exec(select(ModelVersion)).all()
         assert v1.status == ModelStatus.current
         assert f"{v1.accuracy:.3f}" in version.text
-        wait.until(lambda d: all(img.get_attribute("naturalWidth") not in (None, "0")
-                                 for img in d.find_elements(By.CSS_SELECTOR, "#version-1 img.chart")))
+        wait.until(
+            lambda d: all(
+                img.get_attribute("naturalWidth") not in (None, "0")
+                for img in d.find_elements(By.CSS_SELECTOR, "#version-1 img.chart")
+            )
+        )
         assert len(driver.find_elements(By.CSS_SELECTOR, "#version-1 img.chart")) == 2
         screens.shoot("web-models", 800)
 
@@ -178,16 +197,23 @@ def test_a_person_sorts_faces_and_retrains(collection: list[int], browser, start
         cards = driver.find_elements(By.CSS_SELECTOR, "article.face")
         ambiguous = [f for f in faces_of(collection) if f.state == FaceState.ready]
         assert [int(c.get_attribute("data-id")) for c in cards] == [f.id for f in ambiguous]
-        wait.until(lambda d: all(img.get_attribute("naturalWidth") == "96"
-                                 for img in d.find_elements(By.CSS_SELECTOR, "article.face img")))
+        wait.until(
+            lambda d: all(
+                img.get_attribute("naturalWidth") == "96"
+                for img in d.find_elements(By.CSS_SELECTOR, "article.face img")
+            )
+        )
         screens.shoot("web-faces", 1000)
 
         # the illustration with the face boxed, on demand (o)
         first = ambiguous[0]
         assert focused_id() == first.id
         press("o")
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#source-view img").get_attribute("naturalWidth")
-                   not in (None, "0"))
+        wait.until(
+            lambda d: (
+                d.find_element(By.CSS_SELECTOR, "#source-view img").get_attribute("naturalWidth") not in (None, "0")
+            )
+        )
         screens.shoot("web-faces-source")
         driver.find_element(By.CSS_SELECTOR, "#source-view button.close").click()
 

@@ -33,11 +33,15 @@ PREFORK = "celery.concurrency.prefork:TaskPool"
 
 # ----------------------------------------------------------------------- the plan, no process ----
 def test_each_kind_of_queue_gets_its_own_pool() -> None:
-    assert plan_workers(["io", "cpu"]) == [WorkerSpec(("io",), "threads", IO_THREADS),
-                                           WorkerSpec(("cpu",), "prefork", cores())]
+    assert plan_workers(["io", "cpu"]) == [
+        WorkerSpec(("io",), "threads", IO_THREADS),
+        WorkerSpec(("cpu",), "prefork", cores()),
+    ]
     assert plan_workers(["io", "cpu", "train"], concurrency=3) == [
-        WorkerSpec(("io",), "threads", IO_THREADS), WorkerSpec(("cpu",), "prefork", 3),
-        WorkerSpec(("train",), "solo", None)]
+        WorkerSpec(("io",), "threads", IO_THREADS),
+        WorkerSpec(("cpu",), "prefork", 3),
+        WorkerSpec(("train",), "solo", None),
+    ]
     assert plan_workers(["io"], concurrency=16) == [WorkerSpec(("io",), "threads", 16)]
     assert plan_workers(["train"], concurrency=4) == [WorkerSpec(("train",), "solo", None)]
 
@@ -45,8 +49,20 @@ def test_each_kind_of_queue_gets_its_own_pool() -> None:
 def test_an_explicit_pool_keeps_one_worker_as_before() -> None:
     [spec] = plan_workers(["io", "cpu"], pool="prefork", concurrency=2)
     assert spec == WorkerSpec(("io", "cpu"), "prefork", 2)
-    assert celery_worker_args(spec, "INFO", "x@y") == ["worker", "-Q", "io,cpu", "-P", "prefork", "--loglevel",
-                                                       "INFO", "-E", "-c", "2", "-n", "x@y"]
+    assert celery_worker_args(spec, "INFO", "x@y") == [
+        "worker",
+        "-Q",
+        "io,cpu",
+        "-P",
+        "prefork",
+        "--loglevel",
+        "INFO",
+        "-E",
+        "-c",
+        "2",
+        "-n",
+        "x@y",
+    ]
     [train] = plan_workers(["train"], pool="prefork")
     assert "--max-tasks-per-child" in celery_worker_args(train)  # TensorFlow never stays in a forked child
     assert node_name("", "io") == "io@%h" and node_name("box@host", "cpu") == "box-cpu@host"
@@ -58,8 +74,15 @@ async def waifu_process(env: dict[str, str], log_path: Path, *args: str) -> Asyn
     """`waifu ARGS` as its own process (its own session), stopped with SIGTERM at the end if still running."""
     with log_path.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "waifu.cli", *args, env={**os.environ, **env}, cwd=PROJECT_ROOT,
-            stdout=out, stderr=out, start_new_session=True,
+            sys.executable,
+            "-m",
+            "waifu.cli",
+            *args,
+            env={**os.environ, **env},
+            cwd=PROJECT_ROOT,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
         )
         try:
             yield proc
@@ -95,7 +118,8 @@ def states() -> dict[str, int]:
 
 @pytest.mark.slow
 async def test_worker_for_io_and_cpu_runs_a_threads_and_a_prefork_worker(
-        fake: FakeSafebooru, service_env: dict[str, str], tmp_path: Path) -> None:
+    fake: FakeSafebooru, service_env: dict[str, str], tmp_path: Path
+) -> None:
     posts = load_drawn(fake, {"nishikino_maki": 3, "sakurauchi_riko": 3})  # no face needed: 0 faces is done
     env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
     assert (await run_cli(env, "characters", "add", "nishikino_maki", "sakurauchi_riko"))[0] == 0
@@ -106,8 +130,9 @@ async def test_worker_for_io_and_cpu_runs_a_threads_and_a_prefork_worker(
     log_path = tmp_path / "worker.log"
     # what compose's worker services run: `waifu worker`, no pool given
     async with waifu_process(env, log_path, "worker", "--queues", "io,cpu", "--hostname", name) as proc:
-        await wait_for(lambda: states() == {PostState.done: len(posts)}, 180,
-                       "every post downloaded (io) and detected (cpu)")
+        await wait_for(
+            lambda: states() == {PostState.done: len(posts)}, 180, "every post downloaded (io) and detected (cpu)"
+        )
         stats = await worker_stats([io_node, cpu_node])
         proc.send_signal(signal.SIGTERM)  # what `docker compose stop` sends
         await asyncio.wait_for(proc.wait(), 90)
@@ -128,19 +153,29 @@ async def test_worker_for_io_and_cpu_runs_a_threads_and_a_prefork_worker(
 
 @pytest.mark.slow
 async def test_beat_schedules_reconcile_and_the_io_worker_runs_it(
-        fake: FakeSafebooru, service_env: dict[str, str], redis_client, tmp_path: Path) -> None:
+    fake: FakeSafebooru, service_env: dict[str, str], redis_client, tmp_path: Path
+) -> None:
     posts = load_drawn(fake, {"nishikino_maki": 2, "sakurauchi_riko": 2})
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url,
-           "WAIFU_RECONCILE_INTERVAL": "1", "WAIFU_STUCK_AFTER": "1"}
+    env = {
+        **service_env,
+        "WAIFU_SAFEBOORU_URL": fake.base_url,
+        "WAIFU_RECONCILE_INTERVAL": "1",
+        "WAIFU_STUCK_AFTER": "1",
+    }
     assert (await run_cli(env, "characters", "add", "nishikino_maki", "sakurauchi_riko"))[0] == 0
     assert (await run_cli(env, "scrape", "--once"))[0] == 0
     redis_client.flushdb()  # every message (and in-flight marker) lost: only reconcile can bring them back
 
     node = f"beat-{uuid.uuid4().hex[:6]}@test"
-    async with (waifu_process(env, tmp_path / "worker.log", "worker", "--queues", "io", "--hostname", node),
-                waifu_process(env, tmp_path / "beat.log", "beat") as beat):
-        await wait_for(lambda: states() == {PostState.downloaded: len(posts)}, 120,
-                       "the lost downloads re-enqueued by the scheduled reconcile and downloaded")
+    async with (
+        waifu_process(env, tmp_path / "worker.log", "worker", "--queues", "io", "--hostname", node),
+        waifu_process(env, tmp_path / "beat.log", "beat") as beat,
+    ):
+        await wait_for(
+            lambda: states() == {PostState.downloaded: len(posts)},
+            120,
+            "the lost downloads re-enqueued by the scheduled reconcile and downloaded",
+        )
         stats = await worker_stats([node])
         beat.send_signal(signal.SIGTERM)
         await asyncio.wait_for(beat.wait(), 60)
@@ -154,4 +189,3 @@ async def test_beat_schedules_reconcile_and_the_io_worker_runs_it(
     # finds the row past its step, so each file is still fetched once
     assert stats[node]["total"]["worker.tasks.download"] >= len(posts)
     assert all(fake.file_hits[p.id] == 1 for p in posts)
-

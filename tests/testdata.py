@@ -123,7 +123,7 @@ def _from_local_copy(root: Path, name: str) -> Path:
 
 
 @cache
-def _pooch(base: str, cache: str):  # noqa: ANN202 - pooch.Pooch, imported lazily
+def _pooch(base: str, cache: str):
     import pooch
 
     pooch.get_logger().setLevel("WARNING")  # no line per file: a failure shows only the one line below

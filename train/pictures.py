@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _pyplot():  # noqa: ANN202
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and workers

@@ -22,10 +22,15 @@ def sources_for(split: str) -> tuple[LabelSource, ...]:
 
 def labelled_faces(session: Session, settings: Settings, split: str) -> list[tuple[Path, str]]:
     rows = session.exec(
-        select(Face.path, Face.label).where(
-            Face.state == FaceState.ready, col(Face.label).is_not(None), col(Face.label_source).in_(sources_for(split)),
-            col(Face.doubt_score).is_(None), Face.split == split,
-        ).order_by(Face.id)
+        select(Face.path, Face.label)
+        .where(
+            Face.state == FaceState.ready,
+            col(Face.label).is_not(None),
+            col(Face.label_source).in_(sources_for(split)),
+            col(Face.doubt_score).is_(None),
+            Face.split == split,
+        )
+        .order_by(Face.id)
     ).all()
     return [(settings.data_dir / path, label) for path, label in rows]
 
@@ -33,10 +38,16 @@ def labelled_faces(session: Session, settings: Settings, split: str) -> list[tup
 def labelled_count(session: Session) -> int:
     """Faces labelled by tag or by hand (what the retrain rule counts): inferred labels are the model's
     own output and doubts come and go with each retrain, so neither moves this number."""
-    return int(session.exec(select(func.count()).select_from(Face).where(
-        Face.state == FaceState.ready, col(Face.label).is_not(None), col(Face.label_source).in_(TRAINABLE))).one())
+    return int(
+        session.exec(
+            select(func.count())
+            .select_from(Face)
+            .where(Face.state == FaceState.ready, col(Face.label).is_not(None), col(Face.label_source).in_(TRAINABLE))
+        ).one()
+    )
 
 
 def current_version(session: Session) -> ModelVersion | None:
-    return session.exec(select(ModelVersion).where(ModelVersion.status == ModelStatus.current)
-                        .order_by(col(ModelVersion.id).desc())).first()
+    return session.exec(
+        select(ModelVersion).where(ModelVersion.status == ModelStatus.current).order_by(col(ModelVersion.id).desc())
+    ).first()

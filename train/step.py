@@ -38,7 +38,7 @@ class NotEnoughData(RuntimeError):
     """Too few labelled faces to train or to evaluate."""
 
 
-def retrain_lock(timeout: float = LOCK_SECONDS):  # noqa: ANN201
+def retrain_lock(timeout: float = LOCK_SECONDS):
     return redis_client().lock(LOCK_NAME, timeout=timeout, blocking=False)
 
 
@@ -73,7 +73,7 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def train_config(settings: Settings, overrides: dict[str, Any] | None = None):  # noqa: ANN201
+def train_config(settings: Settings, overrides: dict[str, Any] | None = None):
     """The chosen design with this service's settings: weights (ImageNet cached under <data_dir>/keras),
     CNN epochs, threads and the CNN time budget."""
     from train.model import TrainConfig
@@ -89,7 +89,7 @@ def train_config(settings: Settings, overrides: dict[str, Any] | None = None):  
     return TrainConfig.recommended(settings.backbone_weights, **{**extra, **(overrides or {})})
 
 
-def _weights_reason(config, result) -> str:  # noqa: ANN001
+def _weights_reason(config, result) -> str:
     """'' when weights=none was asked for; else what became of the ImageNet/file weights."""
     if config.weights in ("none", ""):
         return ""
@@ -101,7 +101,7 @@ def _weights_reason(config, result) -> str:  # noqa: ANN001
     return f"backbone weights: {result.weights_note}"
 
 
-def accuracy_on(classifier, images, true_names: list[str]) -> float:  # noqa: ANN001
+def accuracy_on(classifier, images, true_names: list[str]) -> float:
     """Accuracy of any version on today's test faces; a class it never learnt counts as a miss."""
     from train.model import predict
 
@@ -130,7 +130,7 @@ def run_retrain(
             log.warning(kv("retrain lock already released"))
 
 
-def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa: ANN001
+def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
     from train.model import evaluate, load_artifacts, load_dataset, save_artifacts, train
     from train.weak import flag_doubtful_tags, infer_labels
 
@@ -263,7 +263,7 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:  # noqa
     return summary
 
 
-def hyperparameters(result) -> dict[str, Any]:  # noqa: ANN001
+def hyperparameters(result) -> dict[str, Any]:
     """What a model version records: the config as trained (CNN size/epochs filled in, and why), what
     became of the weights setting, the ensemble weight, temperatures and the unknown threshold's rule."""
     clf = result.classifier

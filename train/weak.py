@@ -149,7 +149,7 @@ def infer_labels(
     return counts
 
 
-def _open_posts(session) -> list[tuple[list[tuple[int, str, str | None, str | None, str | None]], list[str]]]:  # noqa: ANN001
+def _open_posts(session) -> list[tuple[list[tuple[int, str, str | None, str | None, str | None]], list[str]]]:
     """Posts with a ready face open to inference: (every face of the post as (id, state, label, source,
     path), the post's tracked characters sorted)."""
     post_ids = sorted(
@@ -215,7 +215,7 @@ def labels_onehot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.eye(num_classes)[labels]
 
 
-def _fit(x: np.ndarray, y: np.ndarray, num_classes: int, C: float):  # noqa: ANN202, N803
+def _fit(x: np.ndarray, y: np.ndarray, num_classes: int, C: float):
     """The classifier's own linear model (train.features.fit_linear), classes weighted to equal total
     weight (as scikit-learn's class_weight="balanced"): a small class is judged as fairly as a big one."""
     from train.features import fit_linear, softmax
@@ -278,7 +278,7 @@ def flag_doubtful_tags(
     if len(class_names) >= 2:
         config = FeatureConfig()
 
-        def features(selected: list) -> np.ndarray:  # noqa: ANN001
+        def features(selected: list) -> np.ndarray:
             parts = [
                 extract(load_images([str(settings.data_dir / r[4]) for r in chunk], settings.face_size), config)
                 for chunk in _chunks(selected)

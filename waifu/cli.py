@@ -64,8 +64,9 @@ SITE_OPTION = typer.Option(help="Gelbooru-0.2 site the tags belong to (see core/
 def characters_add(
     tags: Annotated[list[str], typer.Argument(help="character tags of the site, e.g. nishikino_maki")],
     extra: Annotated[str, typer.Option(help="Extra search terms, e.g. '-animated -comic'")] = "",
-    ratings: Annotated[str, typer.Option(help="Ratings to keep, comma separated, in the site's words (default: all)")]
-    = "",
+    ratings: Annotated[
+        str, typer.Option(help="Ratings to keep, comma separated, in the site's words (default: all)")
+    ] = "",
     site: Annotated[str, SITE_OPTION] = "safebooru",
 ) -> None:
     """Track characters; the next poll starts collecting them."""
@@ -97,8 +98,15 @@ def characters_list(as_json: Annotated[bool, typer.Option("--json", help="Machin
     for column in ("site", "tag", "extra terms", "ratings", "posts", "newest id", "last poll"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["site"], r["tag"], r["extra_terms"], r["ratings"] or "all", str(r["posts"]),
-                      str(r["newest_id"] or "-"), r["last_poll_at"] or "never")
+        table.add_row(
+            r["site"],
+            r["tag"],
+            r["extra_terms"],
+            r["ratings"] or "all",
+            str(r["posts"]),
+            str(r["newest_id"] or "-"),
+            r["last_poll_at"] or "never",
+        )
     console.print(table)
 
 
@@ -155,12 +163,20 @@ def _exec_celery(args: list[str]) -> None:
 @app.command()
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues: io, cpu, train")] = "io,cpu",
-    concurrency: Annotated[int, typer.Option(
-        help="Slots of the worker (default: io 8 threads, cpu one process per core); "
-             "with io and cpu split, the cpu processes")] = 0,
-    pool: Annotated[str, typer.Option(
-        help="Force one worker with this pool: prefork, solo or threads "
-             "(default: io threads, cpu prefork, train solo; one worker per pool)")] = "",
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            help="Slots of the worker (default: io 8 threads, cpu one process per core); "
+            "with io and cpu split, the cpu processes"
+        ),
+    ] = 0,
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="Force one worker with this pool: prefork, solo or threads "
+            "(default: io threads, cpu prefork, train solo; one worker per pool)"
+        ),
+    ] = "",
     hostname: Annotated[str, typer.Option(help="Worker node name (NAME-io@HOST... when split)")] = "",
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
 ) -> None:
@@ -179,8 +195,10 @@ def worker(
     # two kinds of resource: one Celery worker per pool, supervised here (SIGTERM stops both gracefully)
     from waifu.runner import Supervisor, celery_command, supervise
 
-    commands = [(f"worker-{s.kind}", celery_command(celery_worker_args(s, loglevel, node_name(hostname, s.kind))))
-                for s in specs]
+    commands = [
+        (f"worker-{s.kind}", celery_command(celery_worker_args(s, loglevel, node_name(hostname, s.kind))))
+        for s in specs
+    ]
     raise typer.Exit(supervise(Supervisor(env=dict(os.environ)), commands))
 
 
@@ -196,9 +214,13 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO
 @app.command()
 def run(
     concurrency: Annotated[int, typer.Option(help="Processes of the cpu worker (default: one per core)")] = 0,
-    verbose: Annotated[bool, typer.Option(
-        "--verbose", help="Every child's log lines on the terminal instead of the summary (also WAIFU_LOG_LEVEL=DEBUG)"
-    )] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Every child's log lines on the terminal instead of the summary (also WAIFU_LOG_LEVEL=DEBUG)",
+        ),
+    ] = False,
 ) -> None:
     """Run everything on this machine: scraper, workers, beat (embedded Redis if none is reachable)."""
     from waifu.runner import run_all
@@ -373,8 +395,9 @@ def faces_undo(face_id: Annotated[int | None, typer.Argument(help="only this fac
 
 @app.command()
 def web(
-    host: Annotated[str, typer.Option(help="Address to listen on (off loopback needs WAIFU_WEB_USER/PASSWORD)")]
-    = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (off loopback needs WAIFU_WEB_USER/PASSWORD)")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (default: WAIFU_WEB_PORT)")] = 0,
 ) -> None:
     """Serve the web page: see, label and clean faces; watch the collection and the models."""
@@ -401,8 +424,14 @@ def detect(
     from waifu.detect_view import detect_paths
 
     settings = get_settings()
-    results = detect_paths(paths, as_json=as_json, annotate_dir=annotate, detector=detector or settings.detector,
-                           console=console, max_pixels=settings.max_image_pixels)
+    results = detect_paths(
+        paths,
+        as_json=as_json,
+        annotate_dir=annotate,
+        detector=detector or settings.detector,
+        console=console,
+        max_pixels=settings.max_image_pixels,
+    )
     if any("error" in entry for entry in results):
         raise typer.Exit(1)
 

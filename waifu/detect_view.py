@@ -12,8 +12,9 @@ from rich.progress import track
 from rich.table import Table
 
 
-def detect_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, detector: str,
-                 console: Console, max_pixels: int) -> list[dict]:
+def detect_paths(
+    paths: list[Path], as_json: bool, annotate_dir: Path | None, detector: str, console: Console, max_pixels: int
+) -> list[dict]:
     """One entry per path; a path that cannot be read gets an `error` and the others go on."""
     from core.errors import Refused
     from core.images import open_image
@@ -39,8 +40,14 @@ def detect_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, de
             done({"path": str(path), "error": str(exc), "faces": []})
             continue
         detections = find_faces(image, detector)
-        faces = [{"box": [d.x, d.y, d.w, d.h], "detector": d.detector,
-                  "score": None if d.score is None else round(float(d.score), 4)} for d in detections]
+        faces = [
+            {
+                "box": [d.x, d.y, d.w, d.h],
+                "detector": d.detector,
+                "score": None if d.score is None else round(float(d.score), 4),
+            }
+            for d in detections
+        ]
         entry = {"path": str(path), "width": image.width, "height": image.height, "faces": faces}
         if annotate_dir:
             out = output_path(annotate_dir, path, "annotated", written)
@@ -55,7 +62,10 @@ def detect_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, de
         table.add_column(column)
     for entry in results:
         boxes = "\n".join(f"{tuple(f['box'])} {f['detector']} {f['score']}" for f in entry["faces"])
-        table.add_row(escape(entry["path"]), str(len(entry["faces"])) if "error" not in entry else "-",
-                      f"[red]{escape(entry['error'])}[/red]" if "error" in entry else boxes)
+        table.add_row(
+            escape(entry["path"]),
+            str(len(entry["faces"])) if "error" not in entry else "-",
+            f"[red]{escape(entry['error'])}[/red]" if "error" in entry else boxes,
+        )
     console.print(table)
     return results

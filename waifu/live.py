@@ -91,7 +91,7 @@ def _rate(value: float | None) -> str:
 def next_poll_text(s: Snapshot) -> str:
     data = s.data or {}
     if not data.get("characters"):
-        return "no characters tracked: waifu characters add TAG (or make run CHARACTERS=\"TAG ...\")"
+        return 'no characters tracked: waifu characters add TAG (or make run CHARACTERS="TAG ...")'
     at = _when(data.get("next_poll_at"))
     if at is None:
         return "first poll under way"
@@ -112,8 +112,9 @@ def _counts(counts: dict[str, int]) -> Text:
 
 def render_screen(s: Snapshot) -> RenderableType:
     """The live screen (a rich renderable)."""
-    head = Text.assemble(("waifu run", "bold"), f"  up {_duration(s.uptime)}  broker {s.broker}  ",
-                         ("Ctrl-C stops everything", "dim"))
+    head = Text.assemble(
+        ("waifu run", "bold"), f"  up {_duration(s.uptime)}  broker {s.broker}  ", ("Ctrl-C stops everything", "dim")
+    )
     logs = Text.assemble(("full logs: ", "dim"), str(s.log_path))
     parts: list[RenderableType] = [head, logs, Text()]
     if s.data is None:
@@ -124,14 +125,21 @@ def render_screen(s: Snapshot) -> RenderableType:
         grid = Table.grid(padding=(0, 2))
         for _ in range(3):
             grid.add_column()
-        grid.add_row(Text(f"posts {data['total']}", style="bold"), _counts(data["posts"]),
-                     Text(f"{_rate(s.rates.get('done'))} done/min", style="bold"))
-        grid.add_row(Text(f"faces {sum(faces['states'].values())}", style="bold"),
-                     _counts(faces["states"]) + Text("   labels: ", style="dim")
-                     + _counts({k: faces["label_sources"].get(k, 0)
-                                for k in ("tag", "manual", "inferred", "ambiguous")}
-                               | {"doubtful": faces.get("doubtful", 0)}),
-                     Text(f"{_rate(s.rates.get('ready'))} ready/min", style="bold"))
+        grid.add_row(
+            Text(f"posts {data['total']}", style="bold"),
+            _counts(data["posts"]),
+            Text(f"{_rate(s.rates.get('done'))} done/min", style="bold"),
+        )
+        grid.add_row(
+            Text(f"faces {sum(faces['states'].values())}", style="bold"),
+            _counts(faces["states"])
+            + Text("   labels: ", style="dim")
+            + _counts(
+                {k: faces["label_sources"].get(k, 0) for k in ("tag", "manual", "inferred", "ambiguous")}
+                | {"doubtful": faces.get("doubtful", 0)}
+            ),
+            Text(f"{_rate(s.rates.get('ready'))} ready/min", style="bold"),
+        )
         queues = {q: ("?" if n is None else n) for q, n in data["queues"].items()}
         grid.add_row(Text("queues", style="bold"), _counts(queues), Text(""))
         grid.add_row(Text("next poll", style="bold"), Text(next_poll_text(s)), Text(""))
@@ -145,14 +153,24 @@ def render_screen(s: Snapshot) -> RenderableType:
             table.add_column("faces train/test", justify="right")
             for tag, counts in data["characters"].items():
                 labelled = faces["per_character"].get(tag, {})
-                table.add_row(tag, *(str(counts.get(state, 0)) for state in data["posts"]),
-                              f"{labelled.get('train', 0)}/{labelled.get('test', 0)}")
+                table.add_row(
+                    tag,
+                    *(str(counts.get(state, 0)) for state in data["posts"]),
+                    f"{labelled.get('train', 0)}/{labelled.get('test', 0)}",
+                )
             parts += [table, Text()]
 
         failures = data.get("recent_failures") or []
         if failures:
-            table = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold",
-                          title="latest failures", title_justify="left", title_style="bold red")
+            table = Table(
+                box=None,
+                padding=(0, 1),
+                show_edge=False,
+                header_style="bold",
+                title="latest failures",
+                title_justify="left",
+                title_style="bold red",
+            )
             table.add_column("count", justify="right", style="red")
             table.add_column("of")
             table.add_column("reason", overflow="fold")
@@ -185,21 +203,30 @@ def plain_line(s: Snapshot) -> str:
     ready = faces["states"].get("ready", 0)
     sources = " ".join(f"{k} {v}" for k, v in sorted(faces["label_sources"].items()))
     queues = " ".join(f"{q} {'?' if n is None else n}" for q, n in data["queues"].items())
-    characters = " ".join(f"{tag} {counts.get('done', 0)}/{sum(counts.values())}"
-                          for tag, counts in data["characters"].items())
+    characters = " ".join(
+        f"{tag} {counts.get('done', 0)}/{sum(counts.values())}" for tag, counts in data["characters"].items()
+    )
     failures = "; ".join(f"{f['count']}x {f['reason']}" for f in (data.get("recent_failures") or [])[:3])
-    return (f"[{stamp}] posts {data['total']} ({posts}) {_rate(s.rates.get('done'))} done/min"
-            f" | faces ready {ready} ({sources or 'none'}) {_rate(s.rates.get('ready'))} ready/min"
-            f" | queues {queues} | characters done/all {characters or 'none'}"
-            f" | next poll {next_poll_text(s)}" + (f" | failures {failures}" if failures else "")
-            + f" | {children}")
+    return (
+        f"[{stamp}] posts {data['total']} ({posts}) {_rate(s.rates.get('done'))} done/min"
+        f" | faces ready {ready} ({sources or 'none'}) {_rate(s.rates.get('ready'))} ready/min"
+        f" | queues {queues} | characters done/all {characters or 'none'}"
+        f" | next poll {next_poll_text(s)}" + (f" | failures {failures}" if failures else "") + f" | {children}"
+    )
 
 
 class RunView:
     """Collects a snapshot on every `tick` and shows it: in place on a terminal, else a line per interval."""
 
-    def __init__(self, settings: Settings, console: Console, log_path: Path, children: Sequence[ChildLike],
-                 embedded_redis: bool = False, plain_every: float = PLAIN_EVERY) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        console: Console,
+        log_path: Path,
+        children: Sequence[ChildLike],
+        embedded_redis: bool = False,
+        plain_every: float = PLAIN_EVERY,
+    ) -> None:
         self.settings = settings
         self.console = console
         self.log_path = log_path
@@ -214,8 +241,14 @@ class RunView:
 
     def __enter__(self) -> RunView:
         if self.console.is_terminal:
-            self.live = Live(console=self.console, auto_refresh=False, transient=False,
-                             vertical_overflow="crop", redirect_stdout=False, redirect_stderr=False)
+            self.live = Live(
+                console=self.console,
+                auto_refresh=False,
+                transient=False,
+                vertical_overflow="crop",
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
             self.live.start()
         return self
 
@@ -239,10 +272,19 @@ class RunView:
         now = time.monotonic()
         rates: dict[str, float | None] = {}
         if data is not None:
-            rates = self.rates.add(now, {"done": data["posts"]["done"],
-                                         "ready": data["faces"]["states"].get("ready", 0)})
-        return Snapshot(data, error, rates, [(c.name, c.state) for c in self.children], self.log_path,
-                        datetime.now(UTC), now - self.started, self.broker)
+            rates = self.rates.add(
+                now, {"done": data["posts"]["done"], "ready": data["faces"]["states"].get("ready", 0)}
+            )
+        return Snapshot(
+            data,
+            error,
+            rates,
+            [(c.name, c.state) for c in self.children],
+            self.log_path,
+            datetime.now(UTC),
+            now - self.started,
+            self.broker,
+        )
 
     def tick(self, final: bool = False) -> None:
         self.last = snap = self.snapshot()

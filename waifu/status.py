@@ -110,20 +110,38 @@ def collect_status(settings: Settings) -> dict[str, Any]:
 
 def recent_failures(session: Session, limit: int = RECENT_FAILURES) -> list[dict[str, Any]]:
     """The latest failed posts and faces grouped by reason: what goes wrong now, newest group first."""
-    rows = [("post", reason, at) for reason, at in session.exec(
-        select(Post.reason, Post.updated_at).where(Post.state == PostState.failed)
-        .order_by(col(Post.updated_at).desc()).limit(limit)
-    ).all()]
-    rows += [("face", reason, at) for reason, at in session.exec(
-        select(Face.reason, Face.updated_at).where(Face.state == FaceState.failed)
-        .order_by(col(Face.updated_at).desc()).limit(limit)
-    ).all()]
+    rows = [
+        ("post", reason, at)
+        for reason, at in session.exec(
+            select(Post.reason, Post.updated_at)
+            .where(Post.state == PostState.failed)
+            .order_by(col(Post.updated_at).desc())
+            .limit(limit)
+        ).all()
+    ]
+    rows += [
+        ("face", reason, at)
+        for reason, at in session.exec(
+            select(Face.reason, Face.updated_at)
+            .where(Face.state == FaceState.failed)
+            .order_by(col(Face.updated_at).desc())
+            .limit(limit)
+        ).all()
+    ]
     rows.sort(key=lambda r: r[2], reverse=True)
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for kind, reason, at in rows[:limit]:
         key = (kind, reason_category(reason or "no reason recorded"))
-        group = groups.setdefault(key, {"kind": kind, "reason": key[1], "count": 0,
-                                        "last_at": at.isoformat(timespec="seconds"), "example": reason or ""})
+        group = groups.setdefault(
+            key,
+            {
+                "kind": kind,
+                "reason": key[1],
+                "count": 0,
+                "last_at": at.isoformat(timespec="seconds"),
+                "example": reason or "",
+            },
+        )
         group["count"] += 1
     return list(groups.values())
 
@@ -132,9 +150,11 @@ def face_summary(session: Session) -> dict[str, Any]:
     """Faces per state, per label source, per character and split (tag and manual labels; inferred ones
     apart), doubtful tag labels; posts where no face was found."""
     by_state = dict(session.exec(select(Face.state, func.count()).group_by(Face.state)).all())
-    by_source = dict(session.exec(
-        select(Face.label_source, func.count()).where(Face.state == FaceState.ready).group_by(Face.label_source)
-    ).all())
+    by_source = dict(
+        session.exec(
+            select(Face.label_source, func.count()).where(Face.state == FaceState.ready).group_by(Face.label_source)
+        ).all()
+    )
     per_label: dict[str, dict[str, int]] = {}
     inferred: dict[str, int] = {}
     for label, source, split, count in session.exec(
@@ -146,12 +166,11 @@ def face_summary(session: Session) -> dict[str, Any]:
             inferred[label] = inferred.get(label, 0) + int(count)
         else:
             per_label.setdefault(label, {})[split] = per_label.get(label, {}).get(split, 0) + int(count)
-    doubtful = session.exec(select(func.count()).select_from(Face).where(
-        Face.state == FaceState.ready, col(Face.doubt_score).is_not(None))).one()
-    no_face = session.exec(select(func.count()).select_from(Post).where(Post.faces == 0)).one()
-    duplicates = session.exec(
-        select(func.count()).select_from(Face).where(col(Face.duplicate_of).is_not(None))
+    doubtful = session.exec(
+        select(func.count()).select_from(Face).where(Face.state == FaceState.ready, col(Face.doubt_score).is_not(None))
     ).one()
+    no_face = session.exec(select(func.count()).select_from(Post).where(Post.faces == 0)).one()
+    duplicates = session.exec(select(func.count()).select_from(Face).where(col(Face.duplicate_of).is_not(None))).one()
     return {
         "states": {s.value: int(by_state.get(s.value, 0)) for s in FaceState},
         "label_sources": {str(k): int(v) for k, v in by_source.items() if k},

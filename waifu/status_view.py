@@ -29,16 +29,23 @@ def render_status(console: Console, data: dict[str, Any]) -> None:
 
     faces = data.get("faces")
     if faces and any(faces["states"].values()):
-        table = Table(title=(f"faces: {sum(faces['states'].values())} "
-                             f"({faces['posts_without_face']} posts without a face, "
-                             f"{faces['near_duplicates']} near-duplicates)"))
+        table = Table(
+            title=(
+                f"faces: {sum(faces['states'].values())} "
+                f"({faces['posts_without_face']} posts without a face, "
+                f"{faces['near_duplicates']} near-duplicates)"
+            )
+        )
         for state in faces["states"]:
             table.add_column(state, justify="right")
         for source in SOURCES:
             table.add_column(f"label: {source}", justify="right")
         table.add_column("doubtful tag", justify="right", style="yellow")
-        table.add_row(*(str(n) for n in faces["states"].values()),
-                      *(str(faces["label_sources"].get(s, 0)) for s in SOURCES), str(faces.get("doubtful", 0)))
+        table.add_row(
+            *(str(n) for n in faces["states"].values()),
+            *(str(faces["label_sources"].get(s, 0)) for s in SOURCES),
+            str(faces.get("doubtful", 0)),
+        )
         console.print(table)
         inferred = faces.get("inferred_per_character", {})
         if faces["per_character"] or inferred:
@@ -70,6 +77,12 @@ def render_status(console: Console, data: dict[str, Any]) -> None:
         for column in ("tag", "newest id", "backfill", "requests", "last poll", "last error"):
             cursors.add_column(column)
         for c in data["cursors"]:
-            cursors.add_row(c["tag"], str(c["newest_id"] or "-"), "done" if c["backfill_done"] else "pending",
-                            str(c["requests"]), c["last_poll_at"] or "never", c["last_error"] or "")
+            cursors.add_row(
+                c["tag"],
+                str(c["newest_id"] or "-"),
+                "done" if c["backfill_done"] else "pending",
+                str(c["requests"]),
+                c["last_poll_at"] or "never",
+                c["last_error"] or "",
+            )
         console.print(cursors)

@@ -34,11 +34,17 @@ def reconcile_stuck(settings: Settings, older_than: float | None = None) -> dict
     for step in STEPS.values():
         table = step.table
         with session_scope(readonly=True) as session:
-            ids = list(session.exec(
-                select(table.id).where(table.state == step.waits_in, col(table.updated_at) <= cutoff,
-                                       or_(col(table.claimed_until).is_(None), col(table.claimed_until) < now))
-                .order_by(table.id)
-            ).all())
+            ids = list(
+                session.exec(
+                    select(table.id)
+                    .where(
+                        table.state == step.waits_in,
+                        col(table.updated_at) <= cutoff,
+                        or_(col(table.claimed_until).is_(None), col(table.claimed_until) < now),
+                    )
+                    .order_by(table.id)
+                ).all()
+            )
         in_flight = inflight.marked(step.name, ids)
         orphaned = [i for i in ids if i not in in_flight]
         if orphaned:
@@ -53,7 +59,7 @@ def reconcile_stuck(settings: Settings, older_than: float | None = None) -> dict
     return counts
 
 
-def label(step) -> str:  # noqa: ANN001
+def label(step) -> str:
     """How reports name a step's waiting rows ("discovered", "downloaded", "face detected")."""
     return f"face {step.waits_in}" if step.table.__tablename__ == "face" else str(step.waits_in)
 

@@ -31,13 +31,24 @@ class Step:
         return getattr(importlib.import_module(module), name)
 
 
-STEPS: dict[str, Step] = {s.name: s for s in (
-    Step("download", "worker.tasks.download", "io", Post, PostState.discovered, "download.step:download_post",
-         "detect"),
-    Step("detect", "worker.tasks.detect_faces", "cpu", Post, PostState.downloaded, "detect.step:detect_post",
-         "crop"),
-    Step("crop", "worker.tasks.resize_face", "cpu", Face, FaceState.detected, "crop.step:crop_face", None),
-)}
+STEPS: dict[str, Step] = {
+    s.name: s
+    for s in (
+        Step(
+            "download",
+            "worker.tasks.download",
+            "io",
+            Post,
+            PostState.discovered,
+            "download.step:download_post",
+            "detect",
+        ),
+        Step(
+            "detect", "worker.tasks.detect_faces", "cpu", Post, PostState.downloaded, "detect.step:detect_post", "crop"
+        ),
+        Step("crop", "worker.tasks.resize_face", "cpu", Face, FaceState.detected, "crop.step:crop_face", None),
+    )
+}
 
 # tasks that are not per-row steps: (public name, queue)
 JOBS = {

@@ -40,8 +40,15 @@ def run_step(task: Task, step: Step, row_id: int) -> dict:
         if not is_transient(exc) or task.request.retries >= DB_RETRIES:
             raise  # the row stays where it was; reconcile takes it up again once its claim runs out
         countdown = db_backoff(task.request.retries)
-        log.warning(kv("database busy, retrying", step=step.name, row=row_id, countdown=round(countdown, 2),
-                       error=type(exc).__name__))
+        log.warning(
+            kv(
+                "database busy, retrying",
+                step=step.name,
+                row=row_id,
+                countdown=round(countdown, 2),
+                error=type(exc).__name__,
+            )
+        )
         inflight.mark(step.name, [row_id])
         raise task.retry(countdown=countdown, exc=exc, max_retries=DB_RETRIES) from exc
     if outcome.retry_in is not None:
@@ -77,7 +84,7 @@ def reconcile() -> dict[str, int]:
     return reconcile_stuck(get_settings())
 
 
-def _retrain_outcome(force: bool, progress=None) -> dict:  # noqa: ANN001
+def _retrain_outcome(force: bool, progress=None) -> dict:
     from train.step import NotEnoughData, RetrainBusy, run_retrain, should_retrain
 
     settings = get_settings()

@@ -68,7 +68,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     login = Login.from_settings(settings)
-    app = Starlette(routes=routes, exception_handlers={HTTPException: error_page, Exception: error_page},
-                    middleware=[Middleware(Guard, login=login)])
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: error_page, Exception: error_page},
+        middleware=[Middleware(Guard, login=login)],
+    )
     app.state.settings, app.state.login = settings, login
     return app

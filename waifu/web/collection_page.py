@@ -21,8 +21,14 @@ async def collection(request: Request) -> Response:
     settings = request.app.state.settings
     status = await run_in_threadpool(collect_status, settings)
     characters = await run_in_threadpool(list_characters)
-    return render(request, "collection.html", status=status, characters=characters, sites=list(KNOWN_SITES),
-                  default_site=DEFAULT_SITE)
+    return render(
+        request,
+        "collection.html",
+        status=status,
+        characters=characters,
+        sites=list(KNOWN_SITES),
+        default_site=DEFAULT_SITE,
+    )
 
 
 def growth(request: Request) -> Response:

@@ -25,13 +25,20 @@ async def faces(request: Request) -> Response:
     except BadInput as exc:
         raise refuse(400, str(exc)) from exc
 
-    def load():  # noqa: ANN202
+    def load():
         with session_scope(readonly=True) as session:
             return faces_page(session, face_filter)
 
     page = await run_in_threadpool(load)
-    return render(request, "faces.html", page=page, sources=SOURCES, states=STATES, count_cap=COUNT_CAP,
-                  back=str(request.url.path) + (f"?{request.url.query}" if request.url.query else ""))
+    return render(
+        request,
+        "faces.html",
+        page=page,
+        sources=SOURCES,
+        states=STATES,
+        count_cap=COUNT_CAP,
+        back=str(request.url.path) + (f"?{request.url.query}" if request.url.query else ""),
+    )
 
 
 def _face_id(request: Request) -> int:
@@ -65,7 +72,7 @@ def source(request: Request) -> Response:
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 
 
-def parse_ids(form) -> list[int]:  # noqa: ANN001 - starlette FormData
+def parse_ids(form) -> list[int]:
     """Face ids from `ids` ("1,2,3") and/or repeated `id` fields."""
     text = ",".join([str(form.get("ids") or ""), *[str(v) for v in form.getlist("id")]])
     if len(text) > MAX_IDS_TEXT:
@@ -100,8 +107,11 @@ async def action(request: Request) -> Response:
         raise refuse(409, str(exc)) from exc
     count = len(result.faces)
     faces_text = f"{count} face{'s' if count != 1 else ''}"
-    message = {"accept": f"accepted the suggestion for {faces_text}", "label": f"labelled {faces_text} as {tag}",
-               "reject": f"rejected {faces_text}"}[kind]
+    message = {
+        "accept": f"accepted the suggestion for {faces_text}",
+        "label": f"labelled {faces_text} as {tag}",
+        "reject": f"rejected {faces_text}",
+    }[kind]
     return done(request, message, back, {"action": result.action, "faces": await run_in_threadpool(_cards, result)})
 
 

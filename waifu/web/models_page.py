@@ -18,7 +18,7 @@ from waifu.web.retraining import retrain_status, start_retrain
 async def models(request: Request) -> Response:
     settings = request.app.state.settings
 
-    def load():  # noqa: ANN202
+    def load():
         with session_scope(readonly=True) as session:
             return model_versions(session, settings.data_dir)
 

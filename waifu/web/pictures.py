@@ -56,8 +56,9 @@ def source_png(session: Session, settings: Settings, face_id: int) -> bytes:
     scale = min(1.0, SOURCE_MAX_SIDE / max(image.size))
     if scale < 1.0:  # scale first: the box and its text stay readable at the size the browser shows
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-    box = Detection(round(face.x * scale), round(face.y * scale), round(face.w * scale), round(face.h * scale),
-                    face.detector)
+    box = Detection(
+        round(face.x * scale), round(face.y * scale), round(face.w * scale), round(face.h * scale), face.detector
+    )
     buffer = io.BytesIO()
     annotate(image, [box], [name]).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -21,7 +21,6 @@ STATES = (FaceState.ready.value, FaceState.rejected.value)
 COUNT_CAP = 10_000  # counting stops here: "more than 10,000 match" costs the same at any size
 
 
-
 class BadInput(ValueError):
     """A query or form value that cannot be used; the message says which and why."""
 
@@ -50,18 +49,24 @@ class FaceFilter:
 
     def query(self, **changes: Any) -> dict[str, str]:
         """The filter as query parameters (for links), with `changes` applied; paging is dropped unless given."""
-        values = {"source": self.source, "character": self.character, "split": self.split,
-                  "state": self.state or "any", "suggested": None if self.suggested is None else
-                  ("yes" if self.suggested else "no"),
-                  "doubtful": None if self.doubtful is None else ("yes" if self.doubtful else "no"),
-                  "below": self.below, "post": self.post,
-                  "size": self.size if self.size != PAGE_SIZE else None}
+        values = {
+            "source": self.source,
+            "character": self.character,
+            "split": self.split,
+            "state": self.state or "any",
+            "suggested": None if self.suggested is None else ("yes" if self.suggested else "no"),
+            "doubtful": None if self.doubtful is None else ("yes" if self.doubtful else "no"),
+            "below": self.below,
+            "post": self.post,
+            "size": self.size if self.size != PAGE_SIZE else None,
+        }
         values.update(changes)
         return {k: str(v) for k, v in values.items() if v is not None and v != ""}
 
 
 def parse_filter(params: Mapping[str, str]) -> FaceFilter:
     """The faces grid's query parameters, checked; BadInput names the first bad one."""
+
     def choice(key: str, allowed: tuple[str, ...]) -> str | None:
         value = (params.get(key) or "").strip()
         if not value:
@@ -92,12 +97,21 @@ def parse_filter(params: Mapping[str, str]) -> FaceFilter:
     character = (params.get("character") or "").strip() or None
     if character is not None and len(character) > 255:
         raise BadInput("character is too long")
-    optional_id = {key: parse_id(params[key], key) if (params.get(key) or "").strip() else None
-                   for key in ("post", "after", "before")}
-    return FaceFilter(source=source, character=character, split=split, state=state,
-                      suggested=None if suggested_text is None else suggested_text == "yes",
-                      doubtful=None if doubtful_text is None else doubtful_text == "yes", below=below,
-                      size=size, **optional_id)
+    optional_id = {
+        key: parse_id(params[key], key) if (params.get(key) or "").strip() else None
+        for key in ("post", "after", "before")
+    }
+    return FaceFilter(
+        source=source,
+        character=character,
+        split=split,
+        state=state,
+        suggested=None if suggested_text is None else suggested_text == "yes",
+        doubtful=None if doubtful_text is None else doubtful_text == "yes",
+        below=below,
+        size=size,
+        **optional_id,
+    )
 
 
 def _conditions(f: FaceFilter) -> list[ColumnElement[bool]]:
@@ -144,8 +158,15 @@ class FaceCard:
     choices: list[str] = field(default_factory=list)  # label choices: the post's characters first, then the rest
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "state": self.state, "label": self.label, "label_source": self.label_source,
-                "split": self.split, "suggestion": self.suggestion, "suggestion_score": self.suggestion_score}
+        return {
+            "id": self.id,
+            "state": self.state,
+            "label": self.label,
+            "label_source": self.label_source,
+            "split": self.split,
+            "suggestion": self.suggestion,
+            "suggestion_score": self.suggestion_score,
+        }
 
 
 @dataclass
@@ -158,8 +179,19 @@ class FacePage:
     next: dict[str, str] | None = None
 
 
-CARD_COLUMNS = (Face.id, Face.post_id, Face.state, Face.label, Face.label_source, Face.split, Face.suggestion,
-                Face.suggestion_score, Face.doubt, Face.doubt_score, Face.inferred_margin)
+CARD_COLUMNS = (
+    Face.id,
+    Face.post_id,
+    Face.state,
+    Face.label,
+    Face.label_source,
+    Face.split,
+    Face.suggestion,
+    Face.suggestion_score,
+    Face.doubt,
+    Face.doubt_score,
+    Face.inferred_margin,
+)
 
 
 def faces_page(session: Session, f: FaceFilter) -> FacePage:
@@ -168,12 +200,12 @@ def faces_page(session: Session, f: FaceFilter) -> FacePage:
     query = select(*CARD_COLUMNS).where(*conditions)
     if f.before is not None:
         rows = list(session.exec(query.where(Face.id < f.before).order_by(col(Face.id).desc()).limit(f.size + 1)))
-        more_before, rows = len(rows) > f.size, rows[:f.size][::-1]
+        more_before, rows = len(rows) > f.size, rows[: f.size][::-1]
         more_after = bool(rows) and _exists(session, conditions, Face.id > rows[-1][0])
     else:
         start = query.where(Face.id > f.after) if f.after is not None else query
         rows = list(session.exec(start.order_by(Face.id).limit(f.size + 1)))
-        more_after, rows = len(rows) > f.size, rows[:f.size]
+        more_after, rows = len(rows) > f.size, rows[: f.size]
         more_before = bool(rows) and f.after is not None and _exists(session, conditions, Face.id < rows[0][0])
     capped = select(Face.id).where(*conditions).limit(COUNT_CAP + 1).subquery()
     total = session.exec(select(func.count()).select_from(capped)).one()
@@ -204,8 +236,10 @@ def post_tags(session: Session, post_ids: set[int]) -> dict[int, list[str]]:
     if not post_ids:
         return {}
     rows = session.exec(
-        select(PostCharacter.post_id, Character.tag).join(Character, Character.id == PostCharacter.character_id)
-        .where(col(PostCharacter.post_id).in_(post_ids)).order_by(Character.tag)
+        select(PostCharacter.post_id, Character.tag)
+        .join(Character, Character.id == PostCharacter.character_id)
+        .where(col(PostCharacter.post_id).in_(post_ids))
+        .order_by(Character.tag)
     ).all()
     tags: dict[int, list[str]] = {}
     for post_id, tag in rows:
@@ -240,14 +274,16 @@ def _json(text: str | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def model_versions(session: Session, data_dir) -> list[VersionRow]:  # noqa: ANN001 - a Path
+def model_versions(session: Session, data_dir) -> list[VersionRow]:
     rows = []
     for version in session.exec(select(ModelVersion).order_by(col(ModelVersion.id).desc())).all():
         metrics = _json(version.metrics)
-        pictures = [name for name in MODEL_PICTURES
-                    if version.artifact_dir and (data_dir / version.artifact_dir / name).is_file()]
-        rows.append(VersionRow(version, _json(version.counts), metrics.get("per_class", {}), metrics.get("n"),
-                               pictures))
+        pictures = [
+            name
+            for name in MODEL_PICTURES
+            if version.artifact_dir and (data_dir / version.artifact_dir / name).is_file()
+        ]
+        rows.append(
+            VersionRow(version, _json(version.counts), metrics.get("per_class", {}), metrics.get("n"), pictures)
+        )
     return rows
-
-

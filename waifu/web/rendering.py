@@ -28,9 +28,19 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
     """A page with what every page needs: the CSRF token, the login state, a one-time message."""
     login: Login = request.app.state.login
     flash = unquote(request.cookies.get(FLASH_COOKIE, ""))[:500]
-    response = templates.TemplateResponse(request, name, {
-        "csrf_token": request.state.csrf, "csrf_field": CSRF_FIELD, "login_required": login.required,
-        "flash": flash, "path": request.url.path, **context}, status_code=status_code)
+    response = templates.TemplateResponse(
+        request,
+        name,
+        {
+            "csrf_token": request.state.csrf,
+            "csrf_field": CSRF_FIELD,
+            "login_required": login.required,
+            "flash": flash,
+            "path": request.url.path,
+            **context,
+        },
+        status_code=status_code,
+    )
     if flash:
         response.delete_cookie(FLASH_COOKIE, path="/")
     return response

@@ -14,7 +14,7 @@ PRESS_LOCK = "waifu:web:retrain-press"  # two presses at once enqueue one task
 WAITING_STATES = ("PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY")
 
 
-def _result(task_id: str):  # noqa: ANN202 - celery AsyncResult
+def _result(task_id: str):
     from worker.app import app
 
     return app.AsyncResult(task_id)
@@ -61,8 +61,13 @@ def retrain_status() -> dict[str, Any]:
         status["phase"] = "running" if running else "queued"
     elif state == "SUCCESS":
         summary = result.result if isinstance(result.result, dict) else {}
-        status.update(phase="done", status=summary.get("status"), version=summary.get("version"),
-                      reason=summary.get("reason"), accuracy=summary.get("accuracy"))
+        status.update(
+            phase="done",
+            status=summary.get("status"),
+            version=summary.get("version"),
+            reason=summary.get("reason"),
+            accuracy=summary.get("accuracy"),
+        )
     else:
         status.update(phase="failed", reason=str(result.result)[:500])
     return status

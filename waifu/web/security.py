@@ -61,8 +61,10 @@ def check_bind(host: str, settings: Settings) -> None:
     if bool(user) != bool(password):
         raise StartRefused("set both WAIFU_WEB_USER and WAIFU_WEB_PASSWORD, or neither")
     if not is_loopback(host) and not user:
-        raise StartRefused(f"refusing to serve on {host}: not a loopback address and no credentials "
-                           "(set WAIFU_WEB_USER and WAIFU_WEB_PASSWORD, or use --host 127.0.0.1)")
+        raise StartRefused(
+            f"refusing to serve on {host}: not a loopback address and no credentials "
+            "(set WAIFU_WEB_USER and WAIFU_WEB_PASSWORD, or use --host 127.0.0.1)"
+        )
 
 
 @dataclass
@@ -132,7 +134,7 @@ def _csrf_token_format(value: str | None) -> bool:
 class Guard(BaseHTTPMiddleware):
     """Host check, login, CSRF cookie and CSRF check on every POST, before any route runs."""
 
-    def __init__(self, app, login: Login) -> None:  # noqa: ANN001
+    def __init__(self, app, login: Login) -> None:
         super().__init__(app)
         self.login = login
 
@@ -154,8 +156,9 @@ class Guard(BaseHTTPMiddleware):
             if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
-            return PlainTextResponse("log in first (or use HTTP basic auth)", 401,
-                                     headers={"WWW-Authenticate": 'Basic realm="waifu"'})
+            return PlainTextResponse(
+                "log in first (or use HTTP basic auth)", 401, headers={"WWW-Authenticate": 'Basic realm="waifu"'}
+            )
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             refusal = await self._csrf_refusal(request, cookie)
             if refusal:

@@ -26,8 +26,14 @@ def serve(settings: Settings, host: str, port: int) -> None:
     # child of `waifu run`
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower(),
-                server_header=False, proxy_headers=False)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        server_header=False,
+        proxy_headers=False,
+    )
 
 
 @contextmanager
@@ -42,8 +48,11 @@ def serving_in_thread(settings: Settings, host: str = "127.0.0.1", port: int = 0
     with socket.socket() as probe:
         probe.bind((host, port))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning",
-                                           server_header=False, proxy_headers=False))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host=host, port=port, log_level="warning", server_header=False, proxy_headers=False
+        )
+    )
     thread = threading.Thread(target=server.run, name="waifu-web", daemon=True)
     thread.start()
     deadline = time.monotonic() + 15

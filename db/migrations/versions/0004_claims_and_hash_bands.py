@@ -39,11 +39,16 @@ def upgrade() -> None:
     # faces that are ready already get their bands, so the first lookup after the upgrade sees them
     conn = op.get_bind()
     rows = conn.execute(sa.text("SELECT id, phash FROM face WHERE state = 'ready' AND phash IS NOT NULL")).all()
-    bands = [{"band": b, "value": v, "face_id": face_id, "phash": phash}
-             for face_id, phash in rows for b, v in _bands(phash)]
+    bands = [
+        {"band": b, "value": v, "face_id": face_id, "phash": phash} for face_id, phash in rows for b, v in _bands(phash)
+    ]
     if bands:
-        conn.execute(sa.text("INSERT INTO face_hash_band (band, value, face_id, phash) "
-                             "VALUES (:band, :value, :face_id, :phash)"), bands)
+        conn.execute(
+            sa.text(
+                "INSERT INTO face_hash_band (band, value, face_id, phash) VALUES (:band, :value, :face_id, :phash)"
+            ),
+            bands,
+        )
 
 
 def downgrade() -> None:
