@@ -1,4 +1,4 @@
-"""Collection benchmark: the real test set (tests/testdata.py) through the fake safebooru at the default limits.
+"""Collection benchmark: the real test set (tests/support/testdata.py) through the fake safebooru at the default limits.
 
 Runs the real path (scraper poll -> Redis -> Celery io worker processes -> download -> database) and
 prints the achieved rate against the ceiling the configured limits allow. The ceiling is set by the slower
@@ -96,7 +96,7 @@ async def main() -> int:
     from db.models import Post, PostState
     from scraper.characters import add_characters
     from scraper.poller import poll_once
-    from tests.fake_safebooru import FakeSafebooru, load_illustrations
+    from tests.support.fake_safebooru import FakeSafebooru, load_illustrations
 
     console = Console()
     fake = FakeSafebooru()
@@ -252,7 +252,7 @@ async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.
     from db.migrate import upgrade
     from scraper.characters import add_characters
     from scraper.poller import poll_once
-    from tests.fake_safebooru import FakeSafebooru, publish
+    from tests.support.fake_safebooru import FakeSafebooru, publish
     from waifu.pools import celery_worker_args, node_name, plan_workers
     from waifu.runner import ChildLog, Supervisor, celery_command
 
@@ -410,7 +410,7 @@ async def full_pipeline(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from bench.pipeline import detection_seconds, illustrations
-    from tests.testdata import raw_images
+    from tests.support.testdata import raw_images
 
     console = Console()
     tmp = Path(tempfile.mkdtemp(prefix="waifu-bench-full-"))

@@ -1,12 +1,12 @@
-"""Face benchmark on the illustrations of the test set (tests/testdata.py): the 107 of `raw/` and the 21 of
+"""Face benchmark on the illustrations of the test set (tests/support/testdata.py): the 107 of `raw/` and the 21 of
 `raw (unrecognized)/`, and two degraded copies of `raw/` (scaled to 15 % of each side: small faces; rotated
-35 degrees: tilted heads; detect/checked.py builds them).
+35 degrees: tilted heads; tests/support/checked.py builds them).
 
 1. Detection before vs after (issue 13), same files, same run, one process, one thread, each image timed
    with both paths back to back: before = every pass on the full image (WAIFU_DETECTOR_MAX_PIXELS=0),
    after = the defaults. Share of images with a face, faces, latency median / p90 / mean.
 2. Per detector at the defaults (full-size set).
-3. The face check (issue 11) on the hand-checked list, detect/checked_detections.csv: the defaults' own
+3. The face check (issue 11) on the hand-checked list, tests/support/checked_detections.csv: the defaults' own
    detections matched to it (precision, images with a true face, with and without the check), and the
    check alone on every checked row, with the shipped weights and leave-one-character-out (fitted on two
    characters, judged on the third).
@@ -42,14 +42,14 @@ SETS = {"": "full size", "scaled15": "scaled to 15 %", "rot35": "rotated 35 degr
 
 
 def images() -> list[Path]:
-    from tests.testdata import raw_images  # a local copy (WAIFU_TEST_DATA) or the pinned, checksummed fetch
+    from tests.support.testdata import raw_images  # a local copy (WAIFU_TEST_DATA) or the pinned, checksummed fetch
 
     return [p for _t, p in raw_images()]
 
 
 def illustrations() -> list[tuple[str, Path]]:
     """(upstream name, file) of every illustration: raw/ then raw (unrecognized)/."""
-    from tests.testdata import data_files, names_under, raw_names
+    from tests.support.testdata import data_files, names_under, raw_names
 
     names = raw_names() + sorted(names_under(UNRECOGNIZED))
     return list(zip(names, data_files(names), strict=True))
@@ -88,7 +88,7 @@ def before_after(console, named: list[tuple[str, Path]]) -> dict[str, dict[str, 
 
     from core.images import open_image
     from core.settings import Settings
-    from detect.checked import degraded
+    from tests.support.checked import degraded
 
     before = Settings(_env_file=None, detector_max_pixels=0)
     after = Settings(_env_file=None)
@@ -169,9 +169,9 @@ def checked_features(console) -> tuple[list, list[dict[str, float]]]:
     from rich.progress import track
 
     from core.images import open_image
-    from detect import checked
     from detect.verify import features
-    from tests.testdata import data_file
+    from tests.support import checked
+    from tests.support.testdata import data_file
 
     rows = checked.load()
     values: dict[int, dict[str, float]] = {}
@@ -224,8 +224,8 @@ def check_tables(console, runs: dict[str, dict[str, Run]], named: list[tuple[str
     from rich.table import Table
 
     from core.images import open_image
-    from detect import checked
     from detect.verify import check_faces, probability
+    from tests.support import checked
 
     rows, values = checked_features(console)
     shipped = [probability(v) for v in values]
@@ -233,7 +233,9 @@ def check_tables(console, runs: dict[str, dict[str, Run]], named: list[tuple[str
         held_out = leave_one_character_out(rows, values)
     except ImportError:
         held_out = None  # scikit-learn is in the `train` extra
-    table = Table(title=f"face check alone on the {len(rows)} hand-checked detections (detect/checked_detections.csv)")
+    table = Table(
+        title=f"face check alone on the {len(rows)} hand-checked detections (tests/support/checked_detections.csv)"
+    )
     for col in ("detections of", "weights", "faces kept", "not-faces kept", "precision"):
         table.add_column(col, justify="left" if col in ("detections of", "weights") else "right")
     for variant in (None, *SETS):

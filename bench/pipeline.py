@@ -11,7 +11,7 @@ in the same run, on the same files:
 
     python -m bench.pipeline [--copies 2] [--skip-postgres] [--only queue|crop]
 
-Real illustrations come from tests/testdata.py (WAIFU_TEST_DATA or the pinned download). Redis: database 11
+Real illustrations come from tests/support/testdata.py (WAIFU_TEST_DATA or the pinned download). Redis: database 11
 of WAIFU_BENCH_REDIS_URL (default redis://127.0.0.1:6379/11); PostgreSQL: WAIFU_BENCH_POSTGRES_URL
 (default postgresql://postgres@127.0.0.1:5432/test), a throw-away database per run.
 """
@@ -43,7 +43,7 @@ def illustrations(copies: int, tmp: Path) -> list[Path]:
     """The real raw set, `copies` times (each extra copy re-encoded, so every file is a different post)."""
     from PIL import Image
 
-    from tests.testdata import raw_images
+    from tests.support.testdata import raw_images
 
     paths = [p for _tag, p in raw_images()]
     out = list(paths)

@@ -1,4 +1,4 @@
-"""End-to-end prediction benchmark on the raw test illustrations (tests/testdata.py), with the service's own
+"""End-to-end prediction benchmark on the raw test illustrations (tests/support/testdata.py), with the service's own
 pipeline.
 
 Every illustration goes through the face pipeline's functions (detect with the default detector, square
@@ -38,7 +38,7 @@ def main() -> int:
     from crop.rules import split_for
     from detect.detectors import find_faces, pin_opencv_threads
     from predict.classify import classify_image
-    from tests.testdata import raw_images
+    from tests.support.testdata import raw_images
     from train.model import TrainConfig, load_dataset, train
 
     console = Console()

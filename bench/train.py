@@ -1,6 +1,6 @@
 """Classifier benchmark: the classical baselines, CNNs from scratch and the chosen ensemble, side by side.
 
-On the real 96x96 crops of the test set (tests/testdata.py: resized_for_training, resized_for_test)
+On the real 96x96 crops of the test set (tests/support/testdata.py: resized_for_training, resized_for_test)
 it trains each design with several seeds and reports test accuracy and macro-F1 on resized_for_test, a
 stratified k-fold cross-validation over train+test pooled (the 18-face test split is too small to decide
 alone), training wall time, peak memory and prediction latency per face after warm-up.
@@ -67,7 +67,7 @@ def run_one(design: str, split: str, seed: int, folds: int, weights_path: str | 
     from train.model import evaluate, items_from_dir, load_dataset, predict, train
 
     cfg = replace(designs(weights_path)[design], seed=seed, threads=threads)
-    from tests.testdata import crop_dirs
+    from tests.support.testdata import crop_dirs
 
     train_dir, test_dir = crop_dirs()
     train_set = load_dataset(items_from_dir(train_dir))

@@ -1,7 +1,7 @@
 """The face check: is a detection really a face?
 
 Both detectors fire on face-like patterns: buttons, lace, lettering, hands, folds of a skirt (about one
-detection in ten on real illustrations, detect/checked_detections.csv). The check looks at each detection
+detection in ten on real illustrations, tests/support/checked_detections.csv). The check looks at each detection
 again, on a square crop of the box normalised to CHECK_SIDE pixels (turned back upright for a detection of
 a rotated pass), and combines five measurements with a logistic regression fitted on the hand-checked
 list (`python -m bench.faces --fit-check` prints the weights below and how well they do):
@@ -28,7 +28,7 @@ from detect.detectors import Detection, cascade_path, load_cascade
 
 CHECK_SIDE = 160  # pixels of the normalised crop: faces of every size are judged at one scale
 MARGINS = (0.25, 0.5)  # context around the box, share of its side, each side
-# fitted by `python -m bench.faces --fit-check` on detect/checked_detections.csv (all rows)
+# fitted by `python -m bench.faces --fit-check` on tests/support/checked_detections.csv (all rows)
 WEIGHTS = {
     "cascade_near": 1.31,
     "cascade_wide": 2.27,

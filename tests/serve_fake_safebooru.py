@@ -3,7 +3,7 @@
     .venv/bin/python -m tests.serve_fake_safebooru --port 18765 --drawn nishikino_maki=5,sakurauchi_riko=5
     WAIFU_SAFEBOORU_URL=http://127.0.0.1:18765 make run CHARACTERS="nishikino_maki sakurauchi_riko"
 
-`--illustrations` serves the real test illustrations instead (tests/testdata.py: a local copy or a fetch).
+`--illustrations` serves the real test illustrations instead (tests/support/testdata.py: a local copy or a fetch).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import signal
 
-from tests.fake_safebooru import FakeSafebooru, load_drawn, load_illustrations
+from tests.support.fake_safebooru import FakeSafebooru, load_drawn, load_illustrations
 
 
 def parse_counts(text: str) -> dict[str, int]:

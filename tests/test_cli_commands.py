@@ -23,10 +23,10 @@ from sqlmodel import select
 
 from db.engine import session_scope
 from db.models import Character, Post, PostState, utcnow
-from tests.conftest import PROJECT_ROOT, TEST_REDIS_URL
-from tests.drawn import drawn_image
-from tests.fake_safebooru import FakePost, FakeSafebooru
-from tests.test_end_to_end import run_cli
+from tests.support.cli import run_cli
+from tests.support.drawn import drawn_image
+from tests.support.env import PROJECT_ROOT, TEST_REDIS_URL
+from tests.support.fake_safebooru import FakePost, FakeSafebooru
 
 pytestmark = pytest.mark.slow
 WIDE = {"COLUMNS": "250"}  # rich wraps tables at 80 columns when the output is not a terminal

@@ -27,8 +27,9 @@ import pytest
 from PIL import Image
 
 from core.settings import get_settings, reset_settings_cache
-from tests.conftest import PROJECT_ROOT, TEST_REDIS_URL
-from tests.testdata import IMAGE_SUFFIXES, crop_dirs, raw_image
+from tests.support.cli import json_lines, run_cli_blocking
+from tests.support.env import PROJECT_ROOT, TEST_REDIS_URL
+from tests.support.testdata import IMAGE_SUFFIXES, crop_dirs, raw_image
 
 pytestmark = pytest.mark.slow
 
@@ -146,22 +147,6 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, pictures) -> dict[str, t
     }
 
 
-def run_cli(env: dict[str, str], *args: str | Path, columns: int | None = None) -> subprocess.CompletedProcess:
-    extra = {"COLUMNS": str(columns)} if columns else {}
-    return subprocess.run(
-        [sys.executable, "-m", "waifu.cli", *map(str, args)],
-        env={**os.environ, **env, **extra},
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def json_lines(result: subprocess.CompletedProcess) -> list[dict]:
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
 def iou(a: list[int], b: list[int]) -> float:
     ax, ay, aw, ah = a
     bx, by, bw, bh = b
@@ -274,7 +259,7 @@ def check_good_entries(entries: list[dict], pictures: dict[tuple[str, str], Path
 
 def test_detect_finds_the_same_face_in_every_format(detect_env, pictures, tmp_path) -> None:
     paths = good_paths(pictures)
-    result = run_cli(detect_env, "detect", "--json", "--annotate", tmp_path / "boxes", *paths)
+    result = run_cli_blocking(detect_env, "detect", "--json", "--annotate", tmp_path / "boxes", *paths)
     assert result.returncode == 0, result.stderr[-3000:]
     entries = json_lines(result)
     assert [e["path"] for e in entries] == [str(p) for p in paths]  # one line per file, in order
@@ -284,7 +269,7 @@ def test_detect_finds_the_same_face_in_every_format(detect_env, pictures, tmp_pa
 
 def test_predict_names_the_character_in_every_format(model_env, pictures, tmp_path) -> None:
     paths = good_paths(pictures)
-    result = run_cli(model_env, "predict", "--json", "--annotate", tmp_path / "named", *paths)
+    result = run_cli_blocking(model_env, "predict", "--json", "--annotate", tmp_path / "named", *paths)
     assert result.returncode == 0, result.stderr[-3000:]
     entries = json_lines(result)
     assert [e["path"] for e in entries] == [str(p) for p in paths]
@@ -327,7 +312,7 @@ def test_predict_names_face_crops_found_or_taken_whole(model_env, face_crops, tm
     face (predict/classify.py), and a larger one gets no face at all."""
     from predict.classify import WHOLE_IMAGE_MAX_SIDE
 
-    result = run_cli(model_env, "predict", "--json", *face_crops)
+    result = run_cli_blocking(model_env, "predict", "--json", *face_crops)
     assert result.returncode == 0, result.stderr[-3000:]
     entries = json_lines(result)
     assert [e["path"] for e in entries] == [str(p) for p in face_crops]
@@ -352,7 +337,7 @@ def test_predict_names_face_crops_found_or_taken_whole(model_env, face_crops, tm
                 im.resize((side, side), Image.Resampling.LANCZOS).save(out, "JPEG", quality=95)
             scaled[out] = (side, crop)
     paths = [*face_crops, *scaled]
-    result = run_cli(blind, "predict", "--json", *paths)
+    result = run_cli_blocking(blind, "predict", "--json", *paths)
     assert result.returncode == 0, result.stderr[-3000:]
     entries = json_lines(result)
     assert [e["path"] for e in entries] == [str(p) for p in paths]
@@ -398,12 +383,12 @@ def check_bad_batch(result: subprocess.CompletedProcess, paths: list[Path], bad_
 
 def test_detect_answers_each_bad_file_and_goes_on(detect_env, pictures, bad_files) -> None:
     paths = bad_batch(pictures, bad_files)
-    check_bad_batch(run_cli(detect_env, "detect", "--json", *paths), paths, bad_files)
+    check_bad_batch(run_cli_blocking(detect_env, "detect", "--json", *paths), paths, bad_files)
 
 
 def test_predict_answers_each_bad_file_and_goes_on(model_env, pictures, bad_files) -> None:
     paths = bad_batch(pictures, bad_files)
-    goods = check_bad_batch(run_cli(model_env, "predict", "--json", *paths), paths, bad_files)
+    goods = check_bad_batch(run_cli_blocking(model_env, "predict", "--json", *paths), paths, bad_files)
     for entry in goods:
         character = Path(entry["path"]).stem
         assert largest(entry["faces"])["top"][0]["name"] == character, entry
@@ -413,7 +398,7 @@ def test_predict_answers_each_bad_file_and_goes_on(model_env, pictures, bad_file
 def test_table_shows_one_row_per_file(command, request: pytest.FixtureRequest, pictures, bad_files) -> None:
     good, (bad, words) = pictures["cmyk-jpeg", "takimoto_hifumi"], bad_files["truncated"]
     env = request.getfixturevalue("model_env" if command == "predict" else "detect_env")
-    result = run_cli(env, command, good, bad, columns=400)
+    result = run_cli_blocking(env, command, good, bad, columns=400)
     assert result.returncode == 1, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if str(good) in line or str(bad) in line]
     assert len(rows) == 2, result.stdout
@@ -422,7 +407,7 @@ def test_table_shows_one_row_per_file(command, request: pytest.FixtureRequest, p
 
 
 def test_predict_without_a_model_says_what_to_do(service_env, pictures) -> None:
-    result = run_cli(service_env, "predict", "--json", pictures["rgb-jpeg", "sakurauchi_riko"])
+    result = run_cli_blocking(service_env, "predict", "--json", pictures["rgb-jpeg", "sakurauchi_riko"])
     assert result.returncode == 1
     assert result.stdout == ""  # nothing a JSON reader would choke on
     assert "no current model yet: run `waifu retrain --force --wait` first" in result.stderr
@@ -430,7 +415,7 @@ def test_predict_without_a_model_says_what_to_do(service_env, pictures) -> None:
 
 def test_annotate_into_a_file_is_refused_before_any_work(detect_env, pictures) -> None:
     picture = pictures["rgb-jpeg", "sakurauchi_riko"]
-    result = run_cli(detect_env, "detect", "--annotate", picture, picture, columns=400)
+    result = run_cli_blocking(detect_env, "detect", "--annotate", picture, picture, columns=400)
     assert result.returncode == 2 and "is a file, not a directory" in result.stderr, result.stderr
     with Image.open(picture) as still:
         assert still.format == "JPEG"  # the file named by mistake is left as it was

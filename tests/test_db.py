@@ -13,6 +13,7 @@ from db.engine import get_engine, session_scope
 from db.migrate import current_revision
 from db.models import Character, Post, PostCharacter, PostState, utcnow
 from scraper.characters import add_characters, list_characters, remove_characters
+from tests.support.broker import queued_ids
 from waifu.status import collect_status, reason_category
 from worker import inflight
 from worker.reconcile import reconcile_stuck, retry_failed
@@ -29,20 +30,6 @@ def make_post(
         reason=reason,
         updated_at=utcnow() - timedelta(seconds=age),
     )
-
-
-def queued_ids(redis_client) -> list[int]:
-    """Post ids of the download messages waiting in the `io` queue (kombu JSON envelopes)."""
-    import base64
-    import json
-
-    ids = []
-    for raw in redis_client.lrange("io", 0, -1):
-        envelope = json.loads(raw)
-        args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
-        assert envelope["headers"]["task"] == "worker.tasks.download"
-        ids.append(args[0])
-    return sorted(ids)
 
 
 def test_migrations_create_every_table(service_env: dict[str, str]) -> None:

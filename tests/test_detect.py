@@ -1,4 +1,4 @@
-"""Face detectors on the real illustrations of the test set, tests/testdata.py (no database, no broker)."""
+"""Face detectors on the real illustrations of the test set, tests/support/testdata.py (no database, no broker)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from crop.imaging import crop_face, square_crop_box
 from detect import detectors as detect
 from detect.annotate import annotate
 from detect.detectors import detect_animeface, detect_lbpcascade, find_faces, suppress
-from tests.testdata import raw_image, raw_images, raw_names
+from tests.support.testdata import raw_image, raw_images, raw_names
 
-# illustrations in which both detectors find the face a person checked (detect/checked_detections.csv)
+# illustrations in which both detectors find the face a person checked (tests/support/checked_detections.csv)
 KNOWN_FACES = ["nishikino_maki/1.png", "sakurauchi_riko/1.jpg", "takimoto_hifumi/1.jpg"]
 
 
@@ -57,8 +57,8 @@ def test_detection_rates_match_the_measured_figures(raw_detections: dict) -> Non
 
 @pytest.fixture(scope="module")
 def checked_faces() -> dict[str, list]:
-    """upstream path -> the boxes a person marked as a face in detect/checked_detections.csv (no variant)."""
-    from detect.checked import load
+    """upstream path -> the boxes a person marked as a face in tests/support/checked_detections.csv (no variant)."""
+    from tests.support.checked import load
 
     faces: dict[str, list] = {}
     for row in load():
@@ -72,7 +72,7 @@ def checked_faces() -> dict[str, list]:
 def test_each_detector_really_finds_faces(settings: Settings, checked_faces: dict, name: str, which: str) -> None:
     """Fails loudly when a library pin breaks a detector silently (Pillow >= 12, OpenCV 5 wheels), or when
     its boxes land somewhere else than the face a person checked."""
-    from detect.checked import overlap_ratio
+    from tests.support.checked import overlap_ratio
 
     truth = checked_faces[f"raw/{name}"]
     assert len(truth) == 1, f"{name} is a solo picture: one hand-checked face"
@@ -158,7 +158,7 @@ def test_unknown_detector_is_refused(settings: Settings) -> None:
 
 def test_reduced_working_copy_reports_boxes_in_the_original_pixels() -> None:
     """WAIFU_DETECTOR_MAX_PIXELS: detection on a smaller copy, boxes mapped back onto the full image."""
-    from detect.checked import overlap_ratio
+    from tests.support.checked import overlap_ratio
 
     image = to_rgb(Image.open(raw_image(KNOWN_FACES[0])))
     assert detect.work_factor(image, 100_000) < 0.5
@@ -170,7 +170,7 @@ def test_reduced_working_copy_reports_boxes_in_the_original_pixels() -> None:
 
 def test_small_face_is_found_by_the_cascade_on_an_upscaled_copy() -> None:
     """The fallback for small faces looks at a larger copy of the original, with the cascade only."""
-    from detect.checked import degraded
+    from tests.support.checked import degraded
 
     image = degraded(to_rgb(Image.open(raw_image("nishikino_maki/4.jpg"))), "scaled15")
     assert find_faces(image, "both", Settings(_env_file=None, detector_fallbacks=False)) == []

@@ -1,5 +1,5 @@
 """The face check (detect/verify.py) on real illustrations and their hand-checked detections
-(detect/checked_detections.csv), and the detect step keeping filtered detections with their reason,
+(tests/support/checked_detections.csv), and the detect step keeping filtered detections with their reason,
 on SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from core.images import open_image
 from core.settings import Settings, get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import Face, FaceState, LabelSource, PostState
-from detect import checked
 from detect.detectors import Detection
 from detect.step import detect_post
 from detect.verify import THRESHOLD, check, check_faces, features, probability, rotation_of
 from scraper.characters import add_characters
-from tests.test_faces import post_row, run_pipeline, store_post
-from tests.testdata import data_file, registry
+from tests.support import checked
+from tests.support.pipeline import post_row, run_pipeline, store_post
+from tests.support.testdata import data_file, registry
 
 # hand-checked false detections of the default pipeline (checked_detections.csv) and the face of each picture
 FALSE = {
@@ -43,7 +43,9 @@ def row_for(rows: list[checked.Checked], file: str, note: str = "", is_face: boo
 def test_checked_list_is_data_about_the_test_set(rows: list[checked.Checked]) -> None:
     assert len(rows) >= 350
     assert {r.variant for r in rows} == set(checked.VARIANTS)
-    assert all(r.file in registry() for r in rows), "every row names an illustration of tests/testdata_registry.txt"
+    assert all(r.file in registry() for r in rows), (
+        "every row names an illustration of tests/support/testdata_registry.txt"
+    )
     assert all(r.note for r in rows if not r.is_face), "every false detection says what it shows"
     counts = Counter(r.is_face for r in rows)
     assert counts[False] >= 50 and counts[True] >= 300

@@ -25,9 +25,9 @@ from core.settings import Settings, get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import Post, PostState
 from download.step import backoff, download_post
-from tests.conftest import TEST_REDIS_URL
-from tests.fake_safebooru import FakePost, FakeSafebooru, load_drawn
-from tests.test_scraper_client import max_in_window
+from tests.support.env import TEST_REDIS_URL
+from tests.support.fake_safebooru import FakePost, FakeSafebooru, load_drawn
+from tests.support.limits import max_in_window
 
 
 class StreamingFake(FakeSafebooru):

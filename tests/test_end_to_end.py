@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,36 +16,13 @@ from sqlmodel import select
 
 from db.engine import session_scope
 from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState
-from tests.conftest import PROJECT_ROOT
-from tests.fake_safebooru import FakePost, FakeSafebooru, load_drawn, load_illustrations
+from tests.support.cli import run_cli
+from tests.support.env import PROJECT_ROOT
+from tests.support.fake_safebooru import FakePost, FakeSafebooru, load_drawn, load_illustrations
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 TAGS = ["nishikino_maki", "sakurauchi_riko", "takimoto_hifumi"]
-
-
-async def run_cli(env: dict[str, str], *args: str, timeout: float = 300) -> tuple[int, str, str]:
-    """Runs `waifu ARGS` as a real process without blocking the fake's event loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "waifu.cli",
-        *args,
-        env={**os.environ, **env},
-        cwd=PROJECT_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    return proc.returncode, out.decode(), err.decode()
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.5)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def posts_by_state() -> dict[str, int]:

@@ -8,7 +8,6 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -19,74 +18,21 @@ from crop.labels import set_manual_label
 from crop.rules import label_for, split_for
 from crop.step import crop_face
 from db.engine import session_scope
-from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, Split
+from db.models import Face, FaceState, LabelSource, PostState, Split
 from detect.step import detect_post
 from scraper.characters import add_characters
-from tests.testdata import data_file, raw_image, raw_names
+from tests.support.pipeline import post_row, run_pipeline, side_by_side, store_post
+from tests.support.testdata import data_file, raw_image, raw_names
 
-# real illustrations (tests/testdata.py), fetched when a test first reads them: detection needs real faces
+# real illustrations (tests/support/testdata.py), fetched when a test first reads them: detection needs real faces
 MAKI = "nishikino_maki/1.png"
 RIKO = "sakurauchi_riko/1.jpg"
-
-
-def store_post(post_id: int, data: bytes, tags: list[str], suffix: str = "png") -> int:
-    """A post as the download step leaves it: file stored by hash, row `downloaded`, linked to `tags`."""
-    settings = get_settings()
-    md5 = hashlib.md5(data).hexdigest()
-    relative = Path("images") / md5[:2] / f"{md5}.{suffix}"
-    (settings.data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-    (settings.data_dir / relative).write_bytes(data)
-    with session_scope() as session:
-        session.add(
-            Post(
-                id=post_id,
-                md5=md5,
-                file_url=f"https://safebooru.org//images/1/{md5}.{suffix}",
-                tags=" ".join(tags),
-                state=PostState.downloaded,
-                stored_path=relative.as_posix(),
-            )
-        )
-        session.flush()
-        for tag in tags:
-            character = session.exec(select(Character).where(Character.tag == tag)).first()
-            if character:
-                session.add(PostCharacter(post_id=post_id, character_id=character.id))
-    return post_id
-
-
-def run_pipeline(post_id: int) -> list[Face]:
-    settings = get_settings()
-    outcome = detect_post(post_id, settings)
-    for face_id in outcome.next_ids:
-        crop_face(face_id, settings)
-    with session_scope() as session:
-        return list(session.exec(select(Face).where(Face.post_id == post_id).order_by(Face.id)).all())
-
-
-def post_row(post_id: int) -> Post:
-    with session_scope() as session:
-        return session.get(Post, post_id)
 
 
 @pytest.fixture
 def chars(service_env) -> list[str]:
     add_characters(["nishikino_maki", "sakurauchi_riko"])
     return ["nishikino_maki", "sakurauchi_riko"]
-
-
-def side_by_side(*names: str) -> bytes:
-    images = [Image.open(raw_image(n)).convert("RGB") for n in names]
-    height = min(im.height for im in images)
-    images = [im.resize((round(im.width * height / im.height), height)) for im in images]
-    canvas = Image.new("RGB", (sum(im.width for im in images), height), "white")
-    x = 0
-    for im in images:
-        canvas.paste(im, (x, 0))
-        x += im.width
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # each character's own picture: the label is the post's one tracked tag, not merely the first tracked one

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import PROJECT_ROOT, wait_until
+from tests.support.env import PROJECT_ROOT
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 AUTH = ("watcher", "s3cret")

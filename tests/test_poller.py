@@ -18,10 +18,10 @@ from db.engine import session_scope
 from db.models import Character, Post, PostCharacter, PostState, ScrapeCursor
 from scraper.characters import add_characters
 from scraper.poller import poll_once, run_forever
-from tests.drawn import drawn_image
-from tests.fake_safebooru import FakePost, FakeSafebooru, publish
-from tests.test_db import queued_ids
-from tests.test_scraper_client import max_in_window
+from tests.support.broker import queued_ids
+from tests.support.drawn import drawn_image
+from tests.support.fake_safebooru import FakePost, FakeSafebooru, publish
+from tests.support.limits import max_in_window
 
 
 @pytest.fixture

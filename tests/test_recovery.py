@@ -29,10 +29,11 @@ from core.settings import get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import Post, PostState
 from scraper.characters import add_characters
-from tests.conftest import PROJECT_ROOT, wait_until
-from tests.fake_safebooru import FakePost, FakeSafebooru
-from tests.test_end_to_end import run_cli, wait_for
-from tests.testdata import raw_image
+from tests.support.cli import run_cli
+from tests.support.env import PROJECT_ROOT
+from tests.support.fake_safebooru import FakePost, FakeSafebooru
+from tests.support.testdata import raw_image
+from tests.support.waiting import wait_for, wait_until
 from worker.steps import STEPS
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Retraining from the database on the real face crops of tests/testdata.py (weights=none, few epochs):
+"""Retraining from the database on the real face crops of tests/support/testdata.py (weights=none, few epochs):
 registry, promotion both ways, the weights fallback recorded on the version, the unknown threshold, lock,
 beat rule, suggestions, `waifu predict` and `waifu report` with the promoted model.
 
@@ -8,80 +8,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from sqlmodel import func, select
+from sqlmodel import select
 
 from core.settings import get_settings, reset_settings_cache
 from db.engine import session_scope
-from db.models import Face, LabelSource, ModelStatus, ModelVersion, Post
-from tests.conftest import PROJECT_ROOT, ready_face
-from tests.testdata import IMAGE_SUFFIXES, crop_counts, crop_dirs, raw_image
+from db.models import Face, LabelSource, ModelStatus, ModelVersion
+from tests.support.env import PROJECT_ROOT
+from tests.support.fixtures import add_faces, short_training
+from tests.support.testdata import crop_counts, raw_image
 from train.step import NotEnoughData, RetrainBusy, retrain_lock, run_retrain, should_retrain
 from worker.tasks import _retrain_outcome
 
 TRAIN_COUNTS, TEST_COUNTS = crop_counts()  # from the registry: 30 and 6 per character
 N_TRAIN, N_TEST = sum(TRAIN_COUNTS.values()), sum(TEST_COUNTS.values())
 WEAK = {"epochs": 1, "cnn_weight": 1.0}  # the CNN alone after one epoch: barely above chance
-
-
-def add_faces(tags: list[str] | None = None, copies: int = 1, limit: int | None = None) -> int:
-    """The real 96x96 crops as ready, tag-labelled faces (resized_for_training -> train, _test -> test),
-    each `copies` times (as new posts); only `tags` if given, at most `limit` files. Returns faces added."""
-    settings = get_settings()
-    added = 0
-    with session_scope() as session:
-        post_id = int(session.exec(select(func.max(Post.id))).one() or 0)
-        for folder, split in zip(crop_dirs(), ("train", "test"), strict=True):
-            for tag_dir in sorted(folder.iterdir()):
-                if tags is not None and tag_dir.name not in tags:
-                    continue
-                for path in sorted(tag_dir.iterdir()):
-                    if path.suffix.lower() not in IMAGE_SUFFIXES:
-                        continue  # e.g. a download under way in the shared cache
-                    if limit is not None and added >= limit:
-                        return added
-                    for _ in range(copies):
-                        post_id += 1
-                        relative = f"faces/{split}/{tag_dir.name}/{post_id}-{path.name}"
-                        (settings.data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copy(path, settings.data_dir / relative)
-                        session.add(
-                            Post(
-                                id=post_id,
-                                md5=f"{post_id:032x}",
-                                file_url="https://safebooru.org//x",
-                                state="done",
-                                faces=1,
-                            )
-                        )
-                        session.flush()
-                        session.add(ready_face(post_id, relative, split, tag_dir.name, LabelSource.tag))
-                        added += 1
-    return added
-
-
-def short_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Short CNN training, weights=none (the default `imagenet` would try a download)."""
-    for key, value in {
-        "WAIFU_TRAIN_EPOCHS": "10",
-        "WAIFU_TRAIN_THREADS": "2",
-        "WAIFU_BACKBONE_WEIGHTS": "none",
-    }.items():
-        monkeypatch.setenv(key, value)
-    reset_settings_cache()
-
-
-@pytest.fixture
-def labelled_db(service_env, monkeypatch: pytest.MonkeyPatch, redis_client) -> list[str]:
-    """Every real crop as a ready, tag-labelled face in its split."""
-    short_training(monkeypatch)
-    assert add_faces() == N_TRAIN + N_TEST
-    return sorted(TRAIN_COUNTS)
 
 
 def doubtful_faces() -> list[str]:

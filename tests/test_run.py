@@ -23,9 +23,9 @@ from sqlmodel import Session, select
 
 from db.engine import engine_for
 from db.models import Post, PostState
-from tests.conftest import PROJECT_ROOT
-from tests.fake_safebooru import FakeSafebooru, load_drawn
-from tests.test_end_to_end import run_cli
+from tests.support.cli import run_cli
+from tests.support.env import PROJECT_ROOT
+from tests.support.fake_safebooru import FakeSafebooru, load_drawn
 
 pytestmark = pytest.mark.slow
 CHILDREN = ("worker-io", "worker-cpu", "worker-train", "beat", "scraper", "web")

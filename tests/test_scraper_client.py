@@ -8,7 +8,8 @@ import pytest
 from core.errors import DeepPagination, Refused
 from core.settings import Settings
 from scraper.client import ApiPost, BooruClient, parse_posts
-from tests.fake_safebooru import FakePost, FakeSafebooru, load_drawn
+from tests.support.fake_safebooru import FakePost, FakeSafebooru, load_drawn
+from tests.support.limits import max_in_window
 
 # pictures drawn with Pillow: the client reads the API, never a face; a different count per tag
 COUNTS = {"nishikino_maki": 4, "sakurauchi_riko": 3, "takimoto_hifumi": 5}
@@ -31,17 +32,6 @@ async def fetch(fake: FakeSafebooru, tags: str, **overrides) -> tuple[list[ApiPo
     async with aiohttp.ClientSession() as http:
         client = BooruClient(http, settings)
         return await client.fetch_posts(tags), client
-
-
-def max_in_window(times: list[float], window: float = 1.0) -> int:
-    """Most requests inside any sliding window of `window` seconds."""
-    times = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 async def test_parses_posts_with_the_apis_quirks(fake: FakeSafebooru) -> None:

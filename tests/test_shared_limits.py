@@ -13,10 +13,10 @@ import sys
 import pytest
 
 from scraper.characters import add_characters
-from tests.conftest import PROJECT_ROOT
-from tests.fake_safebooru import FakePost, FakeSafebooru
-from tests.test_end_to_end import wait_for
-from tests.test_scraper_client import max_in_window
+from tests.support.env import PROJECT_ROOT
+from tests.support.fake_safebooru import FakePost, FakeSafebooru
+from tests.support.limits import max_in_window
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ from db.models import Character, Post, PostCharacter, PostState, ScrapeCursor
 from download.step import download_post
 from scraper.characters import add_characters, list_characters
 from scraper.poller import poll_once
-from tests.drawn import drawn_image
-from tests.fake_safebooru import FakePost, FakeSafebooru
-from tests.test_end_to_end import run_cli
+from tests.support.cli import run_cli
+from tests.support.drawn import drawn_image
+from tests.support.fake_safebooru import FakePost, FakeSafebooru
 
 KEY = ("s3cret-key", "4242")
 

@@ -1,4 +1,4 @@
-"""tests/testdata.py over real HTTP: a local server stands in for the upstream, an empty cache dir for a fresh
+"""tests/support/testdata.py over real HTTP: a local server stands in for the upstream, an empty cache dir for a fresh
 clone. The mechanism is exercised on files drawn here (with their own registry), so this module needs neither
 the real set nor the network; the committed registry itself is checked at the end."""
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import testdata
-from tests.conftest import PROJECT_ROOT
-from tests.drawn import drawn_image
-from tests.testdata import ImagesUnavailable
+from tests.support import testdata
+from tests.support.drawn import drawn_image
+from tests.support.env import PROJECT_ROOT
+from tests.support.testdata import ImagesUnavailable
 
 # upstream names, one with the space upstream has in "raw (unrecognized)", and 2 before 10 as a person counts
 FILES = {
@@ -162,7 +162,7 @@ def test_what_a_test_sees_without_images(tmp_path: Path) -> None:
     """The committed registry, no copy, no server: a test needing images fails with the one line alone, a test
     that needs none passes (nothing is fetched on import)."""
     (tmp_path / "test_inner.py").write_text(
-        "from tests.testdata import raw_image\n\n"
+        "from tests.support.testdata import raw_image\n\n"
         "def test_needs_images():\n    raw_image('nishikino_maki/1.png')\n\n"
         "def test_needs_none():\n    assert True\n"
     )

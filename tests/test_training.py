@@ -1,4 +1,4 @@
-"""Training on the real 96x96 face crops of the test set (tests/testdata.py) with weights=none: the ensemble's
+"""Training on the real 96x96 face crops of the test set (tests/support/testdata.py) with weights=none: the ensemble's
 metrics, its parts, the unknown threshold, artifacts and reloading, the CNN's time-budget plan, the weights
 setting (a local file, the cache, and the fallback when they cannot be had).
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.testdata import crop_counts, crop_dirs
+from tests.support.testdata import crop_counts, crop_dirs
 from train.features import FeatureConfig, extract
 from train.model import (
     UNKNOWN,

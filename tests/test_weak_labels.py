@@ -1,4 +1,4 @@
-"""Weak supervision (train.weak) on SQLite and PostgreSQL, with the real 96x96 crops of tests/testdata.py and a
+"""Weak supervision (train.weak) on SQLite and PostgreSQL, with the real 96x96 crops of tests/support/testdata.py and a
 real model (train.model's classical part, saved and loaded as a retrain does): inferred labels for the faces
 of a post from its tags, doubtful tag labels, and how both show in training data, status and the web page."""
 
@@ -20,8 +20,8 @@ from crop.rules import inferred_pairs
 from db.engine import session_scope
 from db.models import Character, Face, FaceState, LabelSource, ModelStatus, ModelVersion, Post, PostCharacter
 from scraper.characters import add_characters
-from tests.conftest import ready_face
-from tests.testdata import IMAGE_SUFFIXES, crop_dirs
+from tests.support.rows import ready_face
+from tests.support.testdata import IMAGE_SUFFIXES, crop_dirs
 from train.registry import labelled_count, labelled_faces
 from train.step import suggest_for_ambiguous
 from train.weak import DOUBT_MIN_PROBABILITY, INFER_MIN_MARGIN, flag_doubtful_tags, infer_labels

@@ -1,6 +1,6 @@
 """The web page over real HTTP (uvicorn in a thread), on SQLite and PostgreSQL: every route, the label
 actions and undo through crop.labels, images by id, login, CSRF, and every bad input answered with a 4xx
-and a message. Pictures are drawn here (tests/drawn.py); the browser test uses real crops."""
+and a message. Pictures are drawn here (tests/support/drawn.py); the browser test uses real crops."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from db.models import (
     PostState,
 )
 from scraper.characters import add_characters
-from tests.conftest import PROJECT_ROOT
-from tests.drawn import drawn_image
+from tests.support.drawn import drawn_image
+from tests.support.env import PROJECT_ROOT
 from train.registry import labelled_count
 from waifu.web.security import StartRefused, check_bind, is_loopback
 from waifu.web.server import serving_in_thread

@@ -19,9 +19,8 @@ from core.settings import get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import Face, FaceLabelEvent, FaceState, LabelSource, ModelStatus, ModelVersion
 from scraper.characters import add_characters
-from tests.test_faces import run_pipeline, side_by_side, store_post
-from tests.test_retrain import labelled_db  # noqa: F401 - the fixture: real crops as tag-labelled faces
-from tests.testdata import raw_names
+from tests.support.pipeline import run_pipeline, side_by_side, store_post
+from tests.support.testdata import raw_names
 from waifu.web.server import serving_in_thread
 
 pytestmark = pytest.mark.slow
@@ -37,7 +36,7 @@ def faces_of(posts: list[int]) -> list[Face]:
 
 
 @pytest.fixture
-def collection(labelled_db: list[str], monkeypatch: pytest.MonkeyPatch) -> list[int]:  # noqa: F811
+def collection(labelled_db: list[str], monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The 108 real crops (tag-labelled, trainable) plus posts made of real illustrations through the real
     detect and crop steps, each tagged with two tracked characters: every face found there is ambiguous."""
     monkeypatch.setenv("WAIFU_WEB_USER", USER)

@@ -22,9 +22,10 @@ from sqlmodel import select
 
 from db.engine import session_scope
 from db.models import Post, PostState
-from tests.conftest import PROJECT_ROOT
-from tests.fake_safebooru import FakeSafebooru, load_drawn
-from tests.test_end_to_end import run_cli, wait_for
+from tests.support.cli import run_cli
+from tests.support.env import PROJECT_ROOT
+from tests.support.fake_safebooru import FakeSafebooru, load_drawn
+from tests.support.waiting import wait_for
 from waifu.pools import IO_THREADS, WorkerSpec, celery_worker_args, cores, node_name, plan_workers
 
 THREADS = "celery.concurrency.thread:TaskPool"

@@ -1,7 +1,7 @@
 """The one place tests and benchmarks get real anime illustrations and face crops from.
 
 The set is freedomofkeima/transfer-learning-anime on GitHub at a pinned commit; every file has a sha256 in
-tests/testdata_registry.txt. Where the files come from, first match wins:
+tests/support/testdata_registry.txt. Where the files come from, first match wins:
 
 1. `WAIFU_TEST_DATA`: a local copy (the folder holding `transfer-learning-anime/`, or that folder itself,
    with `raw (unrecognized)` stored as `raw_unrecognized_by_lbpcascade`). Files are read in place, each

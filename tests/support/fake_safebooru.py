@@ -1,5 +1,5 @@
 """A local aiohttp server that speaks safebooru's DAPI, with its quirks, serving real image files: the real
-illustrations of the test set (`load_illustrations`, via tests/testdata.py) or pictures drawn with Pillow
+illustrations of the test set (`load_illustrations`, via tests/support/testdata.py) or pictures drawn with Pillow
 (`load_drawn`) where no real face is needed.
 
 Quirks reproduced: JSON answers an empty body (not `[]`) when nothing matches; `file_url` has safebooru's
@@ -348,9 +348,9 @@ def publish(fake: FakeSafebooru, per_tag: dict[str, list[tuple[bytes, str]]], fi
 
 
 def load_illustrations(fake: FakeSafebooru, first_id: int = 5000, limit_per_tag: int | None = None) -> list[FakePost]:
-    """Publish the real illustrations of the test set (tests/testdata.py): one post each. The set holds one
+    """Publish the real illustrations of the test set (tests/support/testdata.py): one post each. The set holds one
     real repost (takimoto_hifumi 3.jpg = 11.jpg)."""
-    from tests.testdata import raw_images
+    from tests.support.testdata import raw_images
 
     per_tag: dict[str, list[tuple[bytes, str]]] = {}
     for tag, path in raw_images():
@@ -364,7 +364,7 @@ def load_drawn(
     fake: FakeSafebooru, counts: dict[str, int], first_id: int = 5000, size: tuple[int, int] = (160, 120)
 ) -> list[FakePost]:
     """Publish `counts[tag]` pictures drawn with Pillow per tag (PNG and JPEG alternating, all distinct)."""
-    from tests.drawn import drawn_image
+    from tests.support.drawn import drawn_image
 
     formats = [("PNG", ".png"), ("JPEG", ".jpg")]
     per_tag = {
