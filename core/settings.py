@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     api_backoff: float = Field(1.0, ge=0, description="First backoff delay in seconds (doubles, jittered)")
     api_backoff_max: float = Field(60.0, ge=0, description="Cap on one backoff or Retry-After wait")
     http_timeout: float = Field(30.0, gt=0, description="Seconds before one HTTP request is abandoned")
+    api_max_page_bytes: int = Field(
+        16 * 1024 * 1024,
+        gt=0,
+        description="Size cap of one API page (bytes, decoded); a larger page is refused and the error recorded "
+        "on the tag",
+    )
     extra_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="More hosts downloads may come from (comma separated)"
     )

@@ -3,7 +3,11 @@ parsing, and the API's quirks.
 
 Quirks handled: an empty body (not `[]`) when nothing matches; malformed or truncated pages; 429 with
 Retry-After; 5xx bursts (jittered exponential backoff, bounded); refusal of deep `pid` values; the list
-wrapped in `{"post": [...]}` (gelbooru); XML when `json=1` is ignored. Every request, retries included,
+wrapped in `{"post": [...]}` (gelbooru); XML when `json=1` is ignored. A page is read up to a size cap.
+
+What comes out of the parser, whatever the page held: posts whose every field fits its column (ids in
+1..2**63-1, no NUL byte nor lone surrogate in text), or unusable entries with a reason; otherwise only
+`Retryable` (a malformed page) or `DeepPagination`. Every request, retries included,
 first takes a slot from the ONE limiter of the process for that site; a second scraper process refuses to
 start (scraper.lock), so no site ever sees more than WAIFU_REQUESTS_PER_SECOND from us.
 """
@@ -22,7 +26,7 @@ from xml.etree import ElementTree
 
 import aiohttp
 from aiolimiter import AsyncLimiter
-from pydantic import BaseModel, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from core.errors import DeepPagination, Refused, Retryable
@@ -35,18 +39,54 @@ log = logging.getLogger("waifu.scraper.client")
 
 DEEP_PAGINATION = re.compile(r"too deep|pull it back", re.IGNORECASE)
 
+# the columns a listed post lands in (db.models.Post): a site's post id is a BIGINT, sizes and score an
+# INTEGER, `change` a BIGINT. Anything else is not a post id / is dropped as unknown.
+MAX_POST_ID = 2**63 - 1
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+OPTIONAL_NUMBERS = {"width": (0, INT32[1]), "height": (0, INT32[1]), "score": INT32, "change": INT64}
+TEXT_FIELDS = ("image", "directory", "rating", "tags", "source", "file_url", "md5")
+DIGITS = re.compile(r"[+-]?[0-9]{1,100}")  # long enough for any id out of range, short for int()
+
+
+def clean_text(value: str) -> str:
+    """Text a database takes: no NUL byte (PostgreSQL refuses them in text) and no lone surrogate (no
+    encoding has them; JSON's `\\ud800` makes one)."""
+    return value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def as_integer(value: object) -> int | None:
+    """An integer as the API may write one (a JSON number or a string of ASCII digits), else None: never
+    a bool, a fraction, a float beyond any id, or Unicode digits."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None  # NaN and infinities are not
+    if isinstance(value, str) and DIGITS.fullmatch(value.strip()):
+        return int(value.strip())
+    return None
+
+
+def _optional_number(value: object, bounds: tuple[int, int]) -> int | None:
+    """Sizes, score and change time only inform: one the API got wrong is unknown, not a lost post."""
+    number = as_integer(value)
+    return number if number is not None and bounds[0] <= number <= bounds[1] else None
+
 
 class ApiPost(BaseModel):
-    """One post as the API describes it; tolerant of strings-for-ints, nulls and missing fields."""
+    """One post as the API describes it; tolerant of strings-for-ints, nulls and missing fields, strict on
+    what makes it a post (an id a site can have, an md5, a file) and on what fits its row."""
 
-    id: int
+    id: int = Field(gt=0, le=MAX_POST_ID)
     md5: str
     file_url: str
     image: str = ""
-    directory: str = ""
+    directory: str = Field("", max_length=255)
     width: int | None = None
     height: int | None = None
-    rating: str = ""
+    rating: str = Field("", max_length=32)
     score: int | None = None
     tags: str = ""
     source: str = ""
@@ -60,13 +100,19 @@ class ApiPost(BaseModel):
         data = dict(data)
         if "md5" not in data:
             data["md5"] = data.get("hash", "")
-        for key in ("image", "directory", "rating", "tags", "source", "file_url", "md5"):
-            if data.get(key) is None:
-                data[key] = ""
-            data[key] = str(data[key])
-        for key in ("width", "height", "score", "change"):
-            if data.get(key) in ("", None):
-                data[key] = None
+        for key in TEXT_FIELDS:
+            value = data.get(key)
+            if value is None:
+                value = ""
+            elif isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise ValueError(f"{key} must be text, got {type(value).__name__}")
+            data[key] = clean_text(str(value))
+        for key, bounds in OPTIONAL_NUMBERS.items():
+            data[key] = _optional_number(data.get(key), bounds)
+        number = as_integer(data.get("id"))
+        if number is None:
+            raise ValueError(f"id must be a whole number, got {clean_text(repr(data.get('id')))[:40]}")
+        data["id"] = number  # its range is checked by the field, with the bound in the reason
         return data
 
     @field_validator("tags")
@@ -101,10 +147,29 @@ def make_limiter(requests_per_second: float) -> AsyncLimiter:
 
 @dataclass(frozen=True)
 class Unusable:
-    """A listed entry that cannot become a post; kept so the refusal is visible on a row."""
+    """A listed entry that cannot become a post; kept so the refusal is visible on a row. `id` is None
+    when the entry has no id a post can have (then only the log tells of it)."""
 
     id: int | None
     reason: str
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page as listed: its posts and its unusable entries, in the API's order each."""
+
+    posts: list[ApiPost]
+    unusable: list[Unusable]
+
+    @property
+    def listed(self) -> int:
+        """Entries listed, usable or not: what says whether the page was full."""
+        return len(self.posts) + len(self.unusable)
+
+    @property
+    def ids(self) -> list[int]:
+        """Every post id the page listed, of posts and of unusable entries that have one."""
+        return [p.id for p in self.posts] + [u.id for u in self.unusable if u.id is not None]
 
 
 XML_RATINGS = {"s": "safe", "g": "general", "q": "questionable", "e": "explicit"}
@@ -117,10 +182,9 @@ def _validation_reason(exc: ValidationError) -> str:
 
 
 def _entry_id(entry: object) -> int | None:
-    try:
-        return int(entry.get("id"))  # type: ignore[union-attr]
-    except (AttributeError, TypeError, ValueError):
-        return None
+    """The post id of an entry that is no post, if it has one a site's post can have."""
+    number = as_integer(entry.get("id")) if isinstance(entry, dict) else None
+    return number if number is not None and 0 < number <= MAX_POST_ID else None
 
 
 def _decode_entries(text: str, what: str) -> list[object]:
@@ -142,15 +206,19 @@ def _decode_entries(text: str, what: str) -> list[object]:
         raise Retryable(
             f"malformed JSON from API ({what}): {exc.msg} at char {exc.pos}; body starts {text[:60]!r}"
         ) from exc
-    if isinstance(data, dict) and "post" in data:  # some Gelbooru versions wrap the list
-        data = data["post"]
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting past the stack
+        raise Retryable(f"malformed JSON from API ({what}): {type(exc).__name__}: {str(exc)[:120]}") from exc
+    if isinstance(data, dict) and ("post" in data or "@attributes" in data):
+        # gelbooru wraps the list, and leaves it out when nothing matches
+        data = data.get("post", [])
     if not isinstance(data, list):
         raise Retryable(f"unexpected JSON from API ({what}): expected a list, got {type(data).__name__}")
     return data
 
 
 def parse_posts(body: bytes, base_url: str, what: str) -> tuple[list[ApiPost], list[Unusable]]:
-    """Parses a page. Returns the posts and, for each unusable entry, its id (if any) and why."""
+    """Parses a page. Returns the posts and, for each unusable entry, its id (if any) and why; every
+    listed entry is one or the other. Raises only Retryable (malformed page) and DeepPagination."""
     text = body.decode("utf-8", errors="replace").strip()
     if not text:
         return [], []  # safebooru's way of saying "no match"
@@ -213,10 +281,28 @@ class BooruClient:
                         what=f"{self.site.name} API, {what}",
                         subject="API page",
                     )
-                    return await resp.read()
+                    return await self._read_capped(resp, what)
             except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 name = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
                 raise Retryable(f"API request failed ({what}): {name}") from exc
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
+        """The body, refused past WAIFU_API_MAX_PAGE_BYTES: by its Content-Length before reading, else
+        while reading (decoded bytes, so a compressed bomb stops too). Final for this request: the next
+        poll asks again."""
+        cap = self.settings.api_max_page_bytes
+
+        def refused(size: str) -> Refused:
+            return Refused(f"API page over the size cap ({what}): {size}, cap {cap} bytes (WAIFU_API_MAX_PAGE_BYTES)")
+
+        if resp.content_length is not None and resp.content_length > cap:
+            raise refused(f"Content-Length {resp.content_length}")
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > cap:
+                raise refused(f"more than {cap} bytes")
+        return bytes(body)
 
     def _backoff(self, attempt: int, error: BaseException | None) -> float:
         if isinstance(error, Retryable) and error.retry_after is not None:
@@ -249,16 +335,11 @@ class BooruClient:
         except Retryable as exc:
             raise Refused(f"gave up after {self.settings.api_retries + 1} attempts: {exc}") from exc
 
-    async def fetch_posts(
-        self,
-        tags: str,
-        pid: int = 0,
-        limit: int | None = None,
-        on_request: Callable[[], None] | None = None,
-        on_unusable: Callable[[Unusable], None] | None = None,
-    ) -> list[ApiPost]:
-        """One page of posts; `on_request` is called for every HTTP request made (retries included),
-        `on_unusable` for every listed entry that could not be parsed."""
+    async def fetch_page(
+        self, tags: str, pid: int = 0, limit: int | None = None, on_request: Callable[[], None] | None = None
+    ) -> Page:
+        """One page, usable and unusable entries both; `on_request` is called for every HTTP request made
+        (retries included). Every unusable entry is logged with its reason."""
         limit = limit or self.settings.page_size
         what = f"tags={tags!r} pid={pid}"
         posts, unusable = await self._with_retries(
@@ -269,9 +350,23 @@ class BooruClient:
         )
         for bad in unusable:
             log.warning(kv("unusable post", what=what, post=bad.id, reason=bad.reason))
+        return Page(posts, unusable)
+
+    async def fetch_posts(
+        self,
+        tags: str,
+        pid: int = 0,
+        limit: int | None = None,
+        on_request: Callable[[], None] | None = None,
+        on_unusable: Callable[[Unusable], None] | None = None,
+    ) -> list[ApiPost]:
+        """The usable posts of one page; `on_unusable` is called for every listed entry that could not be
+        parsed."""
+        page = await self.fetch_page(tags, pid, limit, on_request)
+        for bad in page.unusable:
             if on_unusable is not None:
                 on_unusable(bad)
-        return posts
+        return page.posts
 
     async def count(self, tags: str) -> int:
         """Total matches: only the XML answer carries it (`<posts count=...>`)."""

@@ -1,9 +1,14 @@
 """Idempotent upsert of listed posts: one row per (site, remote id), linked to every tracked character of
-that site whose tag it carries."""
+that site whose tag it carries.
+
+An entry the API described too badly to use becomes a `failed` stub (no md5, no URL) with the reason; when
+the same post is listed correctly later (by the same tag, another tag, a backfill), the stub is filled in
+and goes to `discovered` like a new post."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -11,7 +16,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_rand
 
 from core.logs import kv
 from db.engine import is_transient, session_scope
-from db.models import Character, Post, PostCharacter, PostState
+from db.models import Character, Post, PostCharacter, PostState, utcnow
 from db.states import log as transition_log
 from scraper.client import ApiPost, Unusable
 
@@ -30,6 +35,18 @@ def _skip_reason(api: ApiPost, linked: list[Character], original: Post | None) -
         allowed = sorted(set().union(*filters))
         return f"rating {api.rating or 'unknown'!r} filtered (kept: {', '.join(allowed)})"
     return None
+
+
+def is_stub(row: Post) -> bool:
+    """A row made from an unusable listing (record_unusable), waiting for a correct one."""
+    return row.state == PostState.failed and not (row.md5 and row.file_url)
+
+
+def _fill(row: Post, api: ApiPost) -> None:
+    row.md5, row.file_url, row.image, row.directory = api.md5, api.file_url, api.image, api.directory
+    row.width, row.height, row.rating, row.score = api.width, api.height, api.rating, api.score
+    row.tags, row.source, row.change = api.tags, api.source, api.change
+    row.updated_at = utcnow()
 
 
 def upsert_posts(session: Session, site: str, posts: list[ApiPost], characters: list[Character]) -> list[int]:
@@ -64,30 +81,19 @@ def upsert_posts(session: Session, site: str, posts: list[ApiPost], characters: 
     for api in sorted(unique.values(), key=lambda p: p.id):
         linked = [by_tag[t] for t in api.tags.split() if t in by_tag]
         row = existing.get(api.id)
-        if row is None:
+        if row is None or is_stub(row):
+            frm = "new" if row is None else row.state
+            if row is None:
+                row = Post(site=site, remote_id=api.id, md5="", file_url="")
+                session.add(row)
             reason = _skip_reason(api, linked, originals.get(api.md5))
-            row = Post(
-                site=site,
-                remote_id=api.id,
-                md5=api.md5,
-                file_url=api.file_url,
-                image=api.image,
-                directory=api.directory,
-                width=api.width,
-                height=api.height,
-                rating=api.rating,
-                score=api.score,
-                tags=api.tags,
-                source=api.source,
-                change=api.change,
-                state=PostState.skipped if reason else PostState.discovered,
-                reason=reason,
-                duplicate_of=originals[api.md5].id if reason and "duplicate" in reason else None,
-            )
-            session.add(row)
+            _fill(row, api)
+            row.state = PostState.skipped if reason else PostState.discovered
+            row.reason, row.attempts = reason, 0
+            row.duplicate_of = originals[api.md5].id if reason and "duplicate" in reason else None
             session.flush()  # its id: links, logs and later reposts on this page refer to it
             transition_log.info(
-                kv("transition", post=row.id, site=site, remote=api.id, frm="new", to=row.state, reason=reason)
+                kv("transition", post=row.id, site=site, remote=api.id, frm=frm, to=row.state, reason=reason)
             )
             if reason is None:
                 to_download.append(row.id)
@@ -105,12 +111,16 @@ def _worth_another_go(error: BaseException) -> bool:
     return isinstance(error, IntegrityError) or is_transient(error)
 
 
-def store_listed(site: str, posts: list[ApiPost], characters: list[Character]) -> list[int]:
-    """`upsert_posts` in its own transaction, committed; returns the new posts' ids to enqueue.
+def store_listed(
+    site: str, posts: list[ApiPost], characters: list[Character], unusable: Iterable[Unusable] = ()
+) -> list[int]:
+    """A listed page in one transaction, committed: `upsert_posts`, then a stub for each unusable entry
+    that has an id and no row yet. Returns the ids to enqueue (new posts and repaired stubs).
 
     A post carrying two tracked tags is listed by both tags' pollers at the same time: on PostgreSQL both
     may insert it, and the second commit meets the unique (site, remote id) or (post, character). Run
     again, the upsert finds the other's rows and adds only what is missing."""
+    unusable = list(unusable)
     for attempt in Retrying(
         retry=retry_if_exception(_worth_another_go),
         stop=stop_after_attempt(5),
@@ -119,11 +129,13 @@ def store_listed(site: str, posts: list[ApiPost], characters: list[Character]) -
     ):
         with attempt, session_scope() as session:
             new_ids = upsert_posts(session, site, posts, characters)
+            record_unusable(session, site, unusable)
     return new_ids
 
 
 def record_unusable(session: Session, site: str, entries: list[Unusable]) -> None:
-    """A listed entry the API described too badly to use becomes a `failed` row, so status shows it."""
+    """A listed entry the API described too badly to use becomes a `failed` stub, so status shows it; a
+    post that has a row keeps it as it is (a bad listing never spoils a good row)."""
     for entry in entries:
         if (
             entry.id is None

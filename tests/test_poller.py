@@ -297,3 +297,288 @@ async def test_unusable_entries_become_failed_rows(scrape_env, fake: FakeSafeboo
     assert report.new == 1 and queued(redis_client) == [good.id]
     row = rows()[bad.id]
     assert row.state == PostState.failed and "not an md5" in row.reason
+
+
+# ------------------------------------------------------------------ the poller loses nothing ----
+def cursor_of(tag: str, site: str = "safebooru") -> ScrapeCursor:
+    with session_scope() as session:
+        return session.get(ScrapeCursor, (site, tag))
+
+
+async def test_gap_of_pages_with_unusable_entries_loses_nothing(scrape_env, fake: FakeSafebooru, redis_client) -> None:
+    """Three pages of new posts (20 a page): the newest page holds one unusable entry (a bad md5), the
+    next one nothing but unusable entries. A page is full by what it lists, usable or not: the walk goes
+    on to the end, every post becomes a row, and the cursor stands at the newest."""
+    add_characters(["miku"])
+    synced = [new_post(fake, "miku", f"old{i}") for i in range(5)]
+    assert (await poll_once(scrape_env)).new == 5
+    gap = [new_post(fake, "miku", f"gap{i}") for i in range(55)]
+    bad_on_first_page = gap[-7]
+    fake.entry_overrides[bad_on_first_page.id] = {"hash": "not-an-md5"}
+    all_bad_page = gap[15:35]  # the second page, newest first: gap[35:15:-1]
+    for post in all_bad_page:
+        fake.entry_overrides[post.id] = {"hash": ""}
+    redis_client.delete("io")
+
+    report = await poll_once(scrape_env)
+    assert report.errors == []
+    by_id = rows()
+    assert set(by_id) == {p.id for p in synced + gap}, "posts of the gap never became rows"
+    unusable = {bad_on_first_page.id, *(p.id for p in all_bad_page)}
+    assert {i for i, row in by_id.items() if row.state == PostState.failed} == unusable
+    assert "not an md5" in by_id[bad_on_first_page.id].reason
+    assert queued(redis_client) == sorted(p.id for p in gap if p.id not in unusable)
+    assert cursor_of("miku").newest_id == gap[-1].id
+    assert report.tags[0].requests == 3  # 20 + 20 + 15: the short page ends the walk
+
+
+async def test_out_of_range_ids_are_refused_and_later_posts_arrive(
+    scrape_env, fake: FakeSafebooru, redis_client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Entries with ids beyond 2**63-1 (what a BIGINT holds), 0 or negative are unusable entries with a
+    reason: no row, the cursor never moves to them, and a post published later still arrives."""
+    add_characters(["rin"])
+    real = [new_post(fake, "rin", f"real{i}") for i in range(10)]
+    for bogus in (2**63, 2**64 + 5, 0, -5):
+        fake.add(FakePost(id=bogus, tags="rin", data=f"bogus{bogus}".encode(), image=f"b{bogus}.jpg"))
+    caplog.set_level(logging.WARNING, logger="waifu.scraper.client")
+
+    report = await poll_once(scrape_env)  # the first sync lists them all: the huge ones first, 0 and -5 last
+    assert report.errors == [] and report.new == 10
+    assert set(rows()) == {p.id for p in real}
+    cursor = cursor_of("rin")
+    assert cursor.newest_id == real[-1].id and cursor.last_error is None
+    refusals = [r.getMessage() for r in caplog.records if "unusable post" in r.getMessage()]
+    assert any("less than or equal to 9223372036854775807" in m for m in refusals), refusals
+    assert any("greater than 0" in m for m in refusals), refusals
+
+    later = new_post(fake, "rin", "later")  # listed under the huge ids, which are refused again
+    report = await poll_once(scrape_env)
+    assert report.errors == [] and report.new == 1
+    assert later.id in rows() and cursor_of("rin").newest_id == later.id
+
+
+def _refuse_inserts(table: str) -> None:
+    """A trigger that makes the database refuse every new row of `table`: an error that is none of ours."""
+    from sqlalchemy import text
+
+    trigger = f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table}"
+    with session_scope() as session:
+        if session.get_bind().dialect.name == "sqlite":
+            session.exec(text(f"{trigger} BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"))
+        else:
+            session.exec(
+                text(
+                    "CREATE OR REPLACE FUNCTION refuse_row() RETURNS trigger AS "
+                    "$$ BEGIN RAISE EXCEPTION 'refused by a test trigger'; END $$ LANGUAGE plpgsql"
+                )
+            )
+            session.exec(text(f"{trigger} FOR EACH ROW EXECUTE FUNCTION refuse_row()"))
+
+
+def _allow_inserts(table: str) -> None:
+    from sqlalchemy import text
+
+    with session_scope() as session:
+        on = "" if session.get_bind().dialect.name == "sqlite" else f" ON {table}"
+        session.exec(text(f"DROP TRIGGER refuse_{table}{on}"))
+
+
+async def test_foreign_exception_is_recorded_logged_and_retried(
+    scrape_env, fake: FakeSafebooru, redis_client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error that is not one of ours inside a tag poll (here the database refusing the rows) reaches
+    the cursor's last_error and the log with its traceback; the other tag goes on, the cursor stays, and
+    the next poll, once the cause is gone, stores everything."""
+    add_characters(["maki", "riko"])
+    riko = new_post(fake, "riko", "riko0")
+    assert (await poll_once(scrape_env)).errors == []
+    maki = [new_post(fake, "maki", f"m{i}") for i in range(3)]
+    maki_cursor, riko_cursor = cursor_of("maki").newest_id, cursor_of("riko").newest_id
+    _refuse_inserts("post")
+    caplog.set_level(logging.INFO, logger="waifu.scraper")
+
+    report = await poll_once(scrape_env)
+    errors = {t.tag: t.error for t in report.tags}
+    assert "refused by a test trigger" in errors["maki"] and errors["riko"] is None
+    cursor = cursor_of("maki")
+    assert cursor.last_error.endswith("refused by a test trigger") and cursor.newest_id == maki_cursor
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR and "poll failed" in r.getMessage()]
+    assert failures and failures[0].exc_info is not None, "logged without its traceback"
+    assert set(rows()) == {riko.id} and cursor_of("riko").newest_id == riko_cursor
+
+    _allow_inserts("post")
+    report = await poll_once(scrape_env)
+    assert report.errors == [] and report.new == 3
+    assert set(rows()) == {riko.id, *(p.id for p in maki)}
+    assert cursor_of("maki").last_error is None and cursor_of("maki").newest_id == maki[-1].id
+
+
+async def test_error_saving_a_cursor_is_reported_not_swallowed(
+    scrape_env, fake: FakeSafebooru, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Even the cursor's own save failing (where last_error cannot be written) reaches the report and the
+    log with its traceback, instead of vanishing inside asyncio.gather."""
+    add_characters(["maki"])
+    new_post(fake, "maki", "a")
+    _refuse_inserts("scrape_cursor")
+    caplog.set_level(logging.INFO, logger="waifu.scraper")
+    report = await poll_once(scrape_env)
+    assert "refused by a test trigger" in report.errors[0]
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info is not None]
+    assert any("refused by a test trigger" in str(r.exc_info[1]) for r in failures)
+
+
+async def test_run_forever_logs_a_failed_pass_and_polls_again(
+    scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole pass failing (the characters cannot be read) is logged with its traceback, and the loop
+    polls again at the next interval: it stores the posts once the table is back."""
+    from sqlalchemy import text
+
+    monkeypatch.setenv("WAIFU_POLL_INTERVAL", "0.2")
+    reset_settings_cache()
+    add_characters(["maki"])
+    post = new_post(fake, "maki", "a")
+    with session_scope() as session:
+        session.exec(text("ALTER TABLE character RENAME TO character_away"))
+    caplog.set_level(logging.INFO, logger="waifu.scraper")
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(run_forever(get_settings(), stop))
+    try:
+        deadline = time.monotonic() + 30
+        while sum("poll pass failed" in r.getMessage() for r in caplog.records) < 2:
+            assert not task.done() and time.monotonic() < deadline, "the failed pass was not logged, or the loop ended"
+            await asyncio.sleep(0.05)
+        failed = next(r for r in caplog.records if "poll pass failed" in r.getMessage())
+        assert failed.levelno == logging.ERROR and failed.exc_info is not None
+        with session_scope() as session:
+            session.exec(text("ALTER TABLE character_away RENAME TO character"))
+        while post.id not in rows():
+            assert not task.done() and time.monotonic() < deadline, "never polled again after the failure"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_unusable_stub_is_repaired_by_a_later_correct_listing(
+    scrape_env, fake: FakeSafebooru, redis_client
+) -> None:
+    """A post first listed unusable is a failed stub (no md5, no URL). Listed correctly later, here by the
+    first sync of another tag, it is filled in, moved to discovered, linked and enqueued."""
+    add_characters(["maki"])
+    post = new_post(fake, "maki riko", "both")
+    fake.entry_overrides[post.id] = {"hash": "zzz", "file_url": None}
+    await poll_once(scrape_env)
+    stub = rows()[post.id]
+    assert stub.state == PostState.failed and stub.md5 == "" and stub.file_url == ""
+    assert queued(redis_client) == []
+
+    fake.entry_overrides.clear()  # the site lists it right from now on
+    add_characters(["riko"])
+    report = await poll_once(scrape_env)
+    assert report.errors == [] and report.new == 1
+    repaired = rows()[post.id]
+    assert repaired.id == stub.id and repaired.state == PostState.discovered and repaired.reason is None
+    assert repaired.md5 == post.md5 and repaired.file_url.endswith(post.image)
+    assert queued(redis_client) == [post.id]
+    with session_scope() as session:
+        linked = session.exec(
+            select(Character.tag)
+            .join(PostCharacter, PostCharacter.character_id == Character.id)
+            .where(PostCharacter.post_id == repaired.id)
+        ).all()
+    assert sorted(linked) == ["maki", "riko"]
+
+
+def test_a_stub_is_repaired_but_a_real_failure_is_not(scrape_env) -> None:
+    """store_listed, the probe's way: the stub comes back to life; a post that failed its download keeps
+    its failure (retry-failed is for that)."""
+    from scraper.client import ApiPost, Unusable
+    from scraper.store import store_listed
+
+    add_characters(["miku"])
+    with session_scope() as session:
+        characters = list(session.exec(select(Character)).all())
+    store_listed("safebooru", [], characters, unusable=[Unusable(1200, "unusable API entry: md5: not an md5")])
+    with session_scope() as session:
+        session.add(
+            Post(
+                remote_id=1300,
+                md5="cd" * 16,
+                file_url="https://safebooru.org//images/1/b.jpg",
+                state="failed",
+                reason="HTTP 404",
+            )
+        )
+
+    def listed(remote_id: int, md5: str) -> ApiPost:
+        return ApiPost.model_validate(
+            {
+                "id": remote_id,
+                "hash": md5,
+                "file_url": f"https://safebooru.org//images/1/{remote_id}.jpg",
+                "tags": "miku",
+            }
+        )
+
+    new_ids = store_listed("safebooru", [listed(1200, "ab" * 16), listed(1300, "cd" * 16)], characters)
+    by_id = rows()
+    assert new_ids == [by_id[1200].id]
+    assert by_id[1200].state == PostState.discovered and by_id[1200].md5 == "ab" * 16
+    assert by_id[1300].state == PostState.failed and by_id[1300].reason == "HTTP 404"
+
+
+async def test_oversize_page_is_refused_and_recorded_on_the_tag(
+    scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WAIFU_API_MAX_PAGE_BYTES", str(1024 * 1024))
+    reset_settings_cache()
+    add_characters(["maki"])
+    post = new_post(fake, "maki", "a")
+    fake.oversize_bytes = 8 * 1024 * 1024
+    fake.api_faults.append("oversize_chunked")
+    report = await poll_once(get_settings())
+    assert "over the size cap" in report.errors[0] and "WAIFU_API_MAX_PAGE_BYTES" in report.errors[0]
+    assert "over the size cap" in cursor_of("maki").last_error
+    assert rows() == {}
+    report = await poll_once(get_settings())  # a sane page at the next poll
+    assert report.errors == [] and set(rows()) == {post.id}
+
+
+@pytest.mark.slow
+async def test_scrape_once_cli_stores_a_gap_with_a_malformed_entry(fake: FakeSafebooru, service_env) -> None:
+    """The probe through the CLI: after a first sync of posts 901..1000, posts 1001..1250 appear, 1200 with
+    a malformed md5 on the newest full page. One `waifu scrape --once` (100 a page) makes every one a row."""
+    from tests.support.cli import run_cli
+
+    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
+    for i in range(901, 1001):
+        fake.add(FakePost(id=i, tags="miku", data=f"post{i}".encode(), image=f"{i}.jpg"))
+    assert (await run_cli(env, "characters", "add", "miku"))[0] == 0
+    code, out, err = await run_cli(env, "scrape", "--once")
+    assert code == 0, out + err
+    assert set(rows()) == set(range(901, 1001))
+
+    for i in range(1001, 1251):
+        fake.add(FakePost(id=i, tags="miku", data=f"post{i}".encode(), image=f"{i}.jpg"))
+    fake.entry_overrides[1200] = {"hash": "not-an-md5"}
+    code, out, err = await run_cli(env, "scrape", "--once")
+    assert code == 0, out + err
+    by_id = rows()
+    assert set(by_id) == set(range(901, 1251)), f"{250 - len(set(by_id) - set(range(901, 1001)))} posts lost"
+    assert by_id[1200].state == PostState.failed and "not an md5" in by_id[1200].reason
+    assert sum(row.state == PostState.discovered for row in by_id.values()) == 349
+    assert cursor_of("miku").newest_id == 1250
+
+
+async def test_nul_bytes_in_a_listing_are_stored_without_them(scrape_env, fake: FakeSafebooru) -> None:
+    """PostgreSQL's text refuses NUL bytes: a listing carrying them is stored without them, on both databases."""
+    add_characters(["maki"])
+    post = new_post(fake, "maki", "nul")
+    fake.entry_overrides[post.id] = {"tags": " maki\x00 solo ", "source": "http://x/\x00y"}
+    report = await poll_once(scrape_env)
+    assert report.errors == [] and report.new == 1
+    row = rows()[post.id]
+    assert (row.tags, row.source, row.state) == ("maki solo", "http://x/y", PostState.discovered)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import aiohttp
 import pytest
 
@@ -130,8 +133,6 @@ def test_xml_page_is_read_when_json_is_ignored() -> None:
 
 
 async def test_one_limiter_keeps_every_window_under_the_rate(fake: FakeSafebooru) -> None:
-    import asyncio
-
     for i in range(3):
         fake.add(FakePost(id=100 + i, tags=f"tag_{i}", data=b"x" * (i + 1), image=f"{i}.jpg"))
     settings = settings_for(fake, requests_per_second=4)
@@ -142,3 +143,68 @@ async def test_one_limiter_keeps_every_window_under_the_rate(fake: FakeSafebooru
     assert len(times) == 14
     assert max_in_window(times) <= 4
     assert times[-1] - times[0] >= (14 - 1) / 4 * 0.95
+
+
+@pytest.mark.parametrize("fault", ["oversize", "oversize_chunked"])
+async def test_oversize_page_is_refused_without_reading_it_whole(fake: FakeSafebooru, fault: str) -> None:
+    """A page over WAIFU_API_MAX_PAGE_BYTES is refused: at once by its Content-Length, or while it is read
+    in pieces when no length is announced. Not retried (the next poll asks again), and the client stops
+    reading: the fake could not send most of its 64 MiB (a client reading it whole takes every byte)."""
+    fake.oversize_bytes = 64 * 1024 * 1024
+    fake.api_faults.append(fault)
+    with pytest.raises(Refused, match=r"API page over the size cap .*cap 1048576 bytes \(WAIFU_API_MAX_PAGE_BYTES\)"):
+        await fetch(fake, "nishikino_maki", api_max_page_bytes=1024 * 1024)
+    assert len(fake.api_requests()) == 1
+    for _ in range(100):  # the fake's handler notices the hang-up a moment later
+        if fake.oversize_sent:
+            break
+        await asyncio.sleep(0.05)
+    assert fake.oversize_sent and fake.oversize_sent[0] < fake.oversize_bytes // 2, fake.oversize_sent
+
+
+async def test_page_under_the_cap_is_read(fake: FakeSafebooru) -> None:
+    load_drawn(fake, {"nishikino_maki": 2})
+    posts, _ = await fetch(fake, "nishikino_maki", api_max_page_bytes=64 * 1024)
+    assert len(posts) == 2
+
+
+def test_text_fields_lose_nul_bytes_and_lone_surrogates() -> None:
+    """PostgreSQL's text refuses NUL (psycopg: 'PostgreSQL text fields cannot contain NUL'), and no codec
+    writes a lone surrogate: both are cleaned when the page is read, the post kept."""
+    body = json.dumps(
+        [{"id": 5, "hash": "c" * 32, "tags": "a\x00b c", "source": "x\ud800y\x00", "file_url": "https://h/\x00i.jpg"}]
+    ).encode()
+    (post,), unusable = parse_posts(body, "https://safebooru.org", "test")
+    assert unusable == []
+    assert (post.tags, post.source, post.file_url) == ("ab c", "x?y", "https://h/i.jpg")
+
+
+def test_post_ids_are_bounded_and_numbers_checked() -> None:
+    """A post id is 1..2**63-1 (a BIGINT); anything else is an unusable entry with a reason and no id.
+    Sizes, score and change that fit no column are unknown (None), and the post is kept."""
+    md5 = "d" * 32
+    entries = [
+        {"id": 2**63, "hash": md5},
+        {"id": 2**63 - 1, "hash": md5},
+        {"id": 0, "hash": md5},
+        {"id": -5, "hash": md5},
+        {"id": True, "hash": md5},
+        {"id": "12a", "hash": md5},
+        {"id": "١٢", "hash": md5},  # Unicode digits int() would take
+        {"id": 1e300, "hash": md5},
+        {"id": "77", "hash": md5, "width": 2**40, "height": -1, "score": "high", "change": 2**70},
+    ]
+    text = json.dumps(entries).replace("1e+300", "1e300")
+    posts, unusable = parse_posts(text.encode(), "https://safebooru.org", "test")
+    assert [p.id for p in posts] == [2**63 - 1, 77]
+    assert (posts[1].width, posts[1].height, posts[1].score, posts[1].change) == (None, None, None, None)
+    assert [u.id for u in unusable] == [None] * 7
+    reasons = [u.reason for u in unusable]
+    assert "less than or equal to 9223372036854775807" in reasons[0] and "greater than 0" in reasons[1]
+    assert all("id" in r for r in reasons), reasons
+
+
+def test_unusable_entry_keeps_its_id_only_when_a_post_can_have_it() -> None:
+    body = json.dumps([{"id": 12, "hash": "nothex"}, {"id": 2**64, "hash": "nothex"}, {"id": "7", "md5": 5}])
+    posts, unusable = parse_posts(body.encode(), "https://safebooru.org", "test")
+    assert posts == [] and [u.id for u in unusable] == [12, None, 7]

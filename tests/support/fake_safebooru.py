@@ -8,6 +8,11 @@ capped at 100; deep `pid` values are refused; metatags `id:>N`, `id:<N`, `-tag`,
 `sort:id:asc` work. Faults can be injected per API request (`api_faults`) and per file (`FakePost.fault`).
 Every request is recorded with its arrival time (`requests`), so tests can check politeness.
 Set `credentials` and `gelbooru_json` and the same server speaks as gelbooru does (a second site).
+
+Broken listings, as a site can send them: `entry_overrides` replaces (or, with `DROP`, removes) fields of
+one post's entry in every page that lists it; `page_hook` sees every API page before it is sent and may
+alter its entries or answer other bytes altogether (the fuzz tests); the `oversize` faults answer a page
+larger than any sane cap. A FakePost may carry any id (0, negative, beyond 2**63-1): it is listed as such.
 """
 
 from __future__ import annotations
@@ -18,12 +23,18 @@ import io
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
 DEEP_PAGINATION_MESSAGE = "Too deep! Pull it back some. Holy fuck."
+# the largest id a site's post can have and still be one (PostgreSQL BIGINT); ids beyond are bogus entries
+MAX_POST_ID = 2**63 - 1
+# in `entry_overrides`: leave this field out of the entry
+DROP = object()
 
 # File faults a FakePost can carry:
 #   "html"          an HTML page served as the image (announced md5 is the page's own)
@@ -84,11 +95,34 @@ class RecordedRequest:
 
 
 @dataclass
+class ServedPage:
+    """What an API request asked and the entries the fake listed for it (before any `page_hook`): JSON
+    fields (`as_json`) or XML attributes."""
+
+    request: RecordedRequest
+    as_json: bool
+    entries: list[dict[str, Any]]
+
+
+# a page hook returns the entries to send (altered or not), or the raw bytes of the whole body
+PageHook = Callable[[ServedPage], "list[dict[str, Any]] | bytes"]
+
+
+@dataclass
 class FakeSafebooru:
     posts: dict[int, FakePost] = field(default_factory=dict)
     requests: list[RecordedRequest] = field(default_factory=list)
-    # each API request pops one fault, if any: "429", "503", "empty", "malformed", "truncated"
+    # each API request pops one fault, if any: "429", "503", "empty", "malformed", "truncated", "none" (no
+    # fault), "oversize" (a body of `oversize_bytes` with its Content-Length), "oversize_chunked" (the same,
+    # chunked, no length announced)
     api_faults: deque[str] = field(default_factory=deque)
+    oversize_bytes: int = 64 * 1024 * 1024
+    # bytes of oversize bodies actually sent before the client hung up (a client that reads past its cap
+    # takes them all)
+    oversize_sent: list[int] = field(default_factory=list)
+    # fields replaced in one post's listed entry, by post id; a value of DROP leaves the field out
+    entry_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
+    page_hook: PageHook | None = None
     retry_after: str = "1"
     max_limit: int = 100
     deep_offset: int = 20000  # pid * limit beyond this is refused, as on the real site
@@ -109,7 +143,8 @@ class FakeSafebooru:
         return post
 
     def next_id(self) -> int:
-        return max(self.posts, default=1000) + 1
+        """The id after the newest real one: bogus entries (id 0, negative, beyond MAX_POST_ID) don't count."""
+        return max((i for i in self.posts if 0 < i <= MAX_POST_ID), default=1000) + 1
 
     def api_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path == "/index.php"]
@@ -139,11 +174,13 @@ class FakeSafebooru:
             await self._runner.cleanup()
 
     # ---------------------------------------------------------------- handlers ----------------
-    def _record(self, request: web.Request) -> None:
-        self.requests.append(RecordedRequest(time.monotonic(), request.path, dict(request.query)))
+    def _record(self, request: web.Request) -> RecordedRequest:
+        recorded = RecordedRequest(time.monotonic(), request.path, dict(request.query))
+        self.requests.append(recorded)
+        return recorded
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
-        self._record(request)
+        recorded = self._record(request)
         q = request.query
         if q.get("page") != "dapi" or q.get("s") != "post" or q.get("q") != "index":
             return web.Response(status=404, text="not found")
@@ -166,25 +203,63 @@ class FakeSafebooru:
                 return web.Response(status=200, text='[{"id": 12, "hash": ', content_type="application/json")
             if fault == "truncated":
                 return await _truncated(request, b'[{"id": 1, "hash": "abc", "tags": "x"}]', "application/json")
+            if fault in ("oversize", "oversize_chunked"):
+                return await self._oversize(request, announce=fault == "oversize")
         limit = min(int(q.get("limit", 100) or 100), self.max_limit)
         pid = int(q.get("pid", 0) or 0)
         if pid * limit > self.deep_offset:
             return web.Response(status=200, text=DEEP_PAGINATION_MESSAGE, content_type="text/html")
         matches = self._search(q.get("tags", ""))
         page = matches[pid * limit : (pid + 1) * limit]
-        if q.get("json") == "1":
-            if not page:
+        as_json = q.get("json") == "1"
+        entries = [self._listed(p, as_json) for p in page]
+        if self.page_hook is not None:
+            altered = self.page_hook(ServedPage(recorded, as_json, entries))
+            if isinstance(altered, bytes):
+                content_type = "application/json" if as_json else "text/xml"
+                return web.Response(status=200, body=altered, content_type=content_type)
+            entries = altered
+        if as_json:
+            if not entries:
                 # the real API answers an empty body, not "[]", when nothing matches
                 return web.Response(status=200, body=b"", content_type="application/json")
-            entries = [self._json(p) for p in page]
             if self.gelbooru_json:  # gelbooru wraps the list and counts the matches
                 body = {"@attributes": {"limit": limit, "offset": pid * limit, "count": len(matches)}, "post": entries}
                 return web.Response(text=json.dumps(body), content_type="application/json")
             return web.Response(text=json.dumps(entries), content_type="application/json")
-        rows = "".join(self._xml(p) for p in page)
-        head = f'<?xml version="1.0" encoding="UTF-8"?><posts count="{len(matches)}" offset="{pid * limit}">'
-        xml = f"{head}{rows}</posts>"
-        return web.Response(text=xml, content_type="text/xml")
+        return web.Response(text=xml_page(entries, len(matches), pid * limit), content_type="text/xml")
+
+    def _listed(self, post: FakePost, as_json: bool) -> dict[str, Any]:
+        """A post's entry as the API lists it, with its `entry_overrides` applied."""
+        entry = self._json(post) if as_json else self._xml_attributes(post)
+        for key, value in self.entry_overrides.get(post.id, {}).items():
+            if value is DROP:
+                entry.pop(key, None)
+            else:
+                entry[key] = value
+        return entry
+
+    async def _oversize(self, request: web.Request, announce: bool) -> web.StreamResponse:
+        """`oversize_bytes` of JSON whitespace before `[]`, sent in 64 KiB pieces; counts what got out."""
+        headers = {"Content-Type": "application/json"}
+        if announce:
+            headers["Content-Length"] = str(self.oversize_bytes)
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        piece, sent = b" " * 65536, 0
+        try:
+            while sent < self.oversize_bytes - 2:
+                chunk = piece[: self.oversize_bytes - 2 - sent]
+                await response.write(chunk)
+                sent += len(chunk)
+            await response.write(b"[]")
+            sent += 2
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the client hung up: what it refused is the point
+        finally:
+            self.oversize_sent.append(sent)
+        return response
 
     def _search(self, tags: str) -> list[FakePost]:
         include, exclude, ascending = [], [], False
@@ -251,8 +326,8 @@ class FakeSafebooru:
             "comment_count": 0,
         }
 
-    def _xml(self, post: FakePost) -> str:
-        attrs = {
+    def _xml_attributes(self, post: FakePost) -> dict[str, Any]:
+        return {
             "id": post.id,
             "md5": post.api_md5(),
             "file_url": self._file_url(post),
@@ -265,7 +340,9 @@ class FakeSafebooru:
             "source": "",
             "status": "active",
         }
-        return "<post " + " ".join(f"{k}={quoteattr(str(v))}" for k, v in attrs.items()) + "/>"
+
+    def _xml(self, post: FakePost) -> str:
+        return xml_entry(self._xml_attributes(post))
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         self._record(request)
@@ -291,6 +368,16 @@ class FakeSafebooru:
             return await _trickle(request, post.data, self.slow_seconds)
         content_type = "text/html" if fault == "html" else "image/jpeg"
         return web.Response(body=post.data, content_type=content_type)
+
+
+def xml_entry(attributes: dict[str, Any]) -> str:
+    return "<post " + " ".join(f"{k}={quoteattr(str(v))}" for k, v in attributes.items()) + "/>"
+
+
+def xml_page(entries: list[dict[str, Any]], count: int, offset: int) -> str:
+    """The XML answer: `<posts count=TOTAL offset=...>` around one `<post .../>` a listed entry."""
+    head = f'<?xml version="1.0" encoding="UTF-8"?><posts count="{count}" offset="{offset}">'
+    return head + "".join(xml_entry(e) for e in entries) + "</posts>"
 
 
 async def _truncated(request: web.Request, body: bytes, content_type: str) -> web.StreamResponse:
