@@ -187,6 +187,12 @@ def _entry_id(entry: object) -> int | None:
     return number if number is not None and 0 < number <= MAX_POST_ID else None
 
 
+def _json_integer(digits: str) -> int | str:
+    """A JSON integer; one too long to be any id stays text, for its entry alone to be refused (Python's
+    int() refuses over 4300 digits, which would fail the whole page)."""
+    return int(digits) if len(digits) <= 100 else digits
+
+
 def _decode_entries(text: str, what: str) -> list[object]:
     """The JSON list of a page; an XML page (a site ignoring json=1) is read too."""
     if text.startswith("<") and "<posts" in text[:300]:
@@ -201,12 +207,12 @@ def _decode_entries(text: str, what: str) -> list[object]:
             entries.append(entry)
         return entries
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_int=_json_integer)
     except json.JSONDecodeError as exc:
         raise Retryable(
             f"malformed JSON from API ({what}): {exc.msg} at char {exc.pos}; body starts {text[:60]!r}"
         ) from exc
-    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting past the stack
+    except RecursionError as exc:  # nesting deeper than the stack
         raise Retryable(f"malformed JSON from API ({what}): {type(exc).__name__}: {str(exc)[:120]}") from exc
     if isinstance(data, dict) and ("post" in data or "@attributes" in data):
         # gelbooru wraps the list, and leaves it out when nothing matches

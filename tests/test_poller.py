@@ -582,3 +582,23 @@ async def test_nul_bytes_in_a_listing_are_stored_without_them(scrape_env, fake: 
     assert report.errors == [] and report.new == 1
     row = rows()[post.id]
     assert (row.tags, row.source, row.state) == ("maki solo", "http://x/y", PostState.discovered)
+
+
+async def test_page_failing_mid_walk_leaves_the_cursor_below_the_gap(
+    scrape_env, fake: FakeSafebooru, redis_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second page of a three-page gap fails past its retries: the newest page stays stored, the cursor
+    stays where it was (below the unstored posts), and the next poll lists the rest (a guard: this held
+    before too)."""
+    monkeypatch.setenv("WAIFU_API_RETRIES", "0")
+    reset_settings_cache()
+    add_characters(["maki"])
+    first = new_post(fake, "maki", "first")
+    await poll_once(get_settings())
+    gap = sorted(new_post(fake, "maki", f"gap{i}").id for i in range(45))
+    fake.api_faults.extend(["none", "503"])
+    report = await poll_once(get_settings())
+    assert "HTTP 503" in report.errors[0]
+    assert set(rows()) == {first.id, *gap[-20:]} and cursor_of("maki").newest_id == first.id
+    report = await poll_once(get_settings())
+    assert report.errors == [] and set(rows()) == {first.id, *gap} and cursor_of("maki").newest_id == gap[-1]
