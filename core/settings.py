@@ -6,6 +6,7 @@ configuration table and used by docker-compose.yml.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -22,8 +23,8 @@ class SiteOverride(BaseModel):
     """What settings may change about a known site: where it is, and the credentials it wants."""
 
     url: str | None = None
-    api_key: str | None = None
-    user_id: str | None = None
+    api_key: SecretStr | None = None  # secrets: repr() and logs show '**********'
+    user_id: SecretStr | None = None
 
 
 class Settings(BaseSettings):
@@ -46,8 +47,8 @@ class Settings(BaseSettings):
 
     # --- sites (Gelbooru-0.2 APIs, see core.sites) ----------------------------------------------
     safebooru_url: str = Field(DEFAULT_SAFEBOORU_URL, description="Base URL of the default site (safebooru)")
-    api_key: str | None = Field(None, description="Gelbooru-0.2 `api_key` for every site without its own")
-    user_id: str | None = Field(None, description="Gelbooru-0.2 `user_id` for every site without its own")
+    api_key: SecretStr | None = Field(None, description="Gelbooru-0.2 `api_key` for every site without its own")
+    user_id: SecretStr | None = Field(None, description="Gelbooru-0.2 `user_id` for every site without its own")
     sites: dict[str, SiteOverride] = Field(
         default_factory=dict,
         description='Per-site overrides as JSON, e.g. {"gelbooru": {"api_key": "...", "user_id": "..."}}',
@@ -77,6 +78,17 @@ class Settings(BaseSettings):
     download_retries: int = Field(4, ge=0, description="Retries of a download on 429/5xx/network errors")
     download_backoff: float = Field(5.0, ge=0, description="First retry delay of a download (doubles)")
     max_redirects: int = Field(5, ge=0, description="Redirect hops followed (each checked against the list)")
+    download_min_rate: float = Field(
+        65536.0,
+        gt=0,
+        description="Slowest average rate in bytes/s a download may keep: one file gets WAIFU_HTTP_TIMEOUT plus its "
+        "announced size (else WAIFU_MAX_DOWNLOAD_BYTES) divided by this rate, then it is abandoned and retried",
+    )
+    local_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1", "localhost"],
+        description="Allowed hosts that may be at a loopback, private or link-local address (a local mirror, the "
+        "fake site of the tests); any other host is refused when its name resolves to one (comma separated)",
+    )
 
     # --- recovery ------------------------------------------------------------------------------
     stuck_after: float = Field(
@@ -149,6 +161,15 @@ class Settings(BaseSettings):
         None, description="Password of the web page's login (also HTTP basic auth); required off loopback"
     )
 
+    web_secure_cookies: bool = Field(
+        False, description="Mark the login cookies `Secure`: the page is reached over HTTPS (e.g. a TLS proxy)"
+    )
+    web_trust_proxy: bool = Field(
+        False,
+        description="Believe a reverse proxy's X-Forwarded-Proto (https makes the cookies Secure) and its last "
+        "X-Forwarded-For address (the client the login throttle counts); only when nothing else reaches the port",
+    )
+
     # --- operations ----------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Log level of every process (read by core.logs at start-up)")
 
@@ -159,11 +180,26 @@ class Settings(BaseSettings):
             return [float(a) for a in value.split(",") if a.strip()]
         return value
 
-    @field_validator("extra_hosts", mode="before")
+    @field_validator("extra_hosts", "local_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _looks_like_a_url(cls, value: str | None) -> str | None:
+        # said here, by name, rather than as SQLAlchemy's "could not parse" later (which quotes the value)
+        if value is not None and not re.match(r"[A-Za-z][A-Za-z0-9+]*://", value):
+            raise ValueError("not a database URL (sqlite:///path or postgresql://user:password@host/db)")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not re.match(r"(redis|rediss|unix)://", value):
+            raise ValueError("not a Redis URL (redis://[:password@]host:port/db, rediss://... or unix://...)")
         return value
 
     @field_validator("safebooru_url")
@@ -187,8 +223,8 @@ class Settings(BaseSettings):
         return configured(
             KNOWN_SITES[name],
             url=url,
-            api_key=override.api_key or self.api_key,
-            user_id=override.user_id or self.user_id,
+            api_key=_secret(override.api_key or self.api_key),
+            user_id=_secret(override.user_id or self.user_id),
         )
 
     @property
@@ -219,6 +255,30 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+
+def settings_problem(exc: Exception) -> str:
+    """One line per bad setting, each naming its variable, from what pydantic(-settings) raised."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    if isinstance(exc, ValidationError):
+        lines = []
+        for error in exc.errors(include_url=False):
+            loc = error.get("loc") or ("?",)
+            name = f"WAIFU_{str(loc[0]).upper()}"
+            where = "".join(f"[{part!r}]" for part in loc[1:])
+            lines.append(f"bad setting {name}{where}: {error.get('msg', 'invalid value')}")
+        return "\n".join(lines)
+    if isinstance(exc, SettingsError):  # a JSON value that is not JSON: the message names the field
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "?"
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        return f"bad setting WAIFU_{field.upper()}: not valid JSON{cause}"
+    return f"bad settings: {exc}"
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 @lru_cache(maxsize=1)

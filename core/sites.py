@@ -7,7 +7,7 @@ URL or give it credentials (`WAIFU_SITES`), and `WAIFU_SAFEBOORU_URL` moves the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 DEFAULT_SITE = "safebooru"
@@ -21,8 +21,9 @@ class Site:
     max_page: int  # posts one API request may return
     needs_credentials: bool  # the API refuses anonymous requests without api_key and user_id
     ratings: tuple[str, ...]  # the site's own rating words (characters' rating filters use them)
-    api_key: str | None = None
-    user_id: str | None = None
+    # credentials: never in repr() (a Site is logged and shown in tracebacks)
+    api_key: str | None = field(default=None, repr=False)
+    user_id: str | None = field(default=None, repr=False)
 
     @property
     def api_host(self) -> str:

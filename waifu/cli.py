@@ -34,14 +34,28 @@ CELERY_APP = "worker.app"
 
 def _ensure_db() -> None:
     """Applies pending migrations, so a fresh SQLite default works without a separate step."""
-    from db.migrate import upgrade
+    from db.migrate import MigrationFailed, upgrade
 
-    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade()
+    try:
+        get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade()
+    except (MigrationFailed, OSError) as exc:  # one line, the URL's password masked; never a traceback
+        err.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @app.callback()
 def main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "") -> None:
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from core.settings import settings_problem
+
+    try:
+        get_settings()  # a bad WAIFU_* value: one line naming it, before any command runs
+    except (ValidationError, SettingsError) as exc:
+        err.print(settings_problem(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     setup_logging(log_level or None)
 
 
@@ -49,10 +63,14 @@ def main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")]
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Alembic revision")] = "head") -> None:
     """Apply Alembic migrations to WAIFU_DATABASE_URL."""
-    from db.migrate import current_revision, upgrade
+    from db.migrate import MigrationFailed, current_revision, upgrade
 
-    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(revision=revision)
+    try:
+        get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(revision=revision)
+    except (MigrationFailed, OSError) as exc:
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     console.print(f"database at revision [bold]{current_revision()}[/bold]")
 
 
@@ -272,6 +290,7 @@ def healthcheck(
     """Exit 0 when the database is migrated and the broker answers (container HEALTHCHECK)."""
     from alembic.script import ScriptDirectory
 
+    from core.redact import mask_url, redact
     from db.migrate import alembic_config, current_revision
     from waifu.runner import broker_reachable
 
@@ -282,9 +301,10 @@ def healthcheck(
         if current_revision() != head:
             problems.append(f"database not at migration head {head}")
     except Exception as exc:  # any failure to reach the database is the answer
-        problems.append(f"database unreachable: {exc}")
+        first = (str(exc).strip().splitlines() or [""])[0]
+        problems.append(f"database unreachable: {redact(first, [settings.resolved_database_url])}")
     if not broker_reachable(settings.broker_url):
-        problems.append(f"broker unreachable at {settings.broker_url}")
+        problems.append(f"broker unreachable at {mask_url(settings.broker_url)}")
     if http:
         import httpx
 
@@ -293,8 +313,9 @@ def healthcheck(
                 problems.append(f"{http} answers with a server error")
         except httpx.HTTPError as exc:
             problems.append(f"{http} unreachable: {exc}")
-    if problems:
-        err.print("unhealthy: " + "; ".join(problems))
+    if problems:  # docker keeps this output (`docker inspect`): every URL in it is masked
+        text = redact("; ".join(problems), [settings.resolved_database_url, settings.broker_url])
+        err.print("unhealthy: " + text, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print("healthy")
 

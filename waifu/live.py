@@ -21,6 +21,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from core.redact import mask_url
 from core.settings import Settings
 
 RATE_WINDOW = 60.0  # seconds of history a rate is computed over
@@ -231,7 +232,7 @@ class RunView:
         self.console = console
         self.log_path = log_path
         self.children = children
-        self.broker = ("embedded " if embedded_redis else "") + _without_password(settings.broker_url)
+        self.broker = ("embedded " if embedded_redis else "") + mask_url(settings.broker_url)
         self.plain_every = plain_every
         self.rates = RateMeter()
         self.started = time.monotonic()
@@ -293,13 +294,3 @@ class RunView:
         elif final or time.monotonic() - self.last_plain >= self.plain_every:
             self.last_plain = time.monotonic()
             self.console.print(plain_line(snap), markup=False, highlight=False, soft_wrap=True)
-
-
-def _without_password(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url

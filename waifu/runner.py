@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import redis
 
 from core.logs import kv
+from core.redact import mask_url
 from core.settings import Settings
 from waifu.pools import celery_worker_args, node_name, plan_workers
 
@@ -346,20 +347,26 @@ def run_all(settings: Settings, concurrency: int = 0, verbose: bool = False) -> 
 
 
 def _run(settings: Settings, concurrency: int, verbose: bool, output: ChildLog, console: Console) -> int:
-    from db.migrate import upgrade
+    from db.migrate import MigrationFailed, upgrade
     from waifu.live import RunView
 
-    upgrade()
+    try:
+        upgrade()
+    except MigrationFailed as exc:  # its message masks the URL's password
+        log.error(kv("database migration failed", reason=str(exc)))
+        console.print(f"waifu run: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        return 2
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # children's lines reach the log as they happen
     redis_proc = None
     broker = settings.broker_url
     if not broker_reachable(settings.broker_url):
         if not settings.embedded_redis:
-            log.error(kv("broker unreachable", url=settings.broker_url, hint="start Redis or set WAIFU_EMBEDDED_REDIS"))
+            hint = "start Redis or set WAIFU_EMBEDDED_REDIS"
+            log.error(kv("broker unreachable", url=mask_url(settings.broker_url), hint=hint))
             return 2
         redis_proc, broker = start_embedded_redis(settings.data_dir, settings.broker_url)
         env["WAIFU_BROKER_URL"] = broker
-        log.info(kv("embedded redis", url=broker, reason=f"{settings.broker_url} unreachable"))
+        log.info(kv("embedded redis", url=mask_url(broker), reason=f"{mask_url(settings.broker_url)} unreachable"))
 
     supervisor = Supervisor(env=env, output=output)
     commands = child_commands(settings, concurrency)
