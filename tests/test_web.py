@@ -15,7 +15,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 from sqlmodel import select
@@ -27,123 +26,16 @@ from db.models import (
     Face,
     FaceLabelEvent,
     FaceState,
-    LabelSource,
     ModelStatus,
     ModelVersion,
     Post,
-    PostCharacter,
     PostState,
 )
-from scraper.characters import add_characters
-from tests.support.drawn import drawn_image
 from tests.support.env import PROJECT_ROOT
+from tests.support.web import BOX, Web, face, make_collection, store_file
 from train.registry import labelled_count
 from waifu.web.security import StartRefused, check_bind, is_loopback
 from waifu.web.server import serving_in_thread
-
-CHARACTERS = ["nishikino_maki", "sakurauchi_riko", "takimoto_hifumi"]
-BOX = (300, 200, 200, 200)  # x, y, w, h of every face in the drawn illustration (1600x1200)
-
-
-def store_file(relative: str, data: bytes) -> None:
-    path = get_settings().data_dir / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def crop_bytes(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.open(io.BytesIO(drawn_image(seed, (96, 96)))).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def make_collection() -> dict[str, list[int]]:
-    """Posts and ready faces as the pipeline leaves them: 4 ambiguous faces (two with a suggestion) on a
-    post of two characters, 2 tag-labelled, 1 rejected. Returns face ids by kind."""
-    add_characters(CHARACTERS)
-    ids: dict[str, list[int]] = {"ambiguous": [], "tag": [], "rejected": []}
-    with session_scope() as session:
-        chars = {c: i + 1 for i, c in enumerate(CHARACTERS)}
-        for post_id, tags in ((101, CHARACTERS[:2]), (102, CHARACTERS[:1]), (103, CHARACTERS[2:])):
-            data = drawn_image(post_id, (1600, 1200) if post_id == 101 else (320, 240))
-            relative = f"images/{post_id}.png"
-            store_file(relative, data)
-            session.add(
-                Post(
-                    id=post_id,
-                    md5=f"{post_id:032x}",
-                    file_url="https://safebooru.org//x",
-                    state="done",
-                    stored_path=relative,
-                    tags=" ".join(tags),
-                    faces=4 if post_id == 101 else 1,
-                )
-            )
-            session.flush()
-            for tag in tags:
-                session.add(PostCharacter(post_id=post_id, character_id=chars[tag]))
-        plan = [
-            (101, "ambiguous", None, "nishikino_maki", 0.91),
-            (101, "ambiguous", None, "sakurauchi_riko", 0.42),
-            (101, "ambiguous", None, None, None),
-            (101, "ambiguous", None, None, None),
-            (102, "tag", "nishikino_maki", None, None),
-            (103, "tag", "takimoto_hifumi", None, None),
-            (102, "rejected", None, None, None),
-        ]
-        for n, (post_id, kind, label, suggestion, score) in enumerate(plan):
-            relative = f"faces/{n:02d}.png"
-            store_file(relative, crop_bytes(n))
-            x, y, w, h = BOX
-            face = Face(
-                post_id=post_id,
-                detector="animeface",
-                x=x,
-                y=y,
-                w=w,
-                h=h,
-                crop_left=x,
-                crop_top=y,
-                crop_right=x + w,
-                crop_bottom=y + h,
-                path=relative,
-                state=FaceState.rejected if kind == "rejected" else FaceState.ready,
-                label=label,
-                label_source=LabelSource.manual if kind == "rejected" else kind,
-                split="test" if n == 4 else "train",
-                suggestion=suggestion,
-                suggestion_score=score,
-            )
-            session.add(face)
-            session.flush()
-            ids[kind].append(face.id)
-    return ids
-
-
-def face(face_id: int) -> Face:
-    with session_scope() as session:
-        return session.get(Face, face_id)
-
-
-class Web:
-    """An HTTP client of the served application that knows its CSRF token."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.client = httpx.Client(base_url=base, headers={"accept": "text/html"}, timeout=30)
-
-    @property
-    def csrf(self) -> str:
-        if "waifu_csrf" not in self.client.cookies:
-            self.client.get("/static/waifu.css")
-        return self.client.cookies["waifu_csrf"]
-
-    def get(self, url: str, **kw) -> httpx.Response:
-        return self.client.get(url, **kw)
-
-    def post(self, url: str, data: dict | None = None, json_answer: bool = True, **kw) -> httpx.Response:
-        headers = {"accept": "application/json"} if json_answer else {}
-        return self.client.post(url, data={"csrf_token": self.csrf, **(data or {})}, headers=headers, **kw)
 
 
 @pytest.fixture
@@ -444,6 +336,15 @@ BAD_GETS = [
     ("/models/1/waifu.db", 404, "no picture 'waifu.db'; there are training_curves.png, confusion_matrix.png"),
     ("/models/1/..%2F..%2Fwaifu.db", 404, "Not Found"),
     ("/no/such/page", 404, "Not Found"),
+    # Unicode digits: str.isdigit() takes them, int() does not (security review row 10: these were 500s)
+    ("/faces?post=%C2%B2", 400, "post must be a positive whole number, not '²'"),
+    ("/faces?size=%C2%B2", 400, "size must be a positive whole number"),
+    ("/faces?after=%E2%91%A0", 400, "after must be a positive whole number, not '①'"),
+    ("/faces?before=%D9%A1", 400, "before must be a positive whole number"),  # Arabic-Indic 1
+    ("/faces/%C2%B2/crop.png", 404, "face id must be a positive whole number"),
+    ("/faces/%C2%B2/source.png", 404, "face id must be a positive whole number"),
+    ("/models/%C2%B2/training_curves.png", 404, "model version must be a positive whole number"),
+    ("/faces?post=" + "0" * 30 + "1", 400, "post must be a positive whole number"),  # length bound
 ]
 
 
@@ -462,6 +363,7 @@ def test_bad_form_values_get_a_4xx_with_a_message(web: Web, faces) -> None:
         ({"action": "reject", "ids": ""}, 400, "no face selected"),
         ({"action": "reject", "ids": "1,two"}, 400, "face id must be a positive whole number, not 'two'"),
         ({"action": "reject", "ids": str(2**80)}, 400, "face id must be a positive whole number"),
+        ({"action": "reject", "ids": "²"}, 400, "face id must be a positive whole number, not '²'"),
         ({"action": "reject", "ids": ",".join(map(str, range(1, 1502)))}, 400, "1501 faces selected: at most 1000"),
         ({"action": "reject", "ids": "1," * 12_000}, 400, "too many face ids"),
         ({"action": "reject", "ids": f"{a1},999999"}, 404, "no face with id 999999"),
@@ -535,7 +437,7 @@ def test_every_post_without_the_csrf_token_is_refused(web: Web, faces) -> None:
 @pytest.fixture
 def with_login(service_env, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("WAIFU_WEB_USER", "curator")
-    monkeypatch.setenv("WAIFU_WEB_PASSWORD", "s3cret-pass")
+    monkeypatch.setenv("WAIFU_WEB_PASSWORD", "s3cret-pass-phrase")
     reset_settings_cache()
     yield
     reset_settings_cache()
@@ -553,7 +455,7 @@ def test_login_is_required_when_credentials_are_set(with_login, web: Web, faces)
     assert "waifu_session" not in web.client.cookies
     escape = web.post(
         "/login",
-        {"username": "curator", "password": "s3cret-pass", "next": "//evil.example/x"},
+        {"username": "curator", "password": "s3cret-pass-phrase", "next": "//evil.example/x"},
         json_answer=False,
         follow_redirects=False,
     )
@@ -562,7 +464,7 @@ def test_login_is_required_when_credentials_are_set(with_login, web: Web, faces)
 
     web.post("/logout", json_answer=False)
     assert web.get("/faces", follow_redirects=False).status_code == 303
-    basic = base64.b64encode(b"curator:s3cret-pass").decode()
+    basic = base64.b64encode(b"curator:s3cret-pass-phrase").decode()
     assert web.get("/faces", headers={"authorization": f"Basic {basic}"}).status_code == 200
     bad = base64.b64encode(b"curator:nope").decode()
     assert web.get("/faces", headers={"authorization": f"Basic {bad}", "accept": "*/*"}).status_code == 401
@@ -602,7 +504,7 @@ def test_refuses_to_start_off_loopback_without_credentials(service_env, monkeypa
     )
     assert half.returncode == 2 and "set both WAIFU_WEB_USER and WAIFU_WEB_PASSWORD" in half.stderr
     monkeypatch.setenv("WAIFU_WEB_USER", "curator")
-    monkeypatch.setenv("WAIFU_WEB_PASSWORD", "s3cret-pass")
+    monkeypatch.setenv("WAIFU_WEB_PASSWORD", "s3cret-pass-phrase")
     reset_settings_cache()
     check_bind("0.0.0.0", get_settings())  # with credentials: allowed
 

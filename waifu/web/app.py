@@ -19,7 +19,9 @@ from starlette.staticfiles import StaticFiles
 from core.settings import Settings, get_settings
 from waifu.web import collection_page, faces_page, models_page
 from waifu.web.rendering import error_page, render
-from waifu.web.security import SESSION_COOKIE, Guard, Login, local_target
+from waifu.web.security import SESSION_COOKIE, SESSION_SECONDS, Guard, Login, local_target
+from waifu.web.shield import Shield
+from waifu.web.throttle import Throttled
 
 HERE = Path(__file__).parent
 
@@ -37,10 +39,24 @@ async def login_submit(request: Request) -> Response:
     target = local_target(str(form.get("next") or "/"))
     if not login.required:
         return RedirectResponse(target, status_code=303)
-    if not login.matches(str(form.get("username") or ""), str(form.get("password") or "")):
+    try:
+        ok = login.attempt(request, str(form.get("username") or ""), str(form.get("password") or ""), "login form")
+    except Throttled as exc:
+        response = render(request, "login.html", status_code=429, next=target, error=str(exc))
+        response.headers["Retry-After"] = str(max(1, round(exc.wait)))
+        return response
+    if not ok:
         return render(request, "login.html", status_code=401, next=target, error="wrong user name or password")
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(SESSION_COOKIE, login.open_session(), httponly=True, samesite="strict", path="/")
+    response.set_cookie(
+        SESSION_COOKIE,
+        login.open_session(),
+        max_age=SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
+        path="/",
+        secure=login.secure(request),
+    )
     return response
 
 
@@ -53,6 +69,13 @@ async def logout(request: Request) -> Response:
 
 async def home(_request: Request) -> Response:
     return RedirectResponse("/faces", status_code=303)
+
+
+class WebApp(Starlette):
+    """Starlette with waifu.web.shield around everything, its error handling included."""
+
+    def build_middleware_stack(self):
+        return Shield(super().build_middleware_stack())
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -68,7 +91,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     login = Login.from_settings(settings)
-    app = Starlette(
+    app = WebApp(
         routes=routes,
         exception_handlers={HTTPException: error_page, Exception: error_page},
         middleware=[Middleware(Guard, login=login)],

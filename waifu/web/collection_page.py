@@ -12,7 +12,7 @@ from core.sites import DEFAULT_SITE, KNOWN_SITES
 from scraper.characters import add_characters, list_characters, remove_characters
 from waifu.status import collect_status
 from waifu.web.pictures import growth_chart
-from waifu.web.rendering import done, refuse, render
+from waifu.web.rendering import done, refuse, render, same_site_only
 
 MAX_TAGS_TEXT = 2000
 
@@ -32,6 +32,7 @@ async def collection(request: Request) -> Response:
 
 
 def growth(request: Request) -> Response:
+    same_site_only(request)
     try:
         data = growth_chart(request.app.state.settings)
     except ImportError as exc:  # matplotlib comes with the `train` extra

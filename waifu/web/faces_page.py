@@ -13,7 +13,7 @@ from crop import labels
 from db.engine import session_scope
 from waifu.web.pictures import NotFound, crop_path, source_png
 from waifu.web.queries import COUNT_CAP, SOURCES, STATES, BadInput, face_cards, faces_page, parse_filter, parse_id
-from waifu.web.rendering import done, refuse, render
+from waifu.web.rendering import done, refuse, render, same_site_only
 
 ACTIONS = ("accept", "label", "reject")
 MAX_IDS_TEXT = 20_000  # characters of the `ids` field: far above 1000 ids
@@ -60,11 +60,13 @@ def crop(request: Request) -> Response:
 
 
 def source(request: Request) -> Response:
+    same_site_only(request)
     face_id = _face_id(request)
     settings = request.app.state.settings
     try:
         with session_scope(readonly=True) as session:
-            data = source_png(session, settings, face_id)
+            draw = source_png(session, settings, face_id)
+        data = draw()  # no transaction open while the illustration is decoded
     except NotFound as exc:
         raise refuse(404, str(exc)) from exc
     except Refused as exc:

@@ -12,7 +12,7 @@ from db.engine import session_scope
 from waifu.web.pictures import NotFound, model_picture
 from waifu.web.queries import BadInput, model_versions, parse_id
 from waifu.web.rendering import done, refuse, render
-from waifu.web.retraining import retrain_status, start_retrain
+from waifu.web.retraining import BrokerUnreachable, retrain_status, start_retrain
 
 
 async def models(request: Request) -> Response:
@@ -38,7 +38,10 @@ def picture(request: Request) -> Response:
 
 
 async def retrain(request: Request) -> Response:
-    started, message = await run_in_threadpool(start_retrain)
+    try:
+        started, message = await run_in_threadpool(start_retrain)
+    except BrokerUnreachable as exc:
+        raise refuse(503, str(exc)) from exc
     if not started and "application/json" in request.headers.get("accept", ""):
         raise refuse(409, message)
     return done(request, message, "/models", {"started": started})

@@ -4,6 +4,7 @@ filters and keyset paging, the choices for labelling, the model versions."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,9 +27,10 @@ class BadInput(ValueError):
 
 
 def parse_id(value: str | None, what: str = "id") -> int:
-    """A positive database id from text, or BadInput."""
+    """A positive database id from text, or BadInput. ASCII digits only (`str.isdigit` also takes `²` and
+    `①`, which `int` refuses), at most 19 of them (BIGINT)."""
     text = (value or "").strip()
-    if not text.isdigit() or not 0 < int(text) <= MAX_ID:
+    if not re.fullmatch(r"[0-9]{1,19}", text) or not 0 < int(text) <= MAX_ID:
         raise BadInput(f"{what} must be a positive whole number, not {text[:40]!r}")
     return int(text)
 

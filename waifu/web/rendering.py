@@ -55,6 +55,13 @@ def done(request: Request, message: str, back: str, payload: dict[str, Any] | No
     return response
 
 
+def same_site_only(request: Request) -> None:
+    """For the expensive pictures: another site's page must not make a visitor's browser fire them (the
+    browser says so in Sec-Fetch-Site; older browsers send nothing and are let through)."""
+    if request.headers.get("sec-fetch-site", "").strip().lower() == "cross-site":
+        raise refuse(403, "this picture is served to this site's own pages only (Sec-Fetch-Site: cross-site)")
+
+
 def refuse(status: int, message: str) -> HTTPException:
     """What a route raises for a bad id or form value: rendered by `error_page` with this message."""
     return HTTPException(status, message)

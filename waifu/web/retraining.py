@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
+
 from core.broker import redis_client
 from train.step import retrain_running
 from worker.steps import JOBS
@@ -12,6 +14,17 @@ from worker.steps import JOBS
 LAST_TASK_KEY = "waifu:web:last-retrain"  # the task the page follows, for every visitor and after a reload
 PRESS_LOCK = "waifu:web:retrain-press"  # two presses at once enqueue one task
 WAITING_STATES = ("PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY")
+UNAVAILABLE = "broker unreachable: retrain unavailable"
+
+
+class BrokerUnreachable(RuntimeError):
+    """Redis (the broker and the result backend) does not answer; the page says so and goes on."""
+
+
+def _broker_errors():
+    from kombu.exceptions import OperationalError
+
+    return (redis.RedisError, OperationalError)
 
 
 def _result(task_id: str):
@@ -26,7 +39,15 @@ def last_task_id() -> str | None:
 
 
 def start_retrain() -> tuple[bool, str]:
-    """(started, what to tell the person). Refused while a retrain runs or one from this page waits."""
+    """(started, what to tell the person). Refused while a retrain runs or one from this page waits.
+    Raises BrokerUnreachable when Redis does not answer."""
+    try:
+        return _start_retrain()
+    except _broker_errors() as exc:
+        raise BrokerUnreachable(f"{UNAVAILABLE} ({type(exc).__name__})") from exc
+
+
+def _start_retrain() -> tuple[bool, str]:
     from worker.app import app
 
     client = redis_client()
@@ -43,7 +64,15 @@ def start_retrain() -> tuple[bool, str]:
 
 
 def retrain_status() -> dict[str, Any]:
-    """What the page shows: idle, queued, running (with the epoch), done (version, status) or failed."""
+    """What the page shows: idle, queued, running (with the epoch), done (version, status), failed, or
+    unavailable (the broker does not answer: the rest of the page works without it)."""
+    try:
+        return _retrain_status()
+    except _broker_errors() as exc:
+        return {"phase": "unavailable", "task": None, "reason": f"{UNAVAILABLE} ({type(exc).__name__})"}
+
+
+def _retrain_status() -> dict[str, Any]:
     running = retrain_running()
     task_id = last_task_id()
     if task_id is None:

@@ -1,18 +1,27 @@
 """Who may use the web page, and from where.
 
-- Off loopback the server refuses to start without credentials (`check_bind`).
+- Off loopback the server refuses to start without credentials, or with a password under 12 characters
+  (`check_bind`).
 - With credentials, every page but the login form and the static files needs a session (a random id in an
   HttpOnly cookie, kept in this process's memory: a restart logs everyone out) or HTTP basic auth.
+  Failed passwords are throttled per client and in total (waifu.web.throttle) and logged.
 - Without credentials (loopback only) the Host header must name a loopback address: a web site that
   rebinds its own name to 127.0.0.1 cannot read or drive the page.
-- Every POST must carry the per-session CSRF token of its cookie, as the `csrf_token` form field or the
-  `X-CSRF-Token` header, and a cross-origin `Origin` is refused.
+- Every POST must carry the CSRF token, as the `csrf_token` form field or the `X-CSRF-Token` header, and a
+  cross-origin `Origin` is refused. The token is HMAC(server secret, session id): tied to the session, new
+  at every login, and no one who can plant a cookie can choose it. Before a login (the login form itself,
+  or the open loopback mode) it is bound the same way to a random visitor id in a cookie.
+- Cookies are `Secure` when the page is reached over HTTPS: uvicorn's own TLS, `WAIFU_WEB_SECURE_COOKIES`,
+  or `X-Forwarded-Proto: https` from a proxy trusted by `WAIFU_WEB_TRUST_PROXY`.
+- Body caps, security headers and `Cache-Control` are added by the outermost layer (waifu.web.shield).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import ipaddress
 import secrets
 import time
@@ -24,20 +33,15 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
 from core.settings import Settings
+from waifu.web.throttle import Throttle, Throttled
 
-CSRF_COOKIE = "waifu_csrf"
+VISITOR_COOKIE = "waifu_visitor"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
 SESSION_COOKIE = "waifu_session"
 SESSION_SECONDS = 12 * 3600
+MIN_PASSWORD = 12  # off loopback
 PUBLIC_PREFIXES = ("/static/", "/login")
-# no inline script or style, nothing from elsewhere, never inside another site's frame (keyboard actions)
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-}
 
 
 class StartRefused(RuntimeError):
@@ -65,20 +69,35 @@ def check_bind(host: str, settings: Settings) -> None:
             f"refusing to serve on {host}: not a loopback address and no credentials "
             "(set WAIFU_WEB_USER and WAIFU_WEB_PASSWORD, or use --host 127.0.0.1)"
         )
+    if not is_loopback(host) and len(password) < MIN_PASSWORD:
+        raise StartRefused(
+            f"refusing to serve on {host}: WAIFU_WEB_PASSWORD has {len(password)} characters, "
+            f"off loopback it needs at least {MIN_PASSWORD}"
+        )
 
 
 @dataclass
 class Login:
-    """The configured credentials and the sessions opened with them (in memory)."""
+    """The configured credentials, the sessions opened with them (in memory), the guess throttle and the
+    secret the CSRF tokens are made with."""
 
     user: str = ""
     password: str = ""
     sessions: dict[str, float] = field(default_factory=dict)  # session id -> expiry (monotonic)
+    throttle: Throttle = field(default_factory=Throttle)
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    secure_cookies: bool = False
+    trust_proxy: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Login:
         password = settings.web_password.get_secret_value() if settings.web_password else ""
-        return cls(settings.web_user or "", password)
+        return cls(
+            settings.web_user or "",
+            password,
+            secure_cookies=settings.web_secure_cookies,
+            trust_proxy=settings.web_trust_proxy,
+        )
 
     @property
     def required(self) -> bool:
@@ -90,6 +109,27 @@ class Login:
         ok_password = secrets.compare_digest(password.encode(), self.password.encode())
         return ok_user and ok_password
 
+    def attempt(self, request: Request, user: str, password: str, where: str) -> bool:
+        """A throttled password check; raises Throttled while this client must wait."""
+        client = self.client(request)
+        self.throttle.check(client)
+        if self.matches(user, password):
+            self.throttle.succeeded(client)
+            return True
+        self.throttle.failed(client, where)
+        return False
+
+    def client(self, request: Request) -> str:
+        """The address guesses are counted by: the peer, or the last hop a trusted proxy forwarded."""
+        forwarded = request.headers.get("x-forwarded-for", "") if self.trust_proxy else ""
+        last = forwarded.rsplit(",", 1)[-1].strip()[:64]
+        return last or (request.client.host if request.client else "?")
+
+    def secure(self, request: Request) -> bool:
+        if self.secure_cookies or request.url.scheme == "https":
+            return True
+        return self.trust_proxy and request.headers.get("x-forwarded-proto", "").strip().lower() == "https"
+
     def open_session(self) -> str:
         now = time.monotonic()
         self.sessions = {k: v for k, v in self.sessions.items() if v > now}
@@ -100,23 +140,31 @@ class Login:
     def close_session(self, session_id: str | None) -> None:
         self.sessions.pop(session_id or "", None)
 
-    def allows(self, request: Request) -> bool:
-        if not self.required:
-            return True
-        expiry = self.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
-        if expiry is not None and expiry > time.monotonic():
-            return True
-        return self._basic_auth(request.headers.get("authorization", ""))
+    def session(self, request: Request) -> str | None:
+        """The request's open session id, if any."""
+        session_id = request.cookies.get(SESSION_COOKIE, "")
+        expiry = self.sessions.get(session_id)
+        return session_id if expiry is not None and expiry > time.monotonic() else None
 
-    def _basic_auth(self, header: str) -> bool:
-        scheme, _, encoded = header.partition(" ")
+    def csrf_token(self, binding: str) -> str:
+        digest = hmac.new(self.secret, binding.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def allows(self, request: Request) -> bool:
+        """Raises Throttled for basic auth while this client must wait."""
+        if not self.required or self.session(request):
+            return True
+        return self._basic_auth(request)
+
+    def _basic_auth(self, request: Request) -> bool:
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "basic" or not encoded:
             return False
         try:
             user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
-            return False
-        return self.matches(user, password)
+            user, password = "", ""  # unreadable credentials are a failed guess too
+        return self.attempt(request, user, password, "basic auth")
 
 
 def local_target(target: str | None) -> str:
@@ -127,12 +175,12 @@ def local_target(target: str | None) -> str:
     return target if not parts.scheme and not parts.netloc else "/"
 
 
-def _csrf_token_format(value: str | None) -> bool:
+def _visitor_format(value: str | None) -> bool:
     return bool(value) and 20 <= len(value) <= 100 and value.replace("-", "").replace("_", "").isalnum()
 
 
 class Guard(BaseHTTPMiddleware):
-    """Host check, login, CSRF cookie and CSRF check on every POST, before any route runs."""
+    """Host check, login, the CSRF token and its check on every POST, before any route runs."""
 
     def __init__(self, app, login: Login) -> None:
         super().__init__(app)
@@ -141,18 +189,26 @@ class Guard(BaseHTTPMiddleware):
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         if not self.login.required and not is_loopback(request.url.hostname or ""):
             return PlainTextResponse("this server answers to loopback names only (it has no login)", 400)
-        cookie = request.cookies.get(CSRF_COOKIE)
-        fresh = None if _csrf_token_format(cookie) else secrets.token_urlsafe(32)
-        request.state.csrf = cookie if fresh is None else fresh
-        response = await self._guarded(request, call_next, None if fresh else cookie)
+        visitor = request.cookies.get(VISITOR_COOKIE)
+        fresh = None if _visitor_format(visitor) else secrets.token_urlsafe(32)
+        visitor = visitor if fresh is None else fresh
+        try:
+            response = await self._guarded(request, call_next, visitor)
+        except Throttled as exc:
+            response = PlainTextResponse(str(exc), 429, headers={"Retry-After": str(max(1, round(exc.wait)))})
         if fresh:
-            response.set_cookie(CSRF_COOKIE, fresh, httponly=True, samesite="strict", path="/")
-        response.headers.update(SECURITY_HEADERS)
+            secure = self.login.secure(request)
+            response.set_cookie(VISITOR_COOKIE, fresh, httponly=True, samesite="strict", path="/", secure=secure)
         return response
 
-    async def _guarded(self, request: Request, call_next: RequestResponseEndpoint, cookie: str | None) -> Response:
+    async def _guarded(self, request: Request, call_next: RequestResponseEndpoint, visitor: str) -> Response:
         public = request.url.path.startswith(PUBLIC_PREFIXES)
-        if not public and not self.login.allows(request):
+        allowed = self.login.allows(request) if not public else True
+        session = self.login.session(request)
+        # bound to the session once logged in (a new token at every login), to the visitor before
+        expected = self.login.csrf_token(f"session:{session}" if session else f"visitor:{visitor}")
+        request.state.csrf = expected
+        if not allowed:
             if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
@@ -160,23 +216,23 @@ class Guard(BaseHTTPMiddleware):
                 "log in first (or use HTTP basic auth)", 401, headers={"WWW-Authenticate": 'Basic realm="waifu"'}
             )
         if request.method not in ("GET", "HEAD", "OPTIONS"):
-            refusal = await self._csrf_refusal(request, cookie)
+            refusal = await self._csrf_refusal(request, expected)
             if refusal:
                 return PlainTextResponse(refusal, 403)
         return await call_next(request)
 
     @staticmethod
-    async def _csrf_refusal(request: Request, cookie: str | None) -> str | None:
+    async def _csrf_refusal(request: Request, expected: str) -> str | None:
         origin = request.headers.get("origin")
         if origin and origin != "null":
             parts = urlsplit(origin)
             if parts.netloc != request.headers.get("host", ""):
-                return f"cross-origin request from {origin} refused"
+                return f"cross-origin request from {origin[:200]} refused"
         sent = request.headers.get(CSRF_HEADER)
         if sent is None and request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-            # the body stays readable for the route (Starlette replays it)
+            # the body (capped by waifu.web.shield) stays readable for the route (Starlette replays it)
             values = parse_qs((await request.body()).decode("utf-8", "replace")).get(CSRF_FIELD, [])
             sent = values[0] if values else None
-        if not cookie or not sent or not secrets.compare_digest(cookie.encode(), sent.encode()):
+        if not sent or not secrets.compare_digest(expected.encode(), sent.encode("utf-8", "replace")):
             return "missing or wrong CSRF token: reload the page and try again"
         return None

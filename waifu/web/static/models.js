@@ -26,6 +26,7 @@
     if (s.phase === "done" && !s.version) return `last retrain ${s.status}: ${s.reason}`;
     if (s.phase === "done") return `last retrain: v${s.version} ${s.status}${s.reason ? " (" + s.reason + ")" : ""}`;
     if (s.phase === "failed") return `last retrain failed: ${s.reason}`;
+    if (s.phase === "unavailable") return s.reason;
     return "no retrain running";
   }
 
