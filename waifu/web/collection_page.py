@@ -67,7 +67,7 @@ async def remove(request: Request) -> Response:
         raise refuse(400, f"unknown site {site[:40]!r}")
     removed = await run_in_threadpool(remove_characters, [tag], site)
     if not removed:
-        raise refuse(404, f"not tracked: {tag}")
+        raise refuse(404, f"{tag[:100]!r} is not tracked on {site}: nothing to stop")
     return done(request, f"stopped tracking {tag} (its posts and faces stay)", "/collection")
 
 

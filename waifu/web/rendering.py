@@ -67,9 +67,19 @@ def refuse(status: int, message: str) -> HTTPException:
     return HTTPException(status, message)
 
 
+def plain_words(request: Request, status: int, detail: str | None) -> str:
+    """Starlette's own refusals say only "Not Found" or "Method Not Allowed": a sentence instead."""
+    path = request.url.path[:200]
+    if status == 404 and detail in (None, "Not Found"):
+        return f"there is no page at {path} (see /faces, /collection or /models)"
+    if status == 405 and detail in (None, "Method Not Allowed"):
+        return f"{request.method[:20]} is not accepted at {path}"
+    return detail or "internal error: see the server's log"
+
+
 async def error_page(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
-    detail = getattr(exc, "detail", None) or "internal error: see the server's log"
+    detail = plain_words(request, status, getattr(exc, "detail", None))
     if wants_json(request):
         return JSONResponse({"ok": False, "message": detail}, status_code=status)
     if "text/html" not in request.headers.get("accept", "") or not hasattr(request.state, "csrf"):

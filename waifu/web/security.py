@@ -41,6 +41,7 @@ CSRF_HEADER = "x-csrf-token"
 SESSION_COOKIE = "waifu_session"
 SESSION_SECONDS = 12 * 3600
 MIN_PASSWORD = 12  # off loopback
+MAX_NEXT = 2000  # characters of the page to return to after the login
 PUBLIC_PREFIXES = ("/static/", "/login")
 
 
@@ -211,6 +212,8 @@ class Guard(BaseHTTPMiddleware):
         if not allowed:
             if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                if len(target) > MAX_NEXT:  # a Location header that long is refused by clients: the page alone
+                    target = request.url.path[:MAX_NEXT]
                 return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
             return PlainTextResponse(
                 "log in first (or use HTTP basic auth)", 401, headers={"WWW-Authenticate": 'Basic realm="waifu"'}

@@ -37,9 +37,9 @@ def serve(settings: Settings, host: str, port: int) -> None:
 
 
 @contextmanager
-def serving_in_thread(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """The application served by uvicorn in a thread of this process (tests, benchmarks): yields its base
-    URL, stops it on exit. Port 0 takes a free port."""
+def serving_in_thread(settings: Settings, host: str = "127.0.0.1", port: int = 0, app=None) -> Iterator[str]:
+    """The application (`app`, else one made from `settings`) served by uvicorn in a thread of this process
+    (tests, benchmarks): yields its base URL, stops it on exit. Port 0 takes a free port."""
     import uvicorn
 
     from waifu.web.app import create_app
@@ -50,7 +50,12 @@ def serving_in_thread(settings: Settings, host: str = "127.0.0.1", port: int = 0
         port = probe.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings), host=host, port=port, log_level="warning", server_header=False, proxy_headers=False
+            app or create_app(settings),
+            host=host,
+            port=port,
+            log_level="warning",
+            server_header=False,
+            proxy_headers=False,
         )
     )
     thread = threading.Thread(target=server.run, name="waifu-web", daemon=True)
