@@ -202,6 +202,15 @@ class Settings(BaseSettings):
             raise ValueError("not a Redis URL (redis://[:password@]host:port/db, rediss://... or unix://...)")
         return value
 
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        import logging
+
+        if value.strip().upper() not in logging.getLevelNamesMapping():
+            raise ValueError("not a log level (DEBUG, INFO, WARNING, ERROR or CRITICAL)")
+        return value.strip().upper()
+
     @field_validator("safebooru_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:

@@ -6,6 +6,8 @@ Heavy imports (TensorFlow, OpenCV) never happen at start-up: each command import
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -56,7 +58,10 @@ def main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")]
     except (ValidationError, SettingsError) as exc:
         err.print(settings_problem(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    setup_logging(log_level or None)
+    if log_level and log_level.strip().upper() not in logging.getLevelNamesMapping():
+        err.print(f"bad option --log-level: {log_level[:40]!r} is not DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        raise typer.Exit(2)
+    setup_logging(log_level.strip() or None)
 
 
 # ------------------------------------------------------------------------------- database ----
@@ -271,6 +276,9 @@ def retry_failed_cmd() -> None:
     console.print(f"re-enqueued {count} failed post(s)")
 
 
+MAX_OLDER_THAN = 10 * 365 * 86400  # ten years, in seconds
+
+
 @app.command()
 def reconcile(
     older_than: Annotated[float, typer.Option(help="Seconds (default: WAIFU_STUCK_AFTER)")] = -1,
@@ -278,6 +286,9 @@ def reconcile(
     """Re-enqueue rows stuck in a non-terminal state whose message was lost."""
     from worker.reconcile import reconcile_stuck
 
+    if math.isnan(older_than) or older_than > MAX_OLDER_THAN:  # a date that far back does not exist
+        err.print(f"bad option --older-than: {older_than} is not a number of seconds up to {MAX_OLDER_THAN}")
+        raise typer.Exit(2)
     _ensure_db()
     counts = reconcile_stuck(get_settings(), older_than=None if older_than < 0 else older_than)
     console.print(", ".join(f"{state}: {n} re-enqueued" for state, n in counts.items()))
@@ -311,7 +322,7 @@ def healthcheck(
         try:
             if httpx.get(http, timeout=5).status_code >= 500:  # 401 is fine: auth is on, the server is up
                 problems.append(f"{http} answers with a server error")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             problems.append(f"{http} unreachable: {exc}")
     if problems:  # docker keeps this output (`docker inspect`): every URL in it is masked
         text = redact("; ".join(problems), [settings.resolved_database_url, settings.broker_url])
@@ -419,7 +430,7 @@ def web(
     host: Annotated[
         str, typer.Option(help="Address to listen on (off loopback needs WAIFU_WEB_USER/PASSWORD)")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port (default: WAIFU_WEB_PORT)")] = 0,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (default: WAIFU_WEB_PORT)")] = 0,
 ) -> None:
     """Serve the web page: see, label and clean faces; watch the collection and the models."""
     from waifu.web.security import StartRefused, check_bind
