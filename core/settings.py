@@ -85,9 +85,10 @@ class Settings(BaseSettings):
         "announced size (else WAIFU_MAX_DOWNLOAD_BYTES) divided by this rate, then it is abandoned and retried",
     )
     local_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["127.0.0.1", "::1", "localhost"],
-        description="Allowed hosts that may be at a loopback, private or link-local address (a local mirror, the "
-        "fake site of the tests); any other host is refused when its name resolves to one (comma separated)",
+        default_factory=lambda: ["localhost"],
+        description="Allowed host names that may resolve to a loopback, private or link-local address (a local "
+        "mirror); any other name that does is refused. An address written as a site's host (the fake site's "
+        "127.0.0.1) is taken as written (comma separated)",
     )
 
     # --- recovery ------------------------------------------------------------------------------

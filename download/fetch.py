@@ -4,7 +4,8 @@ cap enforced while streaming, the md5 computed on the way, an overall deadline. 
 
 The allow-list names hosts; what a name resolves to is checked too. Each hop's host is resolved once, any
 loopback, private, link-local or otherwise non-global address is refused (unless the host is in
-WAIFU_LOCAL_HOSTS), and the connection goes to that very address (the URL's name is kept for the Host
+WAIFU_LOCAL_HOSTS, or is itself an address written in the configuration, like the fake site's
+127.0.0.1), and the connection goes to that very address (the URL's name is kept for the Host
 header and for TLS: SNI and the certificate check), so a second DNS answer cannot move it elsewhere
 (DNS rebinding). A redirect from https to http is refused.
 """
@@ -86,7 +87,9 @@ def address_refusal(address: str) -> str | None:
 
 
 def resolve(host: str, port: int, local_hosts: frozenset[str]) -> str:
-    """The address to connect to for `host`: its first address, after every address it has was checked."""
+    """The address to connect to for `host`: its first address, after every address it has was checked.
+    An address written as the host (only configuration puts one on the allow-list) is taken as written:
+    there is no name to rebind."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -94,7 +97,7 @@ def resolve(host: str, port: int, local_hosts: frozenset[str]) -> str:
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not addresses:
         raise Retryable(f"cannot resolve {host!r}: no address")
-    if host not in local_hosts:
+    if host not in local_hosts and not _is_address(host):
         for address in addresses:
             why = address_refusal(address)
             if why:
@@ -102,6 +105,14 @@ def resolve(host: str, port: int, local_hosts: frozenset[str]) -> str:
                     f"host {host!r} resolves to {address}, {why}: refused (only hosts in WAIFU_LOCAL_HOSTS may be)"
                 )
     return addresses[0]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]]:

@@ -158,6 +158,9 @@ FOUND_ARGS = [
     ["healthcheck", "--http", "::"],  # httpx.InvalidURL escaped as a traceback
     ["reconcile", "--older-than", "63931898074.0"],  # OverflowError: a date before year 1
     ["reconcile", "--older-than", "nan"],  # ValueError from timedelta(nan)
+    ["faces", "reject", "9223372036854775808"],  # OverflowError in the SQLite driver
+    ["faces", "label", "9223372036854775808", "x"],
+    ["faces", "undo", "-5"],
 ]
 
 

@@ -132,7 +132,9 @@ def test_an_allowed_name_that_resolves_to_loopback_is_refused_unless_local_on_pu
     with pytest.raises(Refused, match=r"host 'localhost' resolves to (127\.0\.0\.1|::1), a loopback address"):
         resolve("localhost", 80, frozenset({"127.0.0.1"}))
     assert resolve("localhost", 80, frozenset({"localhost"})) in ("127.0.0.1", "::1")
-    assert resolve("127.0.0.1", 80, frozenset({"127.0.0.1"})) == "127.0.0.1"
+    # an address written in the configuration is taken as written (the fake site; no name to rebind)
+    assert resolve("127.0.0.2", 80, frozenset()) == "127.0.0.2"
+    assert resolve("10.1.2.3", 80, frozenset()) == "10.1.2.3"
 
 
 async def test_a_download_from_a_name_at_a_loopback_address_fails_the_row(
@@ -140,13 +142,13 @@ async def test_a_download_from_a_name_at_a_loopback_address_fails_the_row(
 ) -> None:
     """`localhost` is on the allow-list (the site's URL) but not in WAIFU_LOCAL_HOSTS: nothing is fetched."""
     port = fake.base_url.rsplit(":", 1)[1]
-    settings = configure(monkeypatch, safebooru_url=f"http://localhost:{port}", local_hosts="127.0.0.1")
+    settings = configure(monkeypatch, safebooru_url=f"http://localhost:{port}", local_hosts="some.mirror.lan")
     post = load_drawn(fake, {"maki": 1}, size=(64, 64))[0]
     row = await run_download(list_post(fake, post, host="localhost"), settings)
     assert row.state == PostState.failed and row.attempts == 1
     assert "host 'localhost' resolves to" in row.reason and "a loopback address: refused" in row.reason
     assert fake.file_requests() == []
-    # the same, configured as local on purpose (as the default WAIFU_LOCAL_HOSTS does): fetched
+    # the same, configured as local on purpose (the default WAIFU_LOCAL_HOSTS names localhost): fetched
     settings = configure(monkeypatch, local_hosts="localhost")
     other = load_drawn(fake, {"maki": 1}, size=(64, 48), first_id=9000)[0]
     assert (await run_download(list_post(fake, other, host="localhost"), settings)).state == PostState.downloaded

@@ -380,8 +380,12 @@ def report(out: Annotated[Path, typer.Option(help="Directory for the PNGs and in
 
 
 # ---------------------------------------------------------------------------------- faces ----
+# a database id: BIGINT, so a larger number is a usage error rather than an overflow in the driver
+FACE_ID = typer.Argument(min=1, max=2**63 - 1, help="face id (waifu status, the web page)")
+
+
 @faces_app.command("label")
-def faces_label(face_id: int, tag: str) -> None:
+def faces_label(face_id: Annotated[int, FACE_ID], tag: str) -> None:
     """Give a face a character by hand (overrides the automatic label)."""
     from crop.labels import set_manual_label
 
@@ -395,7 +399,7 @@ def faces_label(face_id: int, tag: str) -> None:
 
 
 @faces_app.command("reject")
-def faces_reject(face_id: int) -> None:
+def faces_reject(face_id: Annotated[int, FACE_ID]) -> None:
     """Mark a detection as not a usable face (never trained on)."""
     from crop.labels import set_manual_label
 
@@ -409,7 +413,9 @@ def faces_reject(face_id: int) -> None:
 
 
 @faces_app.command("undo")
-def faces_undo(face_id: Annotated[int | None, typer.Argument(help="only this face's latest change")] = None) -> None:
+def faces_undo(
+    face_id: Annotated[int | None, typer.Argument(min=1, max=2**63 - 1, help="only this face's latest change")] = None,
+) -> None:
     """Undo the latest label/reject/accept (all faces of a bulk action), or FACE_ID's latest change."""
     from crop.labels import undo
 
