@@ -28,7 +28,8 @@ class SiteOverride(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="WAIFU_", env_file=".env", extra="ignore")
+    # a refused value is never repeated in the error: it may be a URL with its password, or a key
+    model_config = SettingsConfigDict(env_prefix="WAIFU_", env_file=".env", extra="ignore", hide_input_in_errors=True)
 
     # --- storage -------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Where images, faces, models and the SQLite file live")
@@ -192,7 +193,9 @@ class Settings(BaseSettings):
     @classmethod
     def _looks_like_a_url(cls, value: str | None) -> str | None:
         # said here, by name, rather than as SQLAlchemy's "could not parse" later (which quotes the value)
-        if value is not None and not re.match(r"[A-Za-z][A-Za-z0-9+]*://", value):
+        if value is None or not value.strip():
+            return None  # empty: the default SQLite file, as before
+        if not re.match(r"[A-Za-z][A-Za-z0-9+]*://", value):
             raise ValueError("not a database URL (sqlite:///path or postgresql://user:password@host/db)")
         return value
 

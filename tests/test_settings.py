@@ -40,3 +40,13 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WAIFU_REQUESTS_PER_SECOND", "0")
     with pytest.raises(ValueError, match="requests_per_second"):
         Settings(_env_file=None)
+
+
+def test_an_empty_database_url_means_the_default_and_a_bad_one_is_named(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WAIFU_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("WAIFU_DATABASE_URL", "")
+    assert Settings(_env_file=None).resolved_database_url == f"sqlite:///{tmp_path.resolve() / 'waifu.db'}"
+    monkeypatch.setenv("WAIFU_DATABASE_URL", "waifu:secret@db/waifu")
+    with pytest.raises(ValueError, match="database_url") as refused:
+        Settings(_env_file=None)
+    assert "secret" not in str(refused.value)  # the value (a password, maybe) is not repeated

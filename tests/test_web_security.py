@@ -373,3 +373,30 @@ def test_picture_cache_keeps_a_byte_budget_and_an_age_limit() -> None:
     cache.get("huge", maker("huge", 11))  # served, never kept
     cache.get("huge", maker("huge", 11))
     assert made.count("huge") == 2
+
+
+async def test_a_body_that_never_finishes_arriving_is_cut_off() -> None:
+    """A body that drips in holds a connection: the shield stops waiting after its time limit (408)."""
+    import asyncio
+
+    from waifu.web.shield import Shield
+
+    reached = []
+
+    async def app(scope, receive, send):  # what is behind the shield must never run
+        reached.append(scope["path"])
+
+    async def dripping_receive():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"a", "more_body": True}
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/login", "headers": [], "query_string": b""}
+    await Shield(app, body_seconds=0.3)(scope, dripping_receive, send)
+    assert reached == []
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+    assert b"did not arrive within" in b"".join(m.get("body", b"") for m in sent[1:])
