@@ -112,7 +112,10 @@ class Post(SQLModel, table=True):
 
 
 class ScrapeCursor(SQLModel, table=True):
-    """How far one tag's polling on one site has got: incremental polls ask only for ids above `newest_id`."""
+    """How far one tag's polling on one site has got. `newest_id`: the newest id stored (a catch-up walks
+    down to it); `oldest_id`: the tag's floor, the oldest post its first sync stored (or, with no backfill,
+    one above the newest post when it started). A listed post between the two that is no row is still
+    taken (scraper.poller)."""
 
     __tablename__ = "scrape_cursor"
 

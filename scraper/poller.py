@@ -1,15 +1,30 @@
 """The poll loop: every tracked tag of every site, incrementally, through one client and limiter a site.
 
-Per tag, a cursor remembers the newest and oldest ids seen. The first sync walks back from the newest
-post page by page with `id:<OLDEST` (never deep `pid` values, which the site refuses) up to
-`backfill_pages`; later polls ask only `id:>NEWEST`, so an idle poll costs one request per tag. Rows are
-committed page by page, and only then are their downloads enqueued.
+Per tag, a cursor remembers the newest id stored (`newest_id`) and the floor of its sync (`oldest_id`: the
+oldest post the first sync stored, or just above the newest post when it started with no backfill). The
+first sync walks back from the newest post page by page with `id:<OLDEST` (never deep `pid` values, which
+the site refuses) up to `backfill_pages`. Later polls (the catch-up) ask for the newest page, with no
+`id:>` filter, and walk down with `id:<LOWEST_LISTED`. Rows are committed page by page, and only then are
+their downloads enqueued.
+
+Why no `id:>NEWEST`: an id is only what the site says. One entry with a bogus id far above the real ones
+(9,000,000,000 among posts near 1,300) is a valid listing, so it is stored and the cursor moves to it; a
+poll asking `id:>9000000000` would then never see a real post again. So an entry is wanted if its id is
+above the cursor, or if it is not a row of this site yet and lies at or above the floor (one query a page,
+only for the ids at or under the cursor; a stub there that the page now lists right is repaired); and the
+walk goes on below a full page while its lowest id is still above the cursor, or while the page held
+entries under the cursor that were no rows yet (the cursor stands ahead of real posts). In normal running
+new ids are all above the cursor, so this costs no extra request. The price: an idle poll is still one
+request per tag, but its answer is a full page of known posts (up to `page_size` entries, one indexed
+query) instead of an empty body.
 
 Nothing listed is lost: a page is full (the walk goes on) by the entries it lists, usable or not; the walk
 pages down from the lowest id listed; an unusable entry with an id is stored as a stub; and the cursor
-moves only over what is stored — a catch-up moves it once the whole gap is, a backfill page by page. A
-poll that fails for any reason (ours, the database's, a bug) leaves the cursor where it was, records the
-error on it and in the log with its traceback, and the next poll lists the rest again.
+moves only over what is stored — a catch-up once its whole walk is, a backfill page by page. A catch-up
+cut short after it went under the cursor leaves the cursor just below the pages it stored, so the next
+poll walks back down to them (the pages it stored hold no new entry to show that the cursor is ahead). A
+poll that fails for any reason (ours, the database's, a bug) records the error on the cursor and in the
+log with its traceback, and the next poll lists the rest again.
 """
 
 from __future__ import annotations
@@ -33,7 +48,7 @@ from db.engine import session_scope
 from db.models import Character, ScrapeCursor, utcnow
 from scraper.client import ApiPost, BooruClient, Page, Unusable
 from scraper.lock import only_scraper
-from scraper.store import store_listed
+from scraper.store import rows_listed, store_listed
 
 log = logging.getLogger("waifu.scraper")
 
@@ -90,9 +105,9 @@ class TagPoller:
         self.query = f"{character.tag} {character.extra_terms}".strip()
         self.report = TagReport(character.tag if self.site == DEFAULT_SITE else f"{self.site}:{character.tag}")
 
-    async def _fetch(self, terms: str, limit: int | None = None) -> Page:
+    async def _fetch(self, terms: str) -> Page:
         return await self.client.fetch_page(
-            f"{self.query} {terms}".strip(), limit=limit or self.page_size, on_request=self._count_request
+            f"{self.query} {terms}".strip(), limit=self.page_size, on_request=self._count_request
         )
 
     def _count_request(self) -> None:
@@ -114,41 +129,83 @@ class TagPoller:
         self.report.new += len(new_ids)
         self.report.seen += len(posts)
 
-    def _walk_on(self, page: Page, stored: list[int], terms: str) -> bool:
-        """Whether a walk goes on below this page: it was full (by what it listed, usable or not) and it
-        listed ids to page down from. A full page of entries without an id leaves nothing to page down
-        from: refused, so the cursor stays below whatever lies beneath it."""
+    def _full(self, page: Page, ids: list[int], terms: str) -> bool:
+        """Whether a walk may go on below this page: it was full (by what it listed, usable or not) and
+        listed ids (`ids`: those in the range asked for) to page down from. A full page of entries without
+        an id leaves nothing to page down from: refused, so the cursor stays below whatever lies beneath it."""
         if page.listed < self.page_size:
             return False
-        if not stored and len(page.ids) < page.listed:
+        if not ids and len(page.ids) < page.listed:
             raise Refused(
                 f"a full page ({terms}) listed no post id to page down from: {page.listed} entries, "
                 f"{page.listed - len(page.ids)} without a usable id"
             )
-        return bool(stored)
+        return bool(ids)
+
+    @staticmethod
+    def _floor(cursor: ScrapeCursor) -> int:
+        """The lowest id this tag takes: a listed post at or above it that is no row yet is wanted, whatever
+        the cursor says; below it lies what the backfill chose not to walk to. A cursor from before floors
+        were kept gets the cursor itself (never a walk back through the tag's whole history)."""
+        if cursor.oldest_id is None:
+            floor = (cursor.newest_id or 0) + 1
+            if cursor.backfill_done:
+                cursor.oldest_id = floor
+            return floor
+        return cursor.oldest_id
+
+    async def _wanted(self, page: Page, ids: list[int], mark: int, floor: int) -> tuple[set[int], bool]:
+        """The ids a catch-up stores: above the cursor (`mark`), or at or above the floor and either no row
+        of this site yet or a stub the page now lists as a usable post (repaired). And whether any lay at or
+        under the cursor with no row at all: the cursor stands ahead of real posts. One query, and only when
+        the page lists ids at or under the cursor."""
+        under = [i for i in ids if floor <= i <= mark]
+        rows = await asyncio.to_thread(rows_listed, self.site, under) if under else {}
+        usable = {p.id for p in page.posts}
+        missing = {i for i in under if i not in rows}
+        repaired = {i for i in under if rows.get(i) and i in usable}
+        return {i for i in ids if i > mark} | missing | repaired, bool(missing)
 
     async def catch_up(self, cursor: ScrapeCursor) -> None:
-        """Everything above the cursor, newest first, paging down from the lowest id listed while pages
-        are full; the cursor moves only once the whole gap is stored."""
-        lower, upper, newest = cursor.newest_id, None, cursor.newest_id
-        while True:
-            terms = f"id:>{lower}" + (f" id:<{upper}" if upper is not None else "")
-            page = await self._fetch(terms)
-            stored = await self._store(page, lambda i, up=upper: i > lower and (up is None or i < up))
-            if stored:
-                newest = max(newest, *stored)
-            if not self._walk_on(page, stored, terms):
-                break
-            upper = min(stored)
+        """The newest page, then down from the lowest id listed while pages are full and either lie above
+        the cursor or held posts under it that were no rows yet; the cursor moves once the whole walk is
+        stored. (The module docstring says why no `id:>NEWEST`.)"""
+        mark, floor = cursor.newest_id, self._floor(cursor)
+        newest, upper = mark, None
+        went_under = False  # stored posts at or under the cursor that had no row: it stands ahead of real posts
+        reached: int | None = None  # the lowest id listed on the pages stored so far
+        try:
+            while True:
+                terms = f"id:<{upper}" if upper is not None else ""
+                page = await self._fetch(terms)
+                ids = [i for i in page.ids if upper is None or i < upper]  # the site may ignore a metatag
+                wanted, under = await self._wanted(page, ids, mark, floor)
+                stored = await self._store(page, wanted.__contains__)
+                newest = max(newest, *stored) if stored else newest
+                went_under = went_under or under
+                if ids:
+                    reached = min(ids)
+                if not self._full(page, ids, terms or "newest") or (min(ids) <= mark and not under):
+                    break
+                upper = min(ids)
+        except BaseException:
+            if went_under and reached is not None:
+                # the stored pages now list nothing new: a cursor left ahead of them would end the next walk
+                # above the entries never fetched. Below the floor nothing is wanted, so never under it.
+                cursor.newest_id = min(mark, max(reached, floor) - 1)
+            raise
         cursor.newest_id = newest
 
     async def backfill(self, cursor: ScrapeCursor) -> None:
         """Walks back from the oldest id seen, up to `backfill_pages` pages, then marks the backfill done.
-        The cursor moves page by page over what each stored."""
+        The cursor moves page by page over what each stored; at the end `oldest_id` is the tag's floor."""
         if self.settings.backfill_pages == 0:
             if cursor.newest_id is None:  # start from "now": remember the newest id, fetch nothing old
-                newest = await self._fetch("", limit=1)
+                newest = await self._fetch("")  # a page, not one entry: the newest may have no usable id
+                if newest.listed and not newest.ids:
+                    raise Refused(f"the newest page listed no post id to start from: {newest.listed} entries")
                 cursor.newest_id = max(newest.ids, default=0)
+                cursor.oldest_id = cursor.newest_id + 1  # the floor: nothing at or under it is taken
             cursor.backfill_done = True
             return
         for _ in range(self.settings.backfill_pages):
@@ -159,11 +216,13 @@ class TagPoller:
             if stored:
                 cursor.oldest_id = min(stored)
                 cursor.newest_id = max(cursor.newest_id or 0, *stored)
-            if not self._walk_on(page, stored, terms or "newest"):
+            if not self._full(page, stored, terms or "newest"):
                 break
         cursor.backfill_done = True
         if cursor.newest_id is None:
             cursor.newest_id = 0  # nothing posted yet: every future post is new
+        if cursor.oldest_id is None:
+            cursor.oldest_id = cursor.newest_id + 1
 
     def _failed(self, cursor: ScrapeCursor, message: str) -> None:
         """The cursor stays where the stored posts are; the next poll lists the rest again."""

@@ -39,7 +39,11 @@ def _skip_reason(api: ApiPost, linked: list[Character], original: Post | None) -
 
 def is_stub(row: Post) -> bool:
     """A row made from an unusable listing (record_unusable), waiting for a correct one."""
-    return row.state == PostState.failed and not (row.md5 and row.file_url)
+    return _stub(row.state, row.md5, row.file_url)
+
+
+def _stub(state: str, md5: str, file_url: str) -> bool:
+    return state == PostState.failed and not (md5 and file_url)
 
 
 def _fill(row: Post, api: ApiPost) -> None:
@@ -105,6 +109,21 @@ def upsert_posts(session: Session, site: str, posts: list[ApiPost], characters: 
     session.add_all(PostCharacter(post_id=row.id, character_id=character.id) for row, character in new_links)
     session.flush()
     return to_download
+
+
+def rows_listed(site: str, remote_ids: Iterable[int]) -> dict[int, bool]:
+    """Which of these post ids of `site` are rows already: remote id -> whether the row is a stub waiting
+    for a correct listing (is_stub)."""
+    wanted = sorted(set(remote_ids))
+    if not wanted:
+        return {}
+    with session_scope(readonly=True) as session:
+        found = session.exec(
+            select(Post.remote_id, Post.state, Post.md5, Post.file_url).where(
+                Post.site == site, col(Post.remote_id).in_(wanted)
+            )
+        )
+        return {remote: _stub(state, md5, url) for remote, state, md5, url in found}
 
 
 def _worth_another_go(error: BaseException) -> bool:

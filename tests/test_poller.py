@@ -78,7 +78,8 @@ async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru
     assert all(r.query.get("pid", "0") == "0" for r in fake.api_requests())
     assert any("id:<" in r.query["tags"] for r in fake.api_requests())
 
-    # the site publishes 5 more posts: the next poll fetches exactly those, asking only above the cursor
+    # the site publishes 5 more posts: the next poll stores exactly those, with one request per tag for
+    # its newest page (no `id:>` filter: a bogus id must not hide later posts), which reaches the cursor
     redis_client.delete("io")
     fresh = [new_post(fake, f"1girl {tags[i % 3]}", f"fresh{i}") for i in range(5)]
     fake.requests.clear()
@@ -86,7 +87,7 @@ async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru
     assert report.new == 5
     assert queued(redis_client) == sorted(p.id for p in fresh)
     assert len(fake.api_requests()) == len(tags)
-    assert all("id:>" in r.query["tags"] for r in fake.api_requests())
+    assert all("id:" not in r.query["tags"] for r in fake.api_requests())
 
     # nothing new: exactly one request per tag, nothing enqueued
     redis_client.delete("io")
@@ -329,7 +330,7 @@ async def test_gap_of_pages_with_unusable_entries_loses_nothing(scrape_env, fake
     assert "not an md5" in by_id[bad_on_first_page.id].reason
     assert queued(redis_client) == sorted(p.id for p in gap if p.id not in unusable)
     assert cursor_of("miku").newest_id == gap[-1].id
-    assert report.tags[0].requests == 3  # 20 + 20 + 15: the short page ends the walk
+    assert report.tags[0].requests == 3  # 20 + 20, then 15 + 5 synced: the page reaching the cursor ends it
 
 
 async def test_out_of_range_ids_are_refused_and_later_posts_arrive(
@@ -602,3 +603,202 @@ async def test_page_failing_mid_walk_leaves_the_cursor_below_the_gap(
     assert set(rows()) == {first.id, *gap[-20:]} and cursor_of("maki").newest_id == first.id
     report = await poll_once(get_settings())
     assert report.errors == [] and set(rows()) == {first.id, *gap} and cursor_of("maki").newest_id == gap[-1]
+
+
+# ------------------------------------------------- a bogus id in range does not hide later posts ----
+BOGUS_ID = 9_000_000_000  # a post id a BIGINT holds, far above any real one: the probe's
+
+
+def add_posts(fake: FakeSafebooru, tags: str, ids) -> list[FakePost]:
+    return [fake.add(FakePost(id=i, tags=tags, data=f"post{tags}{i}".encode(), image=f"{i}.jpg")) for i in ids]
+
+
+async def synced_with_bogus_id(scrape_env, fake: FakeSafebooru, redis_client) -> None:
+    """Posts 1001..1010 and an entry with id 9,000,000,000 (a valid listing: it is stored), synced: the
+    cursor stands at the bogus id, above every real post."""
+    add_characters(["miku"])
+    add_posts(fake, "miku", [*range(1001, 1011), BOGUS_ID])
+    report = await poll_once(scrape_env)
+    assert report.errors == [] and report.new == 11
+    assert cursor_of("miku").newest_id == BOGUS_ID
+    redis_client.delete("io")
+    fake.requests.clear()
+
+
+async def test_post_published_after_a_bogus_id_is_stored(scrape_env, fake: FakeSafebooru, redis_client) -> None:
+    """The probe: a real post 1300 published after the bogus entry is listed under the cursor. It is no
+    row yet and above where the tag's sync reached, so it is wanted: the next poll stores it (before, the
+    poll asked `id:>9000000000` and never saw it). Then an idle poll costs one request and stores nothing."""
+    await synced_with_bogus_id(scrape_env, fake, redis_client)
+    add_posts(fake, "miku", [1300])
+    report = await poll_once(scrape_env)
+    assert report.errors == [] and report.new == 1
+    assert set(rows()) == {*range(1001, 1011), BOGUS_ID, 1300}
+    assert queued(redis_client) == [1300]
+    assert report.tags[0].requests == 1  # a short page: nothing below it to walk to
+
+    redis_client.delete("io")
+    report = await poll_once(scrape_env)
+    assert report.errors == [] and report.new == 0 and report.tags[0].seen == 0
+    assert report.tags[0].requests == 1 and redis_client.llen("io") == 0
+
+
+async def test_burst_published_after_a_bogus_id_is_stored_whole(scrape_env, fake: FakeSafebooru, redis_client) -> None:
+    """More than two pages of real posts (1011..1055, 20 a page) published after the bogus entry: every
+    page lies under the cursor, and each held posts that are no rows yet, so the walk goes on to the page
+    that reaches the synced posts."""
+    await synced_with_bogus_id(scrape_env, fake, redis_client)
+    add_posts(fake, "miku", range(1011, 1056))
+    report = await poll_once(scrape_env)
+    assert report.errors == [] and report.new == 45
+    assert set(rows()) == {*range(1001, 1056), BOGUS_ID}
+    assert queued(redis_client) == list(range(1011, 1056))
+    assert report.tags[0].requests == 3  # [bogus, 1055..1037], [1036..1017], [1016..1001]: short, the end
+
+
+async def test_walk_cut_short_under_a_bogus_cursor_resumes_at_the_next_poll(
+    scrape_env, fake: FakeSafebooru, redis_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same burst, but the second page fails past its retries. The newest page is stored; at the next
+    poll that page lists nothing that is not a row, under a cursor that still stands at the bogus id: a
+    cursor left there would end the walk and lose 1011..1036 for good. The cut walk leaves the cursor just
+    below the pages it stored, so the next poll walks back down to them and on."""
+    monkeypatch.setenv("WAIFU_API_RETRIES", "0")
+    reset_settings_cache()
+    await synced_with_bogus_id(get_settings(), fake, redis_client)
+    add_posts(fake, "miku", range(1011, 1056))
+    fake.api_faults.extend(["none", "503"])
+    report = await poll_once(get_settings())
+    assert "HTTP 503" in report.errors[0]
+    assert set(rows()) == {*range(1001, 1011), *range(1037, 1056), BOGUS_ID}
+    assert cursor_of("miku").newest_id == 1036  # under the stored page: the next poll must walk past it
+
+    redis_client.delete("io")
+    report = await poll_once(get_settings())
+    assert report.errors == [] and report.new == 26
+    assert set(rows()) == {*range(1001, 1056), BOGUS_ID}
+    assert queued(redis_client) == list(range(1011, 1037))
+    assert cursor_of("miku").newest_id == BOGUS_ID and cursor_of("miku").last_error is None
+
+
+async def test_without_backfill_a_bogus_id_hides_nothing_and_old_posts_stay_out(
+    scrape_env, fake: FakeSafebooru, redis_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WAIFU_BACKFILL_PAGES=0: the sync starts from the newest post (1010) and takes nothing older. A bogus
+    entry published later moves the cursor; a real post after it is still stored (it is above where the
+    sync started), while the old posts listed beside it on the same page never become rows."""
+    monkeypatch.setenv("WAIFU_BACKFILL_PAGES", "0")
+    reset_settings_cache()
+    add_characters(["miku"])
+    add_posts(fake, "miku", range(1001, 1011))
+    assert (await poll_once(get_settings())).new == 0
+    add_posts(fake, "miku", [BOGUS_ID])
+    assert (await poll_once(get_settings())).new == 1 and cursor_of("miku").newest_id == BOGUS_ID
+    add_posts(fake, "miku", [1300])
+    report = await poll_once(get_settings())
+    assert report.errors == [] and report.new == 1
+    assert set(rows()) == {BOGUS_ID, 1300}
+
+
+async def test_idle_poll_costs_one_request_per_tag_and_stores_nothing(
+    scrape_env, fake: FakeSafebooru, redis_client
+) -> None:
+    """The catch-up now asks for the newest page itself (no `id:>` filter): with nothing new that is a
+    full page of posts that are rows already, one per tag, and nothing is stored, enqueued or moved — also
+    with a bogus id at the top, and with an entry that has no usable id among them (a guard on the cost of
+    the fix: one more page, or a refusal, per idle poll would fail it)."""
+    tags = ["maki", "riko", "miku"]
+    add_characters(tags)
+    for n, tag in enumerate(tags):
+        add_posts(fake, tag, range(2000 + 100 * n, 2030 + 100 * n))  # 30 each: more than a page of 20
+    add_posts(fake, "miku", [BOGUS_ID])
+    fake.entry_overrides[2225] = {"id": "not-an-id"}  # on miku's newest page, under the bogus id
+    await poll_once(scrape_env)
+    before = {tag: cursor_of(tag).newest_id for tag in tags}
+    count = len(rows())
+    for _ in range(2):
+        redis_client.delete("io")
+        fake.requests.clear()
+        report = await poll_once(scrape_env)
+        assert report.errors == []
+        assert [t.requests for t in report.tags] == [1, 1, 1]
+        assert report.new == 0 and sum(t.seen for t in report.tags) == 0
+        assert all("id:>" not in r.query["tags"] for r in fake.api_requests())
+        assert redis_client.llen("io") == 0 and len(rows()) == count
+        assert {tag: cursor_of(tag).newest_id for tag in tags} == before
+
+
+async def test_without_backfill_the_sync_starts_below_the_newest_post_with_an_id(
+    scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WAIFU_BACKFILL_PAGES=0 and the newest entry has no usable id: the sync starts from the newest post
+    that has one (it reads a page, not one entry), so the floor stands there and no old post is taken;
+    a post published later is."""
+    monkeypatch.setenv("WAIFU_BACKFILL_PAGES", "0")
+    reset_settings_cache()
+    add_characters(["miku"])
+    add_posts(fake, "miku", range(1001, 1011))
+    fake.entry_overrides[1010] = {"id": "x"}
+    report = await poll_once(get_settings())
+    assert report.errors == [] and report.new == 0
+    assert cursor_of("miku").newest_id == 1009
+    add_posts(fake, "miku", [1011])
+    report = await poll_once(get_settings())
+    assert report.errors == [] and set(rows()) == {1011}, "old posts were taken with no backfill"
+
+
+async def test_stub_under_the_cursor_is_repaired_by_the_tags_own_listing(
+    scrape_env, fake: FakeSafebooru, redis_client
+) -> None:
+    """An entry listed unusable at the first sync is a stub under the cursor. The catch-up lists the newest
+    page again, where the site now lists it right: it is filled in and enqueued (before, the catch-up
+    asked only above the cursor and never saw it again); a stub still listed unusable stays a stub, and
+    neither costs another request."""
+    add_characters(["miku"])
+    add_posts(fake, "miku", range(1001, 1011))
+    fake.entry_overrides[1005] = {"hash": "zzz"}
+    fake.entry_overrides[1007] = {"hash": "zzz"}
+    await poll_once(scrape_env)
+    assert rows()[1005].state == PostState.failed and rows()[1005].md5 == ""
+    redis_client.delete("io")
+    del fake.entry_overrides[1005]
+    report = await poll_once(scrape_env)
+    assert report.errors == [] and report.new == 1 and report.tags[0].requests == 1
+    assert rows()[1005].state == PostState.discovered and rows()[1005].md5 == fake.posts[1005].md5
+    assert rows()[1007].state == PostState.failed and queued(redis_client) == [1005]
+
+
+async def test_a_cursor_kept_before_floors_takes_no_old_posts(scrape_env, fake: FakeSafebooru) -> None:
+    """A cursor saved before floors were kept (no `oldest_id`, as a sync with no backfill left it): its floor
+    becomes the cursor itself, so the old posts listed on the newest page are not taken (a guard: the
+    fallback must not walk back through the tag's history), and a later post is."""
+    add_characters(["miku"])
+    add_posts(fake, "miku", range(1001, 1031))
+    with session_scope() as session:
+        session.add(ScrapeCursor(site="safebooru", tag="miku", newest_id=1030, backfill_done=True))
+    report = await poll_once(scrape_env)
+    assert report.errors == [] and report.new == 0 and report.tags[0].requests == 1
+    assert cursor_of("miku").oldest_id == 1031
+    add_posts(fake, "miku", [1031])
+    assert (await poll_once(scrape_env)).new == 1 and set(rows()) == {1031}
+
+
+@pytest.mark.slow
+async def test_scrape_once_cli_stores_a_post_published_after_a_bogus_id(fake: FakeSafebooru, service_env) -> None:
+    """The probe through the CLI, default settings: posts 1001..1010 and an entry with id 9,000,000,000
+    are synced by one `waifu scrape --once`; a real post 1300 published afterwards becomes a row at the
+    next one."""
+    from tests.support.cli import run_cli
+
+    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
+    add_posts(fake, "miku", [*range(1001, 1011), BOGUS_ID])
+    assert (await run_cli(env, "characters", "add", "miku"))[0] == 0
+    code, out, err = await run_cli(env, "scrape", "--once")
+    assert code == 0, out + err
+    assert set(rows()) == {*range(1001, 1011), BOGUS_ID}
+
+    add_posts(fake, "miku", [1300])
+    code, out, err = await run_cli(env, "scrape", "--once")
+    assert code == 0, out + err
+    assert 1300 in rows(), "a real post published after the bogus id never became a row"
+    assert rows()[1300].state == PostState.discovered
