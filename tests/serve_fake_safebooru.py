@@ -4,6 +4,8 @@
     WAIFU_SAFEBOORU_URL=http://127.0.0.1:18765 make run CHARACTERS="nishikino_maki sakurauchi_riko"
 
 `--illustrations` serves the real test illustrations instead (tests/support/testdata.py: a local copy or a fetch).
+In a container (the compose test, deploy/compose-test.override.yml): `--host 0.0.0.0 --public-url
+http://fake-safebooru:18765`, so the posts' file URLs name the host the workers reach.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ def parse_counts(text: str) -> dict[str, int]:
     return counts
 
 
-async def serve(port: int, drawn: dict[str, int], illustrations: bool) -> None:
+async def serve(
+    port: int, drawn: dict[str, int], illustrations: bool, host: str = "127.0.0.1", public_url: str = ""
+) -> None:
     site = FakeSafebooru()
     posts = load_illustrations(site) if illustrations else load_drawn(site, drawn)
-    url = await site.start(port=port)
+    url = await site.start(host=host, port=port)
+    if public_url:  # file_url names the host clients reach, not the address listened on (0.0.0.0)
+        site.base_url = url = public_url.rstrip("/")
     tags = sorted({p.tags.split()[1] for p in posts})
     print(f"fake safebooru at {url}: {len(posts)} posts of {' '.join(tags)}", flush=True)
     stop = asyncio.Event()
@@ -42,6 +48,10 @@ async def serve(port: int, drawn: dict[str, int], illustrations: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=18765)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    parser.add_argument(
+        "--public-url", default="", help="base URL clients reach it at, e.g. http://fake-safebooru:18765"
+    )
     parser.add_argument(
         "--drawn",
         default="nishikino_maki=5,sakurauchi_riko=5,takimoto_hifumi=5",
@@ -49,7 +59,7 @@ def main() -> None:
     )
     parser.add_argument("--illustrations", action="store_true", help="serve the real test illustrations")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, parse_counts(args.drawn), args.illustrations))
+    asyncio.run(serve(args.port, parse_counts(args.drawn), args.illustrations, args.host, args.public_url))
 
 
 if __name__ == "__main__":
