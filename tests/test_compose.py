@@ -6,11 +6,14 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 import typer
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from core.settings import Settings
 from waifu.cli import app as cli_app
@@ -203,3 +206,72 @@ def test_every_waifu_variable_is_a_known_setting(compose: dict) -> None:
     used = set(re.findall(r"\b(WAIFU_[A-Z_]+)", COMPOSE.read_text() + ENV_EXAMPLE.read_text()))
     assert used, "compose and .env.example set WAIFU_ variables"
     assert used - known == set()
+
+
+def test_tini_is_pid_1_so_compose_adds_no_second_init(compose: dict) -> None:
+    """The image's ENTRYPOINT is tini; compose's `init: true` would put another init in front of it, and
+    tini, no longer PID 1, warns that it cannot reap zombies (seen in the compose test's logs)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r'^ENTRYPOINT \["/usr/bin/tini", "--"\]', dockerfile, re.M)
+    inits = {name: s["init"] for name, s in compose["services"].items() if s.get("init")}
+    assert inits == {}
+
+
+LOCK = ROOT / "deploy" / "requirements.lock"
+
+
+def locked_versions() -> dict[str, str]:
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", LOCK.read_text(), re.M)
+    return {canonicalize_name(name): version for name, version in pins}
+
+
+def test_the_image_installs_exactly_the_lock() -> None:
+    """Dependencies come from deploy/requirements.lock with hashes, our own package without pulling any."""
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    installs = [" ".join(args.split()) for args in re.findall(r"\bpip install ([^&\n]+)", dockerfile)]
+    assert installs == ["--require-hashes --no-deps -r /tmp/requirements.lock", '--no-deps ".[train,flower]"'], installs
+    assert "COPY deploy/requirements.lock /tmp/requirements.lock" in dockerfile
+    assert "!deploy/requirements.lock" in (ROOT / ".dockerignore").read_text()
+
+
+def test_the_lock_pins_every_dependency_within_pyproject_ranges() -> None:
+    """`make lock` must be rerun when pyproject.toml's dependencies change: every requirement of the image
+    (base, train, flower) is pinned, with a version its range allows, and carries hashes."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["train"]]
+    wanted += project["optional-dependencies"]["flower"]
+    pins = locked_versions()
+    for line in wanted:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in deploy/requirements.lock: run `make lock`"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} in the lock is outside pyproject's {requirement.specifier}: run `make lock`"
+        )
+    # each pin is followed by its hashes (pip refuses --require-hashes otherwise, at build time)
+    blocks = [b for b in re.split(r"\n(?=[A-Za-z0-9])", LOCK.read_text()) if "==" in b.split("\n", 1)[0]]
+    assert len(blocks) == len(pins) and all("--hash=sha256:" in b for b in blocks)
+
+
+OVERRIDE = ROOT / "deploy" / "compose-test.override.yml"
+
+
+def test_the_compose_test_override_only_adds_the_fake_safebooru(tmp_path: Path) -> None:
+    """The compose test runs docker-compose.yml unchanged: its override adds one service and no more."""
+    override = yaml.safe_load(OVERRIDE.read_text())
+    assert set(override) == {"services"} and set(override["services"]) == {"fake-safebooru"}
+    fake = override["services"]["fake-safebooru"]
+    assert fake["image"] == "waifu:latest" and fake["command"][:3] == ["python", "-m", "tests.serve_fake_safebooru"]
+    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    (tmp_path / ".env").write_text(filled_env())
+    result = subprocess.run(
+        [*compose_command(), "-f", str(tmp_path / "docker-compose.yml"), "-f", str(OVERRIDE), "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COMPOSE_TEST_DATA": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    merged = yaml.safe_load(result.stdout)["services"]
+    assert set(merged) == {*WAIFU_SERVICES, "redis", "postgres", "fake-safebooru"}
