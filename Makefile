@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench clean compose-test compose-clean lock
 
 install: $(STAMP)
 
@@ -47,6 +47,21 @@ bench: install
 	$(PY) -m bench.web
 	$(PY) -m bench.train_cost
 	$(PY) -m bench.train --models classical-plain,classical,resnet,chosen --seeds 0,1 --folds 3
+
+# the stack of docker-compose.yml built and run under podman with stand-in base images, checked end to end
+# (deploy/compose_test.py); images stay as a cache, `make compose-clean` removes them
+compose-test: install
+	bash deploy/compose-test.sh
+
+compose-clean:
+	bash deploy/compose-clean.sh
+
+# the exact versions (and hashes) the Docker image installs, from pyproject.toml; rerun after changing it
+LOCK_FLAGS := --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-find-links --no-emit-index-url \
+	--no-emit-trusted-host --extra train --extra flower
+lock: install
+	$(PY) -m pip install --quiet "pip-tools>=7.4,<8"
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --output-file deploy/requirements.lock pyproject.toml deploy/requirements.in
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
