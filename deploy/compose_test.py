@@ -167,7 +167,19 @@ class Engine:
             0.2,
         )
 
+    def fair_cpu_share(self, processes: int) -> None:
+        """Under cgroup v1 every container sits in podman's `libpod_parent` group, which the kernel weighs as
+        ONE process against each process outside it: on a machine busy with other work the whole stack got
+        a fortieth of the CPU (a 1 s healthcheck took 75 s). Weigh the group as the `processes` busy
+        processes the stack runs, as if they ran on the host; restored to 1024 (the default) at the end."""
+        shares = Path("/sys/fs/cgroup/cpu/libpod_parent/cpu.shares")
+        with suppress(OSError):
+            shares.parent.mkdir(exist_ok=True)
+            shares.write_text(str(1024 * processes))
+
     def stop_service(self) -> None:
+        with suppress(OSError):
+            Path("/sys/fs/cgroup/cpu/libpod_parent/cpu.shares").write_text("1024")
         if self.service and self.service.poll() is None:
             os.killpg(self.service.pid, signal.SIGTERM)
             try:
@@ -497,7 +509,7 @@ class ComposeTest:
             states = sample()
             listed = sum(states.values())
             waiting = listed - sum(states.get(s, 0) for s in ("done", "failed", "skipped"))
-            return listed >= self.expected[tag] // 2 and states.get("discovered", 0) < listed and waiting >= 10
+            return states.get("discovered", 0) < listed and waiting >= self.expected[tag] // 2
 
         wait_until(f"{tag}: collection under way (posts downloaded, many still to do)", mid_collection, 600, 0.5)
         before = self.posts_by_state(tag)
@@ -543,7 +555,7 @@ class ComposeTest:
 
         def listed_and_queued() -> bool:
             states = self.posts_by_state(tag)
-            return sum(states.values()) >= 10 and states.get("discovered", 0) >= 3
+            return sum(states.values()) >= 10 and states.get("discovered", 0) >= 5
 
         wait_until(f"{tag}: posts listed and waiting for download", listed_and_queued, 300, 0.5)
         redis = self.e.containers("redis")[0]
@@ -827,6 +839,7 @@ def main() -> int:
         write_env(src, ports)
         engine = Engine(work, src, data)
         engine.start_service()
+        engine.fair_cpu_share(processes=10)
         leftovers = engine.containers(all_states=True)
         check(not leftovers, f"containers of {PROJECT} exist already (an earlier run?): `make compose-clean`")
         test = ComposeTest(engine, expected, ports)
