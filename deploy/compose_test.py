@@ -48,6 +48,8 @@ POSTGRES_PASSWORD = "pg-pw-1"  # no '%' (a %-escape in the URL breaks `waifu db 
 # Settings the test gives the stack through its .env, as a user would; everything else is .env.example's
 TEST_SETTINGS = {
     "WAIFU_SAFEBOORU_URL": "http://fake-safebooru:18765",
+    # a local mirror: its name resolves to a private container address, which downloads refuse otherwise
+    "WAIFU_LOCAL_HOSTS": "localhost,fake-safebooru",
     "WAIFU_POLL_INTERVAL": "5",  # a character added while the scraper waits is listed within seconds
     # the retrain must promote a model, not reach an accuracy: a short CNN, and no ImageNet download try
     # (no internet here; the retrain would record why and train from scratch anyway)
