@@ -51,6 +51,9 @@ TEST_SETTINGS = {
     # a local mirror: its name resolves to a private container address, which downloads refuse otherwise
     "WAIFU_LOCAL_HOSTS": "localhost,fake-safebooru",
     "WAIFU_POLL_INTERVAL": "5",  # a character added while the scraper waits is listed within seconds
+    # 36 posts take at least 72 s to download: on an idle machine they were otherwise collected within
+    # 15 s, too quickly to restart a worker or kill Redis while work is in flight
+    "WAIFU_DOWNLOADS_PER_SECOND": "0.5",
     # the retrain must promote a model, not reach an accuracy: a short CNN, and no ImageNet download try
     # (no internet here; the retrain would record why and train from scratch anyway)
     "WAIFU_TRAIN_CNN_BUDGET_S": "20",
@@ -758,7 +761,10 @@ def write_env(src: Path, ports: dict[str, int]) -> None:
     for key, value in fill.items():
         env, n = re.subn(rf"^{key}=.*$", f"{key}={value}", env, flags=re.M)
         check(n == 1, f".env.example has no {key}= line")
-    env += "\n# --- the compose test's settings ---\n" + "".join(f"{k}={v}\n" for k, v in TEST_SETTINGS.items())
+    env += "\n# --- the compose test's settings ---\n"
+    for key, value in TEST_SETTINGS.items():
+        env, n = re.subn(rf"^{key}=.*$", f"{key}={value}", env, flags=re.M)
+        env += "" if n else f"{key}={value}\n"
     (src / ".env").write_text(env)
 
 
