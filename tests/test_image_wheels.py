@@ -48,7 +48,7 @@ def image_python() -> str:
 
 def image_extras() -> list[str]:
     """The extras the Dockerfile installs (`pip install ".[train,flower]"`)."""
-    match = re.search(r'pip install "\.\[([\w,-]+)\]"', (ROOT / "Dockerfile").read_text())
+    match = re.search(r'pip install (?:--[\w-]+ )*"\.\[([\w,-]+)\]"', (ROOT / "Dockerfile").read_text())
     assert match, "the Dockerfile no longer installs the project with extras"
     return match.group(1).split(",")
 
