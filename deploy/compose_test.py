@@ -44,7 +44,7 @@ WORKERS = ("worker-io", "worker-cpu", "worker-train")
 CHARACTERS = ("nishikino_maki", "sakurauchi_riko")
 FLOWER = ("flower", "flower-pw-1")
 WEB = ("curator", "curator-pw-1")
-POSTGRES_PASSWORD = "pg-pw-1"  # no '%' (a %-escape in the URL breaks `waifu db upgrade`: another issue)
+POSTGRES_PASSWORD = "pg-pw-1"  # used raw in the compose file's URL and by the server: so no URL-special characters
 # Settings the test gives the stack through its .env, as a user would; everything else is .env.example's
 TEST_SETTINGS = {
     "WAIFU_SAFEBOORU_URL": "http://fake-safebooru:18765",
