@@ -2,7 +2,7 @@
 
 Each size runs in its own subprocess (its peak RSS, ru_maxrss, is then that retrain's own, TensorFlow's C++
 memory included). A run does what the retrain task does, minus the database: load the train faces from
-their files, train with the service's settings (``train.step.train_config``: by default
+their files, train with the service's settings (``train.retrain.train_config``: by default
 WAIFU_BACKBONE_WEIGHTS=imagenet, which offline falls back to weights=none after one quick failed download,
 and the CNN's size/epochs planned for the number of faces), judge every label as the doubt check does
 (train.weak), load and evaluate the test faces (about 15% of the train count, stratified, like the
@@ -62,7 +62,7 @@ def run_one(n: int) -> dict:
     from train.features import FeatureConfig, extract, load_images
     from train.model import evaluate, load_dataset, save_artifacts, train
     from train.pictures import confusion_png, training_curves_png
-    from train.step import accuracy_on, train_config
+    from train.retrain import accuracy_on, train_config
     from train.weak import DOUBT_FOLDS, doubt_probabilities
 
     holo = holoen_root()

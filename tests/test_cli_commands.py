@@ -218,7 +218,7 @@ def test_status_table_retry_failed_and_reconcile(service_env: dict[str, str], re
 
 
 def test_retrain_force_enqueues_one_message_unless_one_runs(tmp_path: Path, redis_client) -> None:
-    from train.step import retrain_lock
+    from train.retrain import retrain_lock
 
     env = {"WAIFU_DATA_DIR": str(tmp_path / "data"), "WAIFU_BROKER_URL": TEST_REDIS_URL}
     started = waifu(env, "retrain", "--force")

@@ -172,7 +172,7 @@ def model_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     from db.engine import session_scope
     from db.migrate import upgrade
     from db.models import Face, FaceState, LabelSource, ModelStatus, Post
-    from train.step import run_retrain
+    from train.retrain import run_retrain
 
     data_dir = tmp_path_factory.mktemp("model-data")
     env = {

@@ -21,7 +21,7 @@ from db.models import Face, LabelSource, ModelStatus, ModelVersion
 from tests.support.env import PROJECT_ROOT
 from tests.support.fixtures import add_faces, short_training
 from tests.support.testdata import crop_counts, raw_image
-from train.step import NotEnoughData, RetrainBusy, retrain_lock, run_retrain, should_retrain
+from train.retrain import NotEnoughData, RetrainBusy, retrain_lock, run_retrain, should_retrain
 from worker.tasks import _retrain_outcome
 
 TRAIN_COUNTS, TEST_COUNTS = crop_counts()  # from the registry: 30 and 6 per character
@@ -210,7 +210,7 @@ def test_retrain_task_through_a_real_train_worker(labelled_db, start_worker) -> 
 
 @pytest.mark.slow
 def test_suggestions_for_ambiguous_faces_and_the_report(labelled_db, tmp_path: Path) -> None:
-    from train.step import suggest_for_ambiguous
+    from predict.suggest import suggest_for_ambiguous
 
     settings = get_settings()
     with session_scope() as session:  # two test faces become ambiguous (e.g. a post with two characters)

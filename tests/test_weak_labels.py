@@ -19,11 +19,11 @@ from crop.labels import label_faces, reject_faces, set_manual_label, undo
 from crop.rules import inferred_pairs
 from db.engine import session_scope
 from db.models import Character, Face, FaceState, LabelSource, ModelStatus, ModelVersion, Post, PostCharacter
+from predict.suggest import suggest_for_ambiguous
 from scraper.characters import add_characters
 from tests.support.rows import ready_face
 from tests.support.testdata import IMAGE_SUFFIXES, crop_dirs
 from train.registry import labelled_count, labelled_faces
-from train.step import suggest_for_ambiguous
 from train.weak import DOUBT_MIN_PROBABILITY, INFER_MIN_MARGIN, flag_doubtful_tags, infer_labels
 
 MAKI, RIKO, HIFUMI = "nishikino_maki", "sakurauchi_riko", "takimoto_hifumi"  # hifumi is never tracked

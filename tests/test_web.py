@@ -269,7 +269,7 @@ def test_cli_label_reject_undo_share_the_history(service_env, faces) -> None:
 
 # ------------------------------------------------------------------------------ retrain ----
 def test_retrain_button_enqueues_once(web: Web, faces, redis_client) -> None:
-    from train.step import retrain_lock
+    from train.retrain import retrain_lock
 
     lock = retrain_lock(timeout=60)
     assert lock.acquire(blocking=False)

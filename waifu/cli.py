@@ -338,7 +338,7 @@ def retrain_cmd(
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most")] = 6 * 3600,
 ) -> None:
     """Enqueue a retrain on the `train` queue (one at a time)."""
-    from train.step import retrain_running
+    from train.retrain import retrain_running
     from worker.app import app as celery_app
 
     if retrain_running():

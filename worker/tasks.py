@@ -85,7 +85,7 @@ def reconcile() -> dict[str, int]:
 
 
 def _retrain_outcome(force: bool, progress=None) -> dict:
-    from train.step import NotEnoughData, RetrainBusy, run_retrain, should_retrain
+    from train.retrain import NotEnoughData, RetrainBusy, run_retrain, should_retrain
 
     settings = get_settings()
     if not force:
@@ -106,7 +106,7 @@ def _retrain_outcome(force: bool, progress=None) -> dict:
 @app.task(name=JOBS["classify"][0])
 def classify(face_ids: list[int] | None = None) -> int:
     """The current model's suggestion for ambiguous faces (queue `train`: TensorFlow stays in one process)."""
-    from train.step import suggest_for_ambiguous
+    from predict.suggest import suggest_for_ambiguous
 
     return suggest_for_ambiguous(get_settings(), face_ids)
 

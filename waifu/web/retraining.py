@@ -8,7 +8,7 @@ from typing import Any
 import redis
 
 from core.broker import redis_client
-from train.step import retrain_running
+from train.retrain import retrain_running
 from worker.steps import JOBS
 
 LAST_TASK_KEY = "waifu:web:last-retrain"  # the task the page follows, for every visitor and after a reload

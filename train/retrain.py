@@ -1,7 +1,8 @@
-"""Retraining as plain functions: dataset from the database, train, evaluate against the current model on
-today's test split in the same run, register the version, promote only if it is better.
+"""Retraining: load the labelled faces, register a candidate version, fit and evaluate it against the
+current model on today's test split in the same run, and promote it only if it is better.
 
-TensorFlow is imported only inside train.model's functions, which this module calls lazily.
+Retraining is not a row step: it runs under a Redis lock, one at a time. TensorFlow is imported only
+inside train.model's functions, which this module calls lazily.
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ import json
 import logging
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import col, select
+from sqlmodel import select
 
 from core import __version__
 from core.broker import redis_client
 from core.logs import kv
 from core.settings import Settings
 from db.engine import session_scope
-from db.models import Face, FaceState, LabelSource, ModelStatus, ModelVersion, utcnow
+from db.models import ModelStatus, ModelVersion, utcnow
 from train.registry import current_version, labelled_count, labelled_faces
 
 log = logging.getLogger("waifu.retrain")
@@ -58,7 +60,6 @@ def should_retrain(settings: Settings) -> tuple[bool, str]:
     return True, f"{new} new labelled faces"
 
 
-# ---------------------------------------------------------------------------- training --------
 def code_version() -> str:
     try:
         sha = subprocess.run(
@@ -130,13 +131,68 @@ def run_retrain(
             log.warning(kv("retrain lock already released"))
 
 
+@dataclass
+class RetrainData:
+    """What one retrain trains and is judged on, read from the database in one short transaction."""
+
+    classes: list[str]
+    train_set: Any  # train.model.Dataset
+    test_set: Any  # the test faces of the classes the new model learns
+    test_images: Any  # every test face, classes the new model never learnt included
+    true_names: list[str]
+    labelled: int
+    current: ModelVersion | None
+
+
+@dataclass
+class Trained:
+    """A fitted, evaluated and saved candidate, and the current model's score on the same faces."""
+
+    result: Any  # train.model.TrainResult
+    metrics: Any  # train.model.Metrics
+    accuracy: float
+    directory: Path
+    current_accuracy: float | None
+    unreadable: str  # why the current model could not be scored, or ''
+
+
 def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
-    from train.model import evaluate, load_artifacts, load_dataset, save_artifacts, train
     from train.weak import flag_doubtful_tags, infer_labels
 
     # first judge the tag labels: a face the classical model (trained without it) calls someone else is
     # left out of this retrain until a person decides (train.weak)
     doubts = flag_doubtful_tags(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
+    config = train_config(settings, overrides)
+    data = load_retrain_data(settings)
+    version_id = register_candidate(data, config)
+    try:
+        trained = fit_and_evaluate(settings, data, config, version_id, progress)
+    except Exception as exc:
+        with session_scope() as session:
+            row = session.get(ModelVersion, version_id)
+            row.status, row.reason = ModelStatus.failed, f"{type(exc).__name__}: {exc}"[:2000]
+        raise
+    summary = promote(settings, data, config, version_id, trained)
+    # then let the current model (new or kept) label the ambiguous faces it can tell apart clearly
+    summary["doubtful"] = doubts
+    summary["inferred"] = infer_labels(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
+    log.info(
+        kv(
+            "retrain finished",
+            version=version_id,
+            status=summary["status"],
+            accuracy=round(trained.accuracy, 4),
+            reason=summary["reason"],
+        )
+    )
+    return summary
+
+
+def load_retrain_data(settings: Settings) -> RetrainData:
+    """The labelled train and test faces; refuses (NotEnoughData) when there is nothing to learn or judge."""
+    from train.features import load_images
+    from train.model import load_dataset
+
     with session_scope() as session:
         train_items = labelled_faces(session, settings, "train")
         test_items = labelled_faces(session, settings, "test")
@@ -151,23 +207,22 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
     test_items = [(p, label) for p, label in test_items if label in counts]
     if not test_items:
         raise NotEnoughData("no labelled test faces yet: nothing to evaluate on")
-
-    config = train_config(settings, overrides)
     size = settings.face_size
     train_set = load_dataset([(p, label) for p, label in train_items if label in classes], classes, size=size)
-    test_set = load_dataset(test_items, classes, size=settings.face_size)
+    test_set = load_dataset(test_items, classes, size=size)
     # faces of characters the new model cannot know still count against it, as for the current model
-    true_names = [label for _, label in test_items]
-    from train.features import load_images
+    test_images = load_images([str(p) for p, _ in test_items], size)
+    return RetrainData(classes, train_set, test_set, test_images, [label for _, label in test_items], labelled, current)
 
-    all_test_images = load_images([str(p) for p, _ in test_items], settings.face_size)
 
+def register_candidate(data: RetrainData, config) -> int:
+    """A `candidate` model version row, so a retrain that dies is still on record; returns its id."""
     with session_scope() as session:
         version = ModelVersion(
             status=ModelStatus.candidate,
             hyperparameters=json.dumps(config.to_dict()),
-            counts=json.dumps(train_set.counts()),
-            labelled_faces=labelled,
+            counts=json.dumps(data.train_set.counts()),
+            labelled_faces=data.labelled,
             code_version=code_version(),
         )
         session.add(version)
@@ -177,50 +232,63 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
         kv(
             "retrain started",
             version=version_id,
-            classes=len(classes),
-            train=len(train_set.labels),
-            test=len(test_items),
+            classes=len(data.classes),
+            train=len(data.train_set.labels),
+            test=len(data.true_names),
         )
     )
-    try:
-        result = train(train_set, config, progress)
-        metrics = evaluate(result.classifier, test_set)
-        accuracy = accuracy_on(result.classifier, all_test_images, true_names)
-        directory = settings.models_dir / f"v{version_id}"
-        save_artifacts(result.classifier, directory, metrics)
-        (directory / "history.json").write_text(json.dumps(result.history))
-        from train.pictures import confusion_png, training_curves_png
+    return version_id
 
-        training_curves_png(result.history, directory / "training_curves.png")
-        confusion_png(metrics.confusion, metrics.class_names, directory / "confusion_matrix.png")
-        current_accuracy, unreadable = None, ""
-        if current is not None and current.artifact_dir:
-            try:
-                previous = load_artifacts(settings.data_dir / current.artifact_dir)
-            except (ValueError, KeyError, OSError) as exc:  # an older artifact format, a deleted directory
-                unreadable = f"current v{current.id} could not be loaded ({exc}); "
-                log.warning(kv("current model unreadable", version=current.id, error=str(exc)))
-            else:
-                current_accuracy = accuracy_on(previous, all_test_images, true_names)
-    except Exception as exc:
-        with session_scope() as session:
-            row = session.get(ModelVersion, version_id)
-            row.status, row.reason = ModelStatus.failed, f"{type(exc).__name__}: {exc}"[:2000]
-        raise
 
+def fit_and_evaluate(settings: Settings, data: RetrainData, config, version_id: int, progress) -> Trained:
+    """Train, evaluate and save the candidate, and score the current model on the same test faces."""
+    from train.model import evaluate, load_artifacts, save_artifacts, train
+    from train.pictures import confusion_png, training_curves_png
+
+    result = train(data.train_set, config, progress)
+    metrics = evaluate(result.classifier, data.test_set)
+    accuracy = accuracy_on(result.classifier, data.test_images, data.true_names)
+    directory = settings.models_dir / f"v{version_id}"
+    save_artifacts(result.classifier, directory, metrics)
+    (directory / "history.json").write_text(json.dumps(result.history))
+    training_curves_png(result.history, directory / "training_curves.png")
+    confusion_png(metrics.confusion, metrics.class_names, directory / "confusion_matrix.png")
+    current_accuracy, unreadable = None, ""
+    current = data.current
+    if current is not None and current.artifact_dir:
+        try:
+            previous = load_artifacts(settings.data_dir / current.artifact_dir)
+        except (ValueError, KeyError, OSError) as exc:  # an older artifact format, a deleted directory
+            unreadable = f"current v{current.id} could not be loaded ({exc}); "
+            log.warning(kv("current model unreadable", version=current.id, error=str(exc)))
+        else:
+            current_accuracy = accuracy_on(previous, data.test_images, data.true_names)
+    return Trained(result, metrics, accuracy, directory, current_accuracy, unreadable)
+
+
+def promote(settings: Settings, data: RetrainData, config, version_id: int, trained: Trained) -> dict[str, Any]:
+    """Record the candidate's scores; make it current only if it beats the current model on today's test
+    split (tag and manual labels only). Returns the retrain's summary."""
+    result, metrics, accuracy, current_accuracy = (
+        trained.result,
+        trained.metrics,
+        trained.accuracy,
+        trained.current_accuracy,
+    )
+    current = data.current
     with session_scope() as session:
         row = session.get(ModelVersion, version_id)
         row.accuracy, row.macro_f1, row.current_accuracy = accuracy, metrics.macro_f1, current_accuracy
         row.metrics = json.dumps(metrics.to_dict(), default=float)
         row.hyperparameters = json.dumps(hyperparameters(result), default=float)
         row.duration_s = result.duration_s
-        row.artifact_dir = directory.relative_to(settings.data_dir).as_posix()
+        row.artifact_dir = trained.directory.relative_to(settings.data_dir).as_posix()
         if current_accuracy is None or accuracy > current_accuracy:
             for old in session.exec(select(ModelVersion).where(ModelVersion.status == ModelStatus.current)):
                 old.status, old.reason = ModelStatus.retired, f"replaced by v{version_id} on {utcnow():%Y-%m-%d}"
             row.status = ModelStatus.current
             row.reason = (
-                f"{unreadable}first model"
+                f"{trained.unreadable}first model"
                 if current_accuracy is None
                 else f"beat v{current.id}: {accuracy:.3f} vs {current_accuracy:.3f} on today's test split"
             )
@@ -228,39 +296,26 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
             row.status = ModelStatus.candidate
             row.reason = (
                 f"did not beat current v{current.id}: {accuracy:.3f} vs {current_accuracy:.3f} "
-                f"on today's test split ({len(true_names)} faces)"
+                f"on today's test split ({len(data.true_names)} faces)"
             )
         weights = _weights_reason(config, result)
         if weights:
             row.reason = f"{row.reason}; {weights}"
-        summary = {
+        return {
             "status": row.status,
             "version": version_id,
             "accuracy": accuracy,
             "macro_f1": metrics.macro_f1,
             "current_accuracy": current_accuracy,
             "reason": row.reason,
-            "test_faces": len(true_names),
-            "train_faces": int(len(train_set.labels)),
+            "test_faces": len(data.true_names),
+            "train_faces": int(len(data.train_set.labels)),
             "duration_s": round(result.duration_s, 1),
             "per_class": metrics.per_class,
             "unknown": metrics.unknown,
             "weights": result.weights_note,
             "cnn": result.classifier.cnn_backbone,
         }
-    # then let the current model (new or kept) label the ambiguous faces it can tell apart clearly
-    summary["doubtful"] = doubts
-    summary["inferred"] = infer_labels(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
-    log.info(
-        kv(
-            "retrain finished",
-            version=version_id,
-            status=summary["status"],
-            accuracy=round(accuracy, 4),
-            reason=summary["reason"],
-        )
-    )
-    return summary
 
 
 def hyperparameters(result) -> dict[str, Any]:
@@ -293,36 +348,3 @@ def hyperparameters(result) -> dict[str, Any]:
         seconds={k: info[k] for k in ("classical_s", "cnn_s", "fit_s") if k in info},
     )
     return out
-
-
-def suggest_for_ambiguous(settings: Settings, face_ids: list[int] | None = None) -> int:
-    """Attaches the current model's best guess to ambiguous and inferred faces (the ones a person may still
-    sort or check): a suggestion, never a label."""
-    from train.features import load_images
-    from train.model import load_artifacts, predict
-
-    with session_scope() as session:
-        current = current_version(session)
-        query = select(Face).where(
-            Face.state == FaceState.ready,
-            col(Face.label_source).in_([LabelSource.ambiguous, LabelSource.inferred]),
-        )
-        if face_ids is not None:
-            query = query.where(col(Face.id).in_(face_ids))
-        faces = [(f.id, f.path) for f in session.exec(query.order_by(Face.id)).all()]
-    if current is None or not current.artifact_dir or not faces:
-        return 0
-    classifier = load_artifacts(settings.data_dir / current.artifact_dir)
-    done = 0
-    for start in range(0, len(faces), 256):
-        batch = faces[start : start + 256]
-        images = load_images([str(settings.data_dir / p) for _, p in batch], settings.face_size)
-        probabilities = predict(classifier, images)
-        with session_scope() as session:
-            for (face_id, _), row in zip(batch, probabilities, strict=True):
-                face = session.get(Face, face_id)
-                best = int(row.argmax())
-                face.suggestion, face.suggestion_score = classifier.class_names[best], float(row[best])
-                done += 1
-    log.info(kv("suggestions", model=current.id, faces=done))
-    return done
