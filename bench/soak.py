@@ -129,18 +129,30 @@ class Soak:
         self.publisher = Publisher(fake, raw_images(), TAGS, self.args.seed)
         self.publisher.publish(self.args.initial_posts)
         env = service_env(self.data_dir, self.redis.url, site_url, db_url)
+        env["WAIFU_SOAK_HANG_LOG"] = str(self.work / "hangs.log")
         await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "waifu.cli", "characters", "add", *TAGS],
-            env=env, cwd=PROJECT_ROOT, check=True, capture_output=True,
+            env=env,
+            cwd=PROJECT_ROOT,
+            check=True,
+            capture_output=True,
         )
         self.service = ServiceRun(env, self.work / "waifu-run.out", concurrency=self.args.concurrency)
         self.service.start()
         lost_after = self.args.lost_after or 2 * POLL_INTERVAL + 120
-        self.observer = Observer(observed_db, self.data_dir / "logs" / "waifu-run.log", self.publisher.ledger,
-                                 recovery_bound(), lost_after)
-        print(f"soak: {self.args.minutes} min on {self.args.db}; work dir {self.work}; report {self.report_md}",
-              flush=True)
+        self.observer = Observer(
+            observed_db,
+            self.data_dir / "logs" / "waifu-run.log",
+            self.publisher.ledger,
+            recovery_bound(),
+            lost_after,
+            hang_log=self.work / "hangs.log",
+        )
+        print(
+            f"soak: {self.args.minutes} min on {self.args.db}; work dir {self.work}; report {self.report_md}",
+            flush=True,
+        )
         try:
             await self._loop(fake)
         finally:
@@ -219,7 +231,9 @@ class Soak:
         elif name == "burst":
             posts = pub.burst(PAGE_SIZE)
             bad = [p.id for p in posts if not p.usable]
-            obs.note_chaos("burst", f"{len(posts)} posts {posts[0].id}..{posts[-1].id} on {posts[0].tag}, unusable {bad}")
+            obs.note_chaos(
+                "burst", f"{len(posts)} posts {posts[0].id}..{posts[-1].id} on {posts[0].tag}, unusable {bad}"
+            )
         elif name == "api_fault":
             obs.note_chaos("api fault", pub.api_fault())
         elif name == "withhold":
@@ -230,8 +244,10 @@ class Soak:
         data = self.observer.report(final=final)
         data["db"] = self.args.db
         data["work_dir"] = str(self.work)
-        for path, body in ((self.report_json, json.dumps(data, indent=1, default=str)),
-                           (self.report_md, render_markdown(data))):
+        for path, body in (
+            (self.report_json, json.dumps(data, indent=1, default=str)),
+            (self.report_md, render_markdown(data)),
+        ):
             tmp = path.with_suffix(path.suffix + ".tmp")
             tmp.write_text(body)
             tmp.replace(path)
@@ -247,13 +263,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kill-every", type=float, default=180.0, help="seconds between two SIGKILLs")
     parser.add_argument("--publish-every", type=float, default=12.0, help="seconds between two publications")
     parser.add_argument("--initial-posts", type=int, default=20)
-    parser.add_argument("--big-png", type=float, default=DEFAULT_MAX_PIXELS * 0.95 / 1e6,
-                        help="megapixels of the 16-bit PNG (0: none)")
+    parser.add_argument(
+        "--big-png", type=float, default=DEFAULT_MAX_PIXELS * 0.95 / 1e6, help="megapixels of the 16-bit PNG (0: none)"
+    )
     parser.add_argument("--concurrency", type=int, default=2, help="processes of the cpu worker")
     parser.add_argument("--lost-after", type=float, default=0.0, help="seconds after which a post with no row is lost")
     parser.add_argument("--seed", type=int, default=17)
-    parser.add_argument("--withhold-one", action="store_true",
-                        help="count one post as published but never list it (checks the lost accounting)")
+    parser.add_argument(
+        "--withhold-one",
+        action="store_true",
+        help="count one post as published but never list it (checks the lost accounting)",
+    )
     return parser.parse_args(argv)
 
 

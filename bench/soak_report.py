@@ -55,7 +55,7 @@ class Observer:
     tracebacks: list[Traceback] = field(default_factory=list)
     log_time_limits: list[str] = field(default_factory=list)
     log_worker_lost: list[str] = field(default_factory=list)
-    hook_hangs: int = 0
+    hang_log: Path | None = None  # where the soak-only hook writes one line per hang it starts
     claimed_at_kill: dict[int, tuple[str, str]] = field(default_factory=dict)  # db id -> (state, updated_at)
     sample_errors: list[str] = field(default_factory=list)
     _log_offset: int = 0
@@ -65,8 +65,9 @@ class Observer:
 
     # ------------------------------------------------------------------ samples ----------
     def note_chaos(self, name: str, detail: str = "") -> None:
-        self.chaos.append({"at": time.time(), "minute": round((time.time() - self.started) / 60, 2), "name": name,
-                           "detail": detail})
+        self.chaos.append(
+            {"at": time.time(), "minute": round((time.time() - self.started) / 60, 2), "name": name, "detail": detail}
+        )
 
     def sample_rows(self) -> None:
         if self._engine is None:
@@ -129,8 +130,10 @@ class Observer:
     def _line(self, now: float, child: str, line: str) -> None:
         open_tb = self._open_tb.get(child)
         if open_tb is not None:
-            if line.startswith((" ", "\t")) or line.startswith(("Traceback", "During handling", "The above")) or (
-                not line.strip()
+            if (
+                line.startswith((" ", "\t"))
+                or line.startswith(("Traceback", "During handling", "The above"))
+                or (not line.strip())
             ):
                 open_tb.lines += 1
                 open_tb.post = open_tb.post or _post_ref(line)
@@ -148,8 +151,6 @@ class Observer:
             self.log_time_limits.append(f"{child} | {line[:300]}")
         if WORKER_LOST.search(line):
             self.log_worker_lost.append(f"{child} | {line[:300]}")
-        if "soak hook: hanging" in line:
-            self.hook_hangs += 1
         self._last_line[child] = line
 
     # ------------------------------------------------------------------ the report ----------
@@ -188,23 +189,37 @@ class Observer:
             },
             "rows": {"of_published": len(with_row), "terminal": len(terminal), "by_state": states},
             "unusable_entries": [
-                {"post": p.id, "row": self.rows.get(p.id, {}).get("state"), "reason": self.rows.get(p.id, {}).get("reason")}
+                {
+                    "post": p.id,
+                    "row": self.rows.get(p.id, {}).get("state"),
+                    "reason": self.rows.get(p.id, {}).get("reason"),
+                }
                 for p in unusable
             ],
             "lost": [{"post": p.id, "tag": p.tag, "kind": p.kind, "age_s": round(now - p.at)} for p in lost],
             "not_yet_due": len(pending),
             "cursors": [{k: str(v) if v is not None else None for k, v in c.items()} for c in self.cursors],
             "recovery_bound_s": self.recovery_bound,
-            "longest_wait": {"post": longest[0], "seconds": round(longest[1]),
-                             "state": self.rows.get(longest[0], {}).get("state")},
+            "longest_wait": {
+                "post": longest[0],
+                "seconds": round(longest[1]),
+                "state": self.rows.get(longest[0], {}).get("state"),
+            },
             "rows_past_bound": [
-                {"post": rid, "waited_s": round(w), "state": self.rows.get(rid, {}).get("state"),
-                 "reason": self.rows.get(rid, {}).get("reason")}
+                {
+                    "post": rid,
+                    "waited_s": round(w),
+                    "state": self.rows.get(rid, {}).get("state"),
+                    "reason": self.rows.get(rid, {}).get("reason"),
+                }
                 for rid, w in sorted(over.items())
             ],
-            "time_limits": {"rows": limited_rows, "log_lines": self.log_time_limits[-20:],
-                            "log_count": len(self.log_time_limits)},
-            "hook_hangs_started": self.hook_hangs,
+            "time_limits": {
+                "rows": limited_rows,
+                "log_lines": self.log_time_limits[-20:],
+                "log_count": len(self.log_time_limits),
+            },
+            "hook_hangs_started": self._hangs_started(),
             "special_posts": special,
             "worker_lost_log_lines": len(self.log_worker_lost),
             "claimed_at_kill_without_outcome": no_outcome,
@@ -223,19 +238,34 @@ class Observer:
         data["verdict"] = self._verdict(data, lost, over, swallowed_tb, no_outcome, special, rss)
         return data
 
+    def _hangs_started(self) -> int:
+        try:
+            return len(self.hang_log.read_text().splitlines()) if self.hang_log else 0
+        except OSError:
+            return 0
+
     def _special(self, p: Published) -> dict:
         row = self.rows.get(p.id)
         if row is None:
             return {"post": p.id, "row": None}
-        return {"post": p.id, "state": row["state"], "attempts": row["attempts"], "reason": row["reason"],
-                "longest_wait_s": round(self.longest_wait.get(p.id, 0))}
+        return {
+            "post": p.id,
+            "state": row["state"],
+            "attempts": row["attempts"],
+            "reason": row["reason"],
+            "longest_wait_s": round(self.longest_wait.get(p.id, 0)),
+        }
 
     def _classify_tracebacks(self) -> tuple[list[Traceback], list[Traceback], list[Traceback]]:
+        """(unattributed, in a chaos window, attributed). A lost worker's traceback is attributed: its row is
+        judged by `claimed_at_kill_without_outcome`."""
         swallowed, chaos, seen = [], [], []
         restarts = [c["at"] for c in self.chaos if c["name"] != "sigkill"]
         for tb in self.tracebacks:
             row = self.rows_by_db_id.get(tb.post) if tb.post is not None else None
-            if row is not None and (row["reason"] or row["state"] == "failed"):
+            lost_worker = WORKER_LOST.search(tb.exception) or "ExceptionWithTraceback" in tb.exception
+            on_a_row = row is not None and (row["reason"] or row["state"] == "failed")
+            if lost_worker or on_a_row:
                 seen.append(tb)
             elif any(0 <= tb.at - at <= CHAOS_WINDOW for at in restarts):
                 chaos.append(tb)
@@ -263,8 +293,15 @@ class Observer:
                 short += 1
                 continue
             a, b = statistics.mean(first), statistics.mean(last)
-            judged.append({"role": role, "pid": pid, "first_mib": round(a / 1024, 1), "last_mib": round(b / 1024, 1),
-                           "growth_pct": round((b / a - 1) * 100, 1)})
+            judged.append(
+                {
+                    "role": role,
+                    "pid": pid,
+                    "first_mib": round(a / 1024, 1),
+                    "last_mib": round(b / 1024, 1),
+                    "growth_pct": round((b / a - 1) * 100, 1),
+                }
+            )
         return {"window_s": round(window), "processes": judged, "not_long_lived": short}
 
     def _verdict(self, data, lost, over, swallowed_tb, no_outcome, special, rss) -> list[str]:
@@ -272,30 +309,51 @@ class Observer:
             return f"{'PASS' if ok else 'FAIL'}: {text_}"
 
         hang = special.get("hang")
-        hang_ok = bool(hang and hang.get("state") in TERMINAL and hang.get("reason") and TIME_LIMIT.search(hang["reason"]))
+        hang_ok = bool(
+            hang and hang.get("state") in TERMINAL and hang.get("reason") and TIME_LIMIT.search(hang["reason"])
+        )
         growth = [p for p in rss["processes"] if p["growth_pct"] >= RSS_GROWTH_LIMIT]
         swallowed = len(swallowed_tb) + len(no_outcome)
         out = [
             line(not lost, f"{len(lost)} posts lost"),
-            line(not over, f"{len(over)} rows waited past the recovery bound of {self.recovery_bound:.0f} s "
-                 f"(longest {data['longest_wait']['seconds']} s)"),
-            line(not swallowed, f"{swallowed} errors swallowed ({len(swallowed_tb)} unattributed tracebacks, "
-                 f"{len(no_outcome)} rows claimed at a SIGKILL with no outcome since)"),
+            line(
+                not over,
+                f"{len(over)} rows waited past the recovery bound of {self.recovery_bound:.0f} s "
+                f"(longest {data['longest_wait']['seconds']} s)",
+            ),
+            line(
+                not swallowed,
+                f"{swallowed} errors swallowed ({len(swallowed_tb)} unattributed tracebacks, "
+                f"{len(no_outcome)} rows claimed at a SIGKILL with no outcome since)",
+            ),
             line(hang_ok, f"hang cut and recorded: {hang if hang else 'no hang picture fed yet'}"),
-            line(not growth and bool(rss["processes"]),
-                 f"RSS growth < {RSS_GROWTH_LIMIT:.0f}% in {len(rss['processes'])} long-lived processes"
-                 + (f"; over: {', '.join(p['role'] + ' ' + str(p['growth_pct']) + '%' for p in growth)}" if growth else "")),
+            line(
+                not growth and bool(rss["processes"]),
+                f"RSS growth < {RSS_GROWTH_LIMIT:.0f}% in {len(rss['processes'])} long-lived processes"
+                + (
+                    f"; over: {', '.join(p['role'] + ' ' + str(p['growth_pct']) + '%' for p in growth)}"
+                    if growth
+                    else ""
+                ),
+            ),
         ]
         if "big_png" in special:
             big = special["big_png"]
-            out.append(line(big.get("state") in TERMINAL and bool(big.get("reason")) or big.get("state") == "done",
-                            f"16-bit PNG near the pixel cap ended: {big}"))
+            out.append(
+                line(
+                    big.get("state") in TERMINAL and bool(big.get("reason")) or big.get("state") == "done",
+                    f"16-bit PNG near the pixel cap ended: {big}",
+                )
+            )
         return out
 
 
 def render_markdown(data: dict) -> str:
-    lines = [f"# Soak report ({'final' if data['final'] else 'in progress'}), {data['minutes']} min, "
-             f"written {data['written_at']}", ""]
+    lines = [
+        f"# Soak report ({'final' if data['final'] else 'in progress'}), {data['minutes']} min, "
+        f"written {data['written_at']}",
+        "",
+    ]
     lines += ["## Verdict", *[f"- {v}" for v in data["verdict"]], ""]
     p, r = data["published"], data["rows"]
     lines += [
@@ -324,8 +382,10 @@ def render_markdown(data: dict) -> str:
         f"- sampling errors: {data['sample_errors']}",
         "",
         f"## RSS (first vs last {data['rss']['window_s']} s; {data['rss']['not_long_lived']} short-lived not judged)",
-        *[f"- {x['role']} pid {x['pid']}: {x['first_mib']} -> {x['last_mib']} MiB ({x['growth_pct']:+}%)"
-          for x in data["rss"]["processes"]],
+        *[
+            f"- {x['role']} pid {x['pid']}: {x['first_mib']} -> {x['last_mib']} MiB ({x['growth_pct']:+}%)"
+            for x in data["rss"]["processes"]
+        ],
         "",
         "## Chaos",
         *[f"- min {c['minute']}: {c['name']} {c['detail']}" for c in data["chaos"]],
@@ -334,8 +394,12 @@ def render_markdown(data: dict) -> str:
 
 
 def _tb_dict(tb: Traceback, started: float) -> dict:
-    return {"minute": round((tb.at - started) / 60, 1), "child": tb.child, "exception": tb.exception,
-            "after": tb.context}
+    return {
+        "minute": round((tb.at - started) / 60, 1),
+        "child": tb.child,
+        "exception": tb.exception,
+        "after": tb.context,
+    }
 
 
 def _count(items) -> dict[str, int]:

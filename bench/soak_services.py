@@ -207,6 +207,8 @@ def rss_kib(pid: int) -> int | None:
 def role_of(pid: int, parent_role: str | None) -> str:
     """A readable name for a process of the service tree: its role, from its command line."""
     cmd = cmdline(pid)
+    if parent_role and parent_role.startswith("worker-") and not parent_role.endswith("/pool"):
+        return f"{parent_role}/pool"  # a prefork child: the same command line as its parent
     if "waifu.cli run" in cmd:
         return "waifu-run"
     if "waifu.cli scrape" in cmd:
@@ -218,8 +220,6 @@ def role_of(pid: int, parent_role: str | None) -> str:
     if " worker " in cmd and "-Q" in cmd:
         queues = cmd.split("-Q", 1)[1].split()[0]
         return f"worker-{queues.replace(',', '-')}"
-    if parent_role and parent_role.startswith("worker-"):
-        return f"{parent_role}/pool"
     return parent_role + "/child" if parent_role else "?"
 
 

@@ -21,13 +21,26 @@ def _hang() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _record() -> None:
+    """One line per hang started, in WAIFU_SOAK_HANG_LOG (the soak counts them) and on stderr."""
+    import time
+
+    line = f"{time.time():.1f} pid {os.getpid()} soak hook: hanging on a {_SIZE} image\n"
+    sys.stderr.write(line)
+    sys.stderr.flush()
+    path = os.environ.get("WAIFU_SOAK_HANG_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+
+
 def _patch(module) -> None:
     size = tuple(int(v) for v in _SIZE.lower().split("x"))
     original = module.find_faces
 
     def find_faces(image, *args, **kwargs):
         if tuple(image.size) == size:
-            print(f"soak hook: hanging on a {_SIZE} image (pid {os.getpid()})", file=sys.stderr, flush=True)
+            _record()
             _hang()
         return original(image, *args, **kwargs)
 
