@@ -261,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", default="", help="markdown report path (JSON beside it); default in the work dir")
     parser.add_argument("--workdir", default="", help="default: a new temp dir (kept: logs, database)")
     parser.add_argument("--kill-every", type=float, default=180.0, help="seconds between two SIGKILLs")
-    parser.add_argument("--publish-every", type=float, default=12.0, help="seconds between two publications")
+    parser.add_argument("--publish-every", type=float, default=20.0, help="seconds between two publications")
     parser.add_argument("--initial-posts", type=int, default=20)
     parser.add_argument(
         "--big-png", type=float, default=DEFAULT_MAX_PIXELS * 0.95 / 1e6, help="megapixels of the 16-bit PNG (0: none)"
