@@ -14,12 +14,12 @@ Published all along: 1-2 posts every `--publish-every` seconds, a few with file 
 drip, 404, truncated, wrong md5) and API faults; bursts longer than a page with one unusable entry (an md5 that
 is no md5) on a full page.
 
-Chaos on a schedule (fractions of the run, see `schedule`): SIGKILL of a random worker process (a pool child or
-a worker's main process; when a main one dies `waifu run` stops, and the soak restarts it as compose would)
-every `--kill-every` seconds; one Redis restart (its append-only file kept); one PostgreSQL restart (postgres
-run); one broker flush (every queued message lost); one picture whose face detection hangs like C code that
-never returns (a SOAK-ONLY hook, bench/soak_hook/sitecustomize.py, on the service's PYTHONPATH: the service has
-no such setting); one 16-bit PNG near the pixel cap (`--big-png`, off with 0).
+Chaos on a schedule (fractions of the run, see `schedule`): SIGKILL of a random worker process every
+`--kill-every` seconds (a prefork pool child; with --kill-mains also a worker's main process: then `waifu run`
+stops everything and the soak restarts it, as compose would); one Redis restart (its append-only file kept);
+one PostgreSQL restart (postgres run); one broker flush (every queued message lost); one picture whose face
+detection hangs like C code that never returns (a SOAK-ONLY hook, bench/soak_hook/sitecustomize.py, on the
+service's PYTHONPATH: the service has no such setting); one 16-bit PNG near the pixel cap (`--big-png`, 0: none).
 
 Report (bench/soak_report.py): posts published against rows and terminal rows; posts lost; the longest time
 any row waited without progress against the recovery bound; tasks ended by a time limit; errors that reached
@@ -205,7 +205,13 @@ class Soak:
             await asyncio.to_thread(obs.sample_rows)
             obs.snapshot_claims()
             roles = service_tree(self.service.proc.pid) if self.service.proc else {}
-            workers = [(pid, role) for pid, role in roles.items() if role.startswith("worker-")]
+            # pool children by default: a worker's main process dying makes `waifu run` restart every process,
+            # and then none lives long enough to have its RSS judged (--kill-mains adds them)
+            workers = [
+                (pid, role)
+                for pid, role in roles.items()
+                if role.startswith("worker-") and (self.args.kill_mains or role.endswith("/pool"))
+            ]
             if workers:
                 pid, role = self.random.choice(workers)
                 try:
@@ -261,6 +267,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", default="", help="markdown report path (JSON beside it); default in the work dir")
     parser.add_argument("--workdir", default="", help="default: a new temp dir (kept: logs, database)")
     parser.add_argument("--kill-every", type=float, default=180.0, help="seconds between two SIGKILLs")
+    parser.add_argument(
+        "--kill-mains", action="store_true", help="SIGKILL may hit a worker's main process too (restarts the service)"
+    )
     parser.add_argument("--publish-every", type=float, default=20.0, help="seconds between two publications")
     parser.add_argument("--initial-posts", type=int, default=20)
     parser.add_argument(

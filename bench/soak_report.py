@@ -26,6 +26,7 @@ WORKER_LOST = re.compile(r"WorkerLostError|exited with 'signal 9|exited prematur
 POST_REF = re.compile(r"\bpost[= ](\d+)")
 CHAOS_WINDOW = 120.0  # seconds after a restart/flush in which connection tracebacks are expected
 RSS_GROWTH_LIMIT = 10.0
+WARM_UP = 60.0  # seconds of a process's start left out of its first RSS window
 
 
 @dataclass
@@ -287,7 +288,9 @@ class Observer:
         first_end, last_start = self.started + window, now - window
         judged, short = [], 0
         for (pid, role), samples in sorted(self.rss.items(), key=lambda kv: kv[0][1]):
-            first = [k for t, k in samples if t <= first_end]
+            born = samples[0][0]
+            # its first minute is imports and pools starting, not growth
+            first = [k for t, k in samples if born + WARM_UP <= t <= first_end + WARM_UP]
             last = [k for t, k in samples if t >= last_start]
             if len(first) < 2 or len(last) < 2 or samples[0][0] > self.started + 60:
                 short += 1
@@ -302,7 +305,7 @@ class Observer:
                     "growth_pct": round((b / a - 1) * 100, 1),
                 }
             )
-        return {"window_s": round(window), "processes": judged, "not_long_lived": short}
+        return {"window_s": round(window), "warm_up_s": WARM_UP, "processes": judged, "not_long_lived": short}
 
     def _verdict(self, data, lost, over, swallowed_tb, no_outcome, special, rss) -> list[str]:
         def line(ok: bool, text_: str) -> str:
