@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,12 @@ class PostgresCluster:
     def _pg_ctl(self, *args: str) -> None:
         data = str(self.folder / "data")
         argv = [str(self.bin / "pg_ctl"), "-D", data, "-l", str(self.folder / "postgres.log"), "-w", "-t", "60"]
-        subprocess.run(self._as_owner([*argv, *args]), check=True, capture_output=True)
+        self._check([*argv, *args])
+
+    def _check(self, argv: list[str]) -> None:
+        done = subprocess.run(self._as_owner(argv), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:2])} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
 
     def start(self) -> None:
         data = self.folder / "data"
@@ -118,8 +124,14 @@ class PostgresCluster:
             self.folder.mkdir(parents=True, exist_ok=True)
             if os.geteuid() == 0:
                 shutil.chown(self.folder, "postgres", "postgres")
+                # user postgres must reach its folder through ours (a temp dir is 0700)
+                for parent in self.folder.parents:
+                    if parent.stat().st_uid == 0 and not parent.stat().st_mode & 0o001:
+                        parent.chmod(parent.stat().st_mode | 0o011)
+                    if parent == Path(tempfile.gettempdir()):
+                        break
             initdb = [str(self.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
-            subprocess.run(self._as_owner(initdb), check=True, capture_output=True)
+            self._check(initdb)
         options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
         self._pg_ctl("-o", options, "start")
 
