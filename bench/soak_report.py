@@ -47,6 +47,7 @@ class Observer:
     recovery_bound: float
     lost_after: float  # a post is lost when it has no row this long after it was published
     started: float = field(default_factory=time.time)
+    stuck_tag_after: float = 180.0  # a tag not polled this long, with no last_error, fails silently
     chaos: list[dict] = field(default_factory=list)
     rows: dict[int, dict] = field(default_factory=dict)  # remote id -> last seen row
     rows_by_db_id: dict[int, dict] = field(default_factory=dict)
@@ -175,7 +176,7 @@ class Observer:
             if r["reason"] and TIME_LIMIT.search(r["reason"])
         ]
         swallowed_tb, chaos_tb, seen_tb = self._classify_tracebacks()
-        no_outcome = self._kills_without_outcome()
+        no_outcome = self._kills_without_outcome() + self._silent_tags(now)
         special = {p.kind: self._special(p) for p in self.ledger if p.kind in ("hang", "big_png")}
         rss = self._rss_growth(now)
         data = {
@@ -282,6 +283,15 @@ class Observer:
                 out.append({"db_id": db_id, "remote_id": row and row["remote_id"], "state": state})
         return out
 
+    def _silent_tags(self, now: float) -> list[dict]:
+        """Tags whose polling stopped with no `last_error` (a swallowed exception in a tag poll, issue 17)."""
+        out = []
+        for c in self.cursors:
+            polled = _utc(c.get("last_poll_at"))
+            if polled and not c.get("last_error") and now - polled.timestamp() > self.stuck_tag_after:
+                out.append({"tag": c["tag"], "not_polled_s": round(now - polled.timestamp())})
+        return out
+
     def _rss_growth(self, now: float) -> dict:
         span = now - self.started
         window = min(600.0, span / 3)
@@ -327,7 +337,7 @@ class Observer:
             line(
                 not swallowed,
                 f"{swallowed} errors swallowed ({len(swallowed_tb)} unattributed tracebacks, "
-                f"{len(no_outcome)} rows claimed at a SIGKILL with no outcome since)",
+                f"{len(no_outcome)} rows claimed at a SIGKILL with no outcome since or tags silently not polled)",
             ),
             line(hang_ok, f"hang cut and recorded: {hang if hang else 'no hang picture fed yet'}"),
             line(
