@@ -69,6 +69,9 @@ def test_log_reading_attributes_tracebacks_to_rows_and_flags_the_rest(tmp_path) 
         conn.execute("create table scrape_cursor (tag text, newest_id integer, last_error text, last_poll_at text)")
         conn.execute("insert into post values (7, 'safebooru', 1007, 'failed', 'boom', 1, '2026-01-01 00:00:00', null)")
         conn.execute("insert into post values (8, 'safebooru', 1008, 'downloaded', null, 0, '2026-01-01', 'tok')")
+        # one tag's polling stopped long ago with no error recorded; the other failed and says so
+        conn.execute("insert into scrape_cursor values ('quiet_tag', 1, null, '2026-01-01 00:00:00')")
+        conn.execute("insert into scrape_cursor values ('loud_tag', 1, 'HTTP 503', '2026-01-01 00:00:00')")
     log = tmp_path / "run.log"
     log.write_text(
         "worker-cpu | 2026 ERROR waifu.detect: detect failed post=7\n"
@@ -91,6 +94,7 @@ def test_log_reading_attributes_tracebacks_to_rows_and_flags_the_rest(tmp_path) 
     assert report["tracebacks"]["attributed_to_a_row"] == 1
     assert [t["exception"] for t in report["tracebacks"]["unattributed"]] == ["KeyError: 'k'"]
     assert report["worker_lost_log_lines"] == 1
-    assert [r["remote_id"] for r in report["claimed_at_kill_without_outcome"]] == [1008]
+    assert [r.get("remote_id") for r in report["claimed_at_kill_without_outcome"]] == [1008, None]
     assert report["rows_past_bound"][0]["post"] == 1008  # waiting since 2026-01-01
-    assert report["verdict"][2].startswith("FAIL: 2 errors swallowed")
+    assert {"tag": "quiet_tag"}.items() <= report["claimed_at_kill_without_outcome"][1].items()
+    assert report["verdict"][2].startswith("FAIL: 3 errors swallowed")
