@@ -176,7 +176,8 @@ class Observer:
             if r["reason"] and TIME_LIMIT.search(r["reason"])
         ]
         swallowed_tb, chaos_tb, seen_tb = self._classify_tracebacks()
-        no_outcome = self._kills_without_outcome() + self._silent_tags(now)
+        no_outcome = self._kills_without_outcome()
+        silent = self._silent_tags(now)
         special = {p.kind: self._special(p) for p in self.ledger if p.kind in ("hang", "big_png")}
         rss = self._rss_growth(now)
         data = {
@@ -225,6 +226,7 @@ class Observer:
             "special_posts": special,
             "worker_lost_log_lines": len(self.log_worker_lost),
             "claimed_at_kill_without_outcome": no_outcome,
+            "silent_tags": silent,
             "tracebacks": {
                 "total": len(self.tracebacks),
                 "attributed_to_a_row": len(seen_tb),
@@ -237,7 +239,7 @@ class Observer:
             "rss": rss,
             "sample_errors": self.sample_errors[-10:],
         }
-        data["verdict"] = self._verdict(data, lost, over, swallowed_tb, no_outcome, special, rss)
+        data["verdict"] = self._verdict(data, lost, over, swallowed_tb, no_outcome + silent, special, rss)
         return data
 
     def _hangs_started(self) -> int:
@@ -386,7 +388,7 @@ def render_markdown(data: dict) -> str:
         "",
         "## Errors",
         f"- worker-lost log lines: {data['worker_lost_log_lines']}; rows claimed at a SIGKILL with no outcome since: "
-        f"{data['claimed_at_kill_without_outcome']}",
+        f"{data['claimed_at_kill_without_outcome']}; tags not polled with no error: {data['silent_tags']}",
         f"- tracebacks {data['tracebacks']['total']}: attributed {data['tracebacks']['attributed_to_a_row']}, "
         f"in chaos windows {data['tracebacks']['in_chaos_windows']}, unattributed "
         f"{data['tracebacks']['unattributed_count']}; by exception {data['tracebacks']['exceptions']}",
