@@ -53,6 +53,7 @@ class Observer:
     rows_by_db_id: dict[int, dict] = field(default_factory=dict)
     cursors: list[dict] = field(default_factory=list)
     longest_wait: dict[int, float] = field(default_factory=dict)  # remote id -> longest non-terminal wait seen
+    state_since: dict[int, tuple[str, datetime]] = field(default_factory=dict)  # remote id -> (state, since)
     rss: dict[tuple[int, str], list[tuple[float, int]]] = field(default_factory=dict)
     tracebacks: list[Traceback] = field(default_factory=list)
     log_time_limits: list[str] = field(default_factory=list)
@@ -93,9 +94,17 @@ class Observer:
             if row["remote_id"] is not None:
                 self.rows[row["remote_id"]] = row
             self.rows_by_db_id[row["id"]] = row
-            if row["state"] not in TERMINAL and updated is not None and row["remote_id"] is not None:
-                wait = (now - updated).total_seconds()
-                self.longest_wait[row["remote_id"]] = max(self.longest_wait.get(row["remote_id"], 0.0), wait)
+            rid = row["remote_id"]
+            if rid is None or updated is None:
+                continue
+            # since when the row is in its state: a claim renewed or a redelivery touches `updated_at` without
+            # progress, so the state's first sighting counts too
+            known = self.state_since.get(rid)
+            if known is None or known[0] != row["state"]:
+                self.state_since[rid] = (row["state"], updated if known is None else min(updated, now))
+            if row["state"] not in TERMINAL:
+                wait = (now - self.state_since[rid][1]).total_seconds()
+                self.longest_wait[rid] = max(self.longest_wait.get(rid, 0.0), wait)
 
     def snapshot_claims(self) -> None:
         """Rows a worker holds right now (before a SIGKILL): each must reach an outcome later."""
