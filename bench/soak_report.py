@@ -337,6 +337,8 @@ class Observer:
             hang and hang.get("state") in TERMINAL and hang.get("reason") and TIME_LIMIT.search(hang["reason"])
         )
         growth = [p for p in rss["processes"] if p["growth_pct"] >= RSS_GROWTH_LIMIT]
+        restarts = sum(c["name"] == "service exited" for c in self.chaos)
+        unjudged = f" (the service restarted {restarts} times: a process must live through both windows)"
         swallowed = len(swallowed_tb) + len(no_outcome)
         out = [
             line(not lost, f"{len(lost)} posts lost"),
@@ -358,7 +360,8 @@ class Observer:
                     f"; over: {', '.join(p['role'] + ' ' + str(p['growth_pct']) + '%' for p in growth)}"
                     if growth
                     else ""
-                ),
+                )
+                + (unjudged if restarts else ""),
             ),
         ]
         if "big_png" in special:
