@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     retry_after_max: float = Field(
         600.0, ge=0, description="Cap on any wait a server asks for with Retry-After (API and downloads)"
     )
+    stall_after: float = Field(
+        900.0,
+        gt=0,
+        description="Seconds a step may hand no row on while rows wait for it before `waifu status` shows a "
+        "stall and the healthcheck of its worker fails (above any step's time limit and Retry-After wait)",
+    )
 
     # --- faces (face pipeline) -----------------------------------------------------------------
     detector: str = Field("both", description="`animeface`, `lbpcascade` or `both`")

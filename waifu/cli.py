@@ -297,6 +297,9 @@ def reconcile(
 @app.command()
 def healthcheck(
     http: Annotated[str, typer.Option(help="Also require this URL to answer (any status below 500)")] = "",
+    queues: Annotated[
+        str, typer.Option(help="A worker's queues (io,cpu): also fail while a step on them is stalled")
+    ] = "",
 ) -> None:
     """Exit 0 when the database is migrated and the broker answers (container HEALTHCHECK)."""
     from alembic.script import ScriptDirectory
@@ -316,6 +319,10 @@ def healthcheck(
         problems.append(f"database unreachable: {redact(first, [settings.resolved_database_url])}")
     if not broker_reachable(settings.broker_url):
         problems.append(f"broker unreachable at {mask_url(settings.broker_url)}")
+    if queues and not problems:  # stalls are read from the database: only once it answers
+        from waifu.stalls import stall_problems
+
+        problems += stall_problems(settings.stall_after, queues)
     if http:
         import httpx
 

@@ -1,8 +1,8 @@
 """What `waifu run` shows while it runs: a summary redrawn in place, not the children's log lines.
 
-Posts per state and per character, faces per state and label source, rates per minute, queue lengths, the
-latest failures grouped by reason, the next poll, and whether each child still runs. Everything comes from
-`waifu.status.collect_status` (the same query as `waifu status`, in a read-only session). On a terminal the
+Stalled steps (waifu.stalls), posts per state and per character, faces per state and label source, rates per
+minute, queue lengths, the latest failures grouped by reason, the next poll, and whether each child still
+runs. Everything comes from `waifu.status.collect_status` (the same query as `waifu status`, in a read-only session). On a terminal the
 screen is redrawn in place (rich's Live); anywhere else (CI, a pipe, a file) one plain line per interval.
 """
 
@@ -111,6 +111,12 @@ def _counts(counts: dict[str, int]) -> Text:
     return text
 
 
+def stall_lines(data: dict[str, Any]) -> list[RenderableType]:
+    """Stalled steps (waifu.stalls) on top of the screen, one sentence each."""
+    lines: list[RenderableType] = [Text(f"STALLED {stall['text']}", style="bold red") for stall in data.get("stalls") or []]
+    return [*lines, Text()] if lines else []
+
+
 def render_screen(s: Snapshot) -> RenderableType:
     """The live screen (a rich renderable)."""
     head = Text.assemble(
@@ -123,6 +129,7 @@ def render_screen(s: Snapshot) -> RenderableType:
     else:
         data = s.data
         faces = data["faces"]
+        parts += stall_lines(data)
         grid = Table.grid(padding=(0, 2))
         for _ in range(3):
             grid.add_column()
@@ -208,8 +215,9 @@ def plain_line(s: Snapshot) -> str:
         f"{tag} {counts.get('done', 0)}/{sum(counts.values())}" for tag, counts in data["characters"].items()
     )
     failures = "; ".join(f"{f['count']}x {f['reason']}" for f in (data.get("recent_failures") or [])[:3])
+    stalls = "".join(f" | STALLED {stall['text']}" for stall in data.get("stalls") or [])
     return (
-        f"[{stamp}] posts {data['total']} ({posts}) {_rate(s.rates.get('done'))} done/min"
+        f"[{stamp}]{stalls} posts {data['total']} ({posts}) {_rate(s.rates.get('done'))} done/min"
         f" | faces ready {ready} ({sources or 'none'}) {_rate(s.rates.get('ready'))} ready/min"
         f" | queues {queues} | characters done/all {characters or 'none'}"
         f" | next poll {next_poll_text(s)}" + (f" | failures {failures}" if failures else "") + f" | {children}"

@@ -18,6 +18,7 @@ from core.settings import Settings
 from core.sites import DEFAULT_SITE
 from db.engine import session_scope
 from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, ScrapeCursor
+from waifu.stalls import stalls_summary
 from worker.app import QUEUES
 
 TOP_REASONS = 5
@@ -105,6 +106,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "cursors": cursors,
         "recent_failures": recent,
         "next_poll_at": next_poll.isoformat(timespec="seconds") if next_poll else None,
+        "stalls": stalls_summary(settings.stall_after),
     }
 
 

@@ -12,6 +12,7 @@ STATE_STYLE = {"failed": "red", "skipped": "yellow", "downloaded": "green", "don
 
 
 def render_status(console: Console, data: dict[str, Any]) -> None:
+    render_stalls(console, data)
     states = list(data["posts"])
     overview = Table(title=f"posts: {data['total']}")
     for state in states:
@@ -86,3 +87,9 @@ def render_status(console: Console, data: dict[str, Any]) -> None:
                 c["last_error"] or "",
             )
         console.print(cursors)
+
+
+def render_stalls(console: Console, data: dict[str, Any]) -> None:
+    """Stalled steps first, one sentence each (waifu.stalls): what an operator must act on."""
+    for stall in data.get("stalls") or []:
+        console.print(f"STALLED {stall['text']}", style="bold red", markup=False, highlight=False, soft_wrap=True)

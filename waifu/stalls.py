@@ -1,0 +1,124 @@
+"""Which pipeline step has handed no row on for WAIFU_STALL_AFTER seconds while rows wait for it.
+
+`waifu status`, `waifu run`'s live summary and the web collection page show these (through
+`waifu.status.collect_status`); `waifu healthcheck --queues Q` fails on them, so the stalled worker restarts.
+
+Progress is read from what every row already records, its `updated_at` (set by every transition):
+- work waits for a step while a row sits in the state the step takes (worker.steps: `waits_in`);
+- the step progressed when a row it took moved on: the newest `updated_at` of the rows past the step
+  (`HANDED_ON` below). Later steps touch those rows again, so this time is never earlier than the step's
+  real last hand-on: a stall shown is a real one, never a false alarm that restarts a working worker;
+  the cost is that a step's stall shows only once the steps after it have no more of its rows to move.
+- the stall clock starts at the later of that progress and the oldest waiting row's `updated_at` (its
+  arrival, or the last claim or retry of it): work that arrived after a quiet hour is not a stall.
+
+Cheap on purpose (the healthcheck runs every 30 s): per step one count of the waiting rows (the state
+index), and only when they have waited longer than the limit, one look at the rows updated since
+(the `updated_at` index, a range of a few minutes on a healthy service).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import ColumnElement, and_, func, or_
+from sqlmodel import Session, col, select
+
+from db.claims import as_utc
+from db.engine import session_scope
+from db.models import Face, FaceState, Post, PostState, utcnow
+from worker.steps import STEPS, Step
+
+
+def _handed_on(step: str) -> ColumnElement[bool]:
+    """Rows a step has taken and moved on: past its waiting state by its own doing."""
+    if step == "download":  # every download claim counts an attempt; the scraper's own skips carry none
+        return and_(Post.state != PostState.discovered, col(Post.attempts) > 0)
+    if step == "detect":  # detection failures keep the stored file; download failures have none
+        return or_(
+            col(Post.state).in_([PostState.detected, PostState.done]),
+            and_(Post.state == PostState.failed, col(Post.stored_path).is_not(None)),
+        )
+    if step == "crop":
+        return col(Face.state).in_([FaceState.ready, FaceState.failed])
+    raise KeyError(f"no progress rule for step {step!r}")
+
+
+@dataclass(frozen=True)
+class Stall:
+    step: str
+    queue: str
+    waiting: int  # rows waiting for the step
+    noun: str  # what waits: posts, faces
+    since: datetime  # the step's last progress, or when the waiting began if later
+
+    def idle_s(self, now: datetime) -> float:
+        return (now - self.since).total_seconds()
+
+    def sentence(self, now: datetime) -> str:
+        minutes = int(self.idle_s(now) // 60)
+        return f"{self.step} ({self.queue} queue): no progress for {minutes} min while {self.waiting} {self.noun} wait"
+
+    def as_dict(self, now: datetime) -> dict[str, object]:
+        return {
+            "step": self.step,
+            "queue": self.queue,
+            "waiting": self.waiting,
+            "since": self.since.isoformat(timespec="seconds"),
+            "idle_s": round(self.idle_s(now)),
+            "text": self.sentence(now),
+        }
+
+
+def step_stall(session: Session, step: Step, now: datetime, stall_after: float) -> Stall | None:
+    table = step.table
+    cutoff = now - timedelta(seconds=stall_after)
+    waiting, oldest = session.exec(select(func.count(), func.min(table.updated_at)).where(table.state == step.waits_in)).one()
+    oldest = as_utc(oldest)
+    if not waiting or oldest is None or oldest > cutoff:
+        return None  # nothing waits, or all of it arrived (or was taken up) within the limit
+    handed_on = _handed_on(step.name)
+    # newest first from the cutoff: a healthy step answers from the last few minutes of the index
+    latest = session.exec(
+        select(table.updated_at)
+        .where(handed_on, col(table.updated_at) >= oldest)
+        .order_by(col(table.updated_at).desc())
+        .limit(1)
+    ).first()
+    since = max(oldest, as_utc(latest) or oldest)
+    if since > cutoff:
+        return None
+    return Stall(step.name, step.queue, int(waiting), table.__tablename__ + "s", since)
+
+
+def find_stalls(stall_after: float, queues: Iterable[str] | None = None, now: datetime | None = None) -> list[Stall]:
+    """Stalled steps (of the given queues, else all), in pipeline order. A read-only session: no write lock."""
+    now = now or utcnow()
+    wanted = None if queues is None else set(queues)
+    with session_scope(readonly=True) as session:
+        found = [
+            step_stall(session, step, now, stall_after)
+            for step in STEPS.values()
+            if wanted is None or step.queue in wanted
+        ]
+    return [s for s in found if s is not None]
+
+
+def stalls_summary(stall_after: float) -> list[dict[str, object]]:
+    """What the status views show: one dict per stalled step, with its sentence."""
+    now = utcnow()
+    return [s.as_dict(now) for s in find_stalls(stall_after, now=now)]
+
+
+def stall_problems(stall_after: float, queues_text: str) -> list[str]:
+    """The healthcheck's lines for `--queues io,cpu`: an unknown queue, or each stalled step on them."""
+    from worker.steps import QUEUES
+
+    queues = [q.strip() for q in queues_text.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in QUEUES]
+    if unknown:
+        return [f"unknown queue {', '.join(unknown)} (known: {', '.join(QUEUES)})"]
+    now = utcnow()
+    return [s.sentence(now) for s in find_stalls(stall_after, queues, now=now)]
