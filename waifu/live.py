@@ -2,8 +2,9 @@
 
 Stalled steps (waifu.stalls), posts per state and per character, faces per state and label source, rates per
 minute, queue lengths, the latest failures grouped by reason, the next poll, and whether each child still
-runs. Everything comes from `waifu.status.collect_status` (the same query as `waifu status`, in a read-only session). On a terminal the
-screen is redrawn in place (rich's Live); anywhere else (CI, a pipe, a file) one plain line per interval.
+runs. Everything comes from `waifu.status.collect_status` (the same query as `waifu status`, in a read-only
+session). On a terminal the screen is redrawn in place (rich's Live); anywhere else (CI, a pipe, a file) one
+plain line per interval.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def _counts(counts: dict[str, int]) -> Text:
 
 def stall_lines(data: dict[str, Any]) -> list[RenderableType]:
     """Stalled steps (waifu.stalls) on top of the screen, one sentence each."""
-    lines: list[RenderableType] = [Text(f"STALLED {stall['text']}", style="bold red") for stall in data.get("stalls") or []]
+    lines: list[RenderableType] = [
+        Text(f"STALLED {stall['text']}", style="bold red") for stall in data.get("stalls") or []
+    ]
     return [*lines, Text()] if lines else []
 
 

@@ -51,7 +51,7 @@ class Stall:
     step: str
     queue: str
     waiting: int  # rows waiting for the step
-    noun: str  # what waits: posts, faces
+    noun: str  # what waits: post, face
     since: datetime  # the step's last progress, or when the waiting began if later
 
     def idle_s(self, now: datetime) -> float:
@@ -59,7 +59,8 @@ class Stall:
 
     def sentence(self, now: datetime) -> str:
         minutes = int(self.idle_s(now) // 60)
-        return f"{self.step} ({self.queue} queue): no progress for {minutes} min while {self.waiting} {self.noun} wait"
+        waits = f"1 {self.noun} waits" if self.waiting == 1 else f"{self.waiting} {self.noun}s wait"
+        return f"{self.step} ({self.queue} queue): no progress for {minutes} min while {waits}"
 
     def as_dict(self, now: datetime) -> dict[str, object]:
         return {
@@ -75,12 +76,14 @@ class Stall:
 def step_stall(session: Session, step: Step, now: datetime, stall_after: float) -> Stall | None:
     table = step.table
     cutoff = now - timedelta(seconds=stall_after)
-    waiting, oldest = session.exec(select(func.count(), func.min(table.updated_at)).where(table.state == step.waits_in)).one()
+    waiting, oldest = session.exec(
+        select(func.count(), func.min(table.updated_at)).where(table.state == step.waits_in)
+    ).one()
     oldest = as_utc(oldest)
     if not waiting or oldest is None or oldest > cutoff:
         return None  # nothing waits, or all of it arrived (or was taken up) within the limit
     handed_on = _handed_on(step.name)
-    # newest first from the cutoff: a healthy step answers from the last few minutes of the index
+    # newest first: on a working step the first few entries of the updated_at index answer
     latest = session.exec(
         select(table.updated_at)
         .where(handed_on, col(table.updated_at) >= oldest)
@@ -90,7 +93,7 @@ def step_stall(session: Session, step: Step, now: datetime, stall_after: float) 
     since = max(oldest, as_utc(latest) or oldest)
     if since > cutoff:
         return None
-    return Stall(step.name, step.queue, int(waiting), table.__tablename__ + "s", since)
+    return Stall(step.name, step.queue, int(waiting), table.__tablename__, since)
 
 
 def find_stalls(stall_after: float, queues: Iterable[str] | None = None, now: datetime | None = None) -> list[Stall]:
