@@ -218,9 +218,9 @@ def plain_line(s: Snapshot) -> str:
         f"{tag} {counts.get('done', 0)}/{sum(counts.values())}" for tag, counts in data["characters"].items()
     )
     failures = "; ".join(f"{f['count']}x {f['reason']}" for f in (data.get("recent_failures") or [])[:3])
-    stalls = "".join(f" | STALLED {stall['text']}" for stall in data.get("stalls") or [])
+    stalls = "".join(f"STALLED {stall['text']} | " for stall in data.get("stalls") or [])
     return (
-        f"[{stamp}]{stalls} posts {data['total']} ({posts}) {_rate(s.rates.get('done'))} done/min"
+        f"[{stamp}] {stalls}posts {data['total']} ({posts}) {_rate(s.rates.get('done'))} done/min"
         f" | faces ready {ready} ({sources or 'none'}) {_rate(s.rates.get('ready'))} ready/min"
         f" | queues {queues} | characters done/all {characters or 'none'}"
         f" | next poll {next_poll_text(s)}" + (f" | failures {failures}" if failures else "") + f" | {children}"
