@@ -12,9 +12,9 @@ Progress is read from what every row already records, its `updated_at` (set by e
 - the stall clock starts at the later of that progress and the oldest waiting row's `updated_at` (its
   arrival, or the last claim or retry of it): work that arrived after a quiet hour is not a stall.
 
-Cheap on purpose (the healthcheck runs every 30 s): per step one count of the waiting rows (the state
-index), and only when they have waited longer than the limit, one look at the rows updated since
-(the `updated_at` index, a range of a few minutes on a healthy service).
+Cheap on purpose (the healthcheck runs every 30 s): per step, a count of its waiting rows (the state
+index alone) and, if any wait, the newest row past it (the `updated_at` index read from its newest end).
+Only when that is older than the limit are the waiting rows read for the oldest of them.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ def _handed_on(step: str) -> ColumnElement[bool]:
     """Rows a step has taken and moved on: past its waiting state by its own doing."""
     if step == "download":  # every download claim counts an attempt; the scraper's own skips carry none
         return and_(Post.state != PostState.discovered, col(Post.attempts) > 0)
-    if step == "detect":  # detection failures keep the stored file; download failures have none
-        return or_(
-            col(Post.state).in_([PostState.detected, PostState.done]),
-            and_(Post.state == PostState.failed, col(Post.stored_path).is_not(None)),
+    if step == "detect":  # detected, done, or failed at detection (which keeps the stored file)
+        # spelt with NOT IN so that no state index applies: the updated_at index, newest first, answers
+        return and_(
+            col(Post.state).not_in([PostState.discovered, PostState.downloaded, PostState.skipped]),
+            or_(Post.state != PostState.failed, col(Post.stored_path).is_not(None)),
         )
     if step == "crop":
         return col(Face.state).in_([FaceState.ready, FaceState.failed])
@@ -76,23 +77,24 @@ class Stall:
 def step_stall(session: Session, step: Step, now: datetime, stall_after: float) -> Stall | None:
     table = step.table
     cutoff = now - timedelta(seconds=stall_after)
-    waiting, oldest = session.exec(
-        select(func.count(), func.min(table.updated_at)).where(table.state == step.waits_in)
-    ).one()
-    oldest = as_utc(oldest)
-    if not waiting or oldest is None or oldest > cutoff:
-        return None  # nothing waits, or all of it arrived (or was taken up) within the limit
-    handed_on = _handed_on(step.name)
-    # newest first: on a working step the first few entries of the updated_at index answer
-    latest = session.exec(
-        select(table.updated_at)
-        .where(handed_on, col(table.updated_at) >= oldest)
-        .order_by(col(table.updated_at).desc())
-        .limit(1)
-    ).first()
-    since = max(oldest, as_utc(latest) or oldest)
-    if since > cutoff:
+    waiting = session.exec(select(func.count()).where(table.state == step.waits_in)).one()  # the state index alone
+    if not waiting:
         return None
+    # newest first down the updated_at index: on a working step, the first few entries answer
+    latest = as_utc(
+        session.exec(
+            select(table.updated_at).where(_handed_on(step.name)).order_by(col(table.updated_at).desc()).limit(1)
+        ).first()
+    )
+    if latest is not None and latest > cutoff:
+        return None
+    # only now, with no recent progress: since when does work wait (its arrival, or its last claim or retry)
+    oldest = as_utc(session.exec(select(func.min(table.updated_at)).where(table.state == step.waits_in)).one())
+    if oldest is None:
+        return None  # taken away between the two reads
+    since = max(oldest, latest) if latest is not None else oldest
+    if since > cutoff:
+        return None  # all of it arrived within the limit: not a stall yet
     return Stall(step.name, step.queue, int(waiting), table.__tablename__, since)
 
 
