@@ -154,9 +154,16 @@ def test_every_service_has_a_healthcheck_a_restart_policy_and_ordering(compose: 
         health = services[name].get("healthcheck", {})
         assert not health.get("disable"), f"{name}: healthcheck disabled"
         test = health.get("test", ["CMD", *dockerfile_healthcheck()])
-        if test[1] == "waifu":  # the same command the Dockerfile runs, plus the service's own port
+        if test[1] == "waifu":  # the same command the Dockerfile runs, plus the service's own port or queues
             assert test[:3] == ["CMD", "waifu", "healthcheck"], name
-            assert all(arg == "--http" or arg.startswith("http://127.0.0.1:") for arg in test[3:]), name
+            options = dict(zip(test[3::2], test[4::2], strict=True))
+            assert set(options) <= {"--http", "--queues"}, name
+            assert options.get("--http", "http://127.0.0.1:").startswith("http://127.0.0.1:"), name
+            if "--queues" in options:  # a worker is unhealthy while a step of its own queues is stalled
+                command = services[name]["command"]
+                assert options["--queues"] == command[command.index("--queues") + 1], name
+    for name in ("worker-io", "worker-cpu"):
+        assert "--queues" in services[name]["healthcheck"]["test"], f"{name}: a stalled queue must fail its check"
         # a one-shot job must not be restarted; everything else comes back after a crash or a reboot
         assert services[name].get("restart") == ("no" if name == "migrate" else "unless-stopped"), name
     for name in WAIFU_SERVICES:
