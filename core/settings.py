@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     retry_after_max: float = Field(
         600.0, ge=0, description="Cap on any wait a server asks for with Retry-After (API and downloads)"
     )
-    stall_after: float = Field(
+    stall_after_s: float = Field(
         900.0,
         gt=0,
         description="Seconds a step may hand no row on while rows wait for it before `waifu status` shows a "

@@ -61,7 +61,7 @@ def pipeline(service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> di
       (it waits for detect too, and so is one of the 37);
     - crop has nothing waiting: its last face was made an hour ago.
     """
-    monkeypatch.setenv("WAIFU_STALL_AFTER", str(STALL_AFTER))
+    monkeypatch.setenv("WAIFU_STALL_AFTER_S", str(STALL_AFTER))
     reset_settings_cache()
     rows = [post(i, PostState.downloaded, 20.5) for i in range(1, 37)]
     rows += [post(100, PostState.detected, 30), post(101, PostState.done, 60)]
@@ -71,7 +71,7 @@ def pipeline(service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> di
         session.add_all(rows)
         session.flush()
         session.add(face(1, 101, FaceState.ready, 60))
-    return {**service_env, "WAIFU_STALL_AFTER": str(STALL_AFTER)}
+    return {**service_env, "WAIFU_STALL_AFTER_S": str(STALL_AFTER)}
 
 
 def one_line(text: str) -> str:
@@ -118,7 +118,7 @@ def test_nothing_waiting_is_not_a_stall(service_env: dict[str, str]) -> None:
         session.add_all([post(3, PostState.skipped, 300, attempts=0, stored=False)])
         session.flush()
         session.add(face(1, 1, FaceState.ready, 300))
-    env = {**service_env, "WAIFU_STALL_AFTER": str(STALL_AFTER)}
+    env = {**service_env, "WAIFU_STALL_AFTER_S": str(STALL_AFTER)}
     check = run_cli_blocking(env, "healthcheck", "--queues", "io,cpu")
     assert check.returncode == 0 and check.stdout.strip() == "healthy", check.stderr
     assert "STALLED" not in run_cli_blocking(env, "status", columns=200).stdout

@@ -322,7 +322,7 @@ def healthcheck(
     if queues and not problems:  # stalls are read from the database: only once it answers
         from waifu.stalls import stall_problems
 
-        problems += stall_problems(settings.stall_after, queues)
+        problems += stall_problems(settings.stall_after_s, queues)
     if http:
         import httpx
 

@@ -1,4 +1,4 @@
-"""Which pipeline step has handed no row on for WAIFU_STALL_AFTER seconds while rows wait for it.
+"""Which pipeline step has handed no row on for WAIFU_STALL_AFTER_S seconds while rows wait for it.
 
 `waifu status`, `waifu run`'s live summary and the web collection page show these (through
 `waifu.status.collect_status`); `waifu healthcheck --queues Q` fails on them, so the stalled worker restarts.
@@ -74,9 +74,9 @@ class Stall:
         }
 
 
-def step_stall(session: Session, step: Step, now: datetime, stall_after: float) -> Stall | None:
+def step_stall(session: Session, step: Step, now: datetime, stall_after_s: float) -> Stall | None:
     table = step.table
-    cutoff = now - timedelta(seconds=stall_after)
+    cutoff = now - timedelta(seconds=stall_after_s)
     waiting = session.exec(select(func.count()).where(table.state == step.waits_in)).one()  # the state index alone
     if not waiting:
         return None
@@ -98,26 +98,26 @@ def step_stall(session: Session, step: Step, now: datetime, stall_after: float) 
     return Stall(step.name, step.queue, int(waiting), table.__tablename__, since)
 
 
-def find_stalls(stall_after: float, queues: Iterable[str] | None = None, now: datetime | None = None) -> list[Stall]:
+def find_stalls(stall_after_s: float, queues: Iterable[str] | None = None, now: datetime | None = None) -> list[Stall]:
     """Stalled steps (of the given queues, else all), in pipeline order. A read-only session: no write lock."""
     now = now or utcnow()
     wanted = None if queues is None else set(queues)
     with session_scope(readonly=True) as session:
         found = [
-            step_stall(session, step, now, stall_after)
+            step_stall(session, step, now, stall_after_s)
             for step in STEPS.values()
             if wanted is None or step.queue in wanted
         ]
     return [s for s in found if s is not None]
 
 
-def stalls_summary(stall_after: float) -> list[dict[str, object]]:
+def stalls_summary(stall_after_s: float) -> list[dict[str, object]]:
     """What the status views show: one dict per stalled step, with its sentence."""
     now = utcnow()
-    return [s.as_dict(now) for s in find_stalls(stall_after, now=now)]
+    return [s.as_dict(now) for s in find_stalls(stall_after_s, now=now)]
 
 
-def stall_problems(stall_after: float, queues_text: str) -> list[str]:
+def stall_problems(stall_after_s: float, queues_text: str) -> list[str]:
     """The healthcheck's lines for `--queues io,cpu`: an unknown queue, or each stalled step on them."""
     from worker.steps import QUEUES
 
@@ -126,4 +126,4 @@ def stall_problems(stall_after: float, queues_text: str) -> list[str]:
     if unknown:
         return [f"unknown queue {', '.join(unknown)} (known: {', '.join(QUEUES)})"]
     now = utcnow()
-    return [s.sentence(now) for s in find_stalls(stall_after, queues, now=now)]
+    return [s.sentence(now) for s in find_stalls(stall_after_s, queues, now=now)]

@@ -106,7 +106,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "cursors": cursors,
         "recent_failures": recent,
         "next_poll_at": next_poll.isoformat(timespec="seconds") if next_poll else None,
-        "stalls": stalls_summary(settings.stall_after),
+        "stalls": stalls_summary(settings.stall_after_s),
     }
 
 
