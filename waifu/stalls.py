@@ -23,13 +23,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, func, or_
+from sqlalchemy import ColumnElement, and_, func, or_, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from db.claims import as_utc
 from db.engine import session_scope
 from db.models import Face, FaceState, Post, PostState, utcnow
-from worker.steps import STEPS, Step
+from worker.steps import QUEUES, STEPS, Step
+
+# PostgreSQL ends any stall query running longer (Docker gives the whole healthcheck 30 s); on SQLite readers
+# never wait (WAL) and the queries read an index range, bounded by the rows waiting
+QUERY_TIMEOUT_MS = 10_000
 
 
 def _handed_on(step: str) -> ColumnElement[bool]:
@@ -103,6 +108,8 @@ def find_stalls(stall_after_s: float, queues: Iterable[str] | None = None, now: 
     now = now or utcnow()
     wanted = None if queues is None else set(queues)
     with session_scope(readonly=True) as session:
+        if session.get_bind().dialect.name == "postgresql":  # a check that waits on a sick server ends itself
+            session.exec(text(f"SET LOCAL statement_timeout = {QUERY_TIMEOUT_MS}"))
         found = [
             step_stall(session, step, now, stall_after_s)
             for step in STEPS.values()
@@ -119,11 +126,13 @@ def stalls_summary(stall_after_s: float) -> list[dict[str, object]]:
 
 def stall_problems(stall_after_s: float, queues_text: str) -> list[str]:
     """The healthcheck's lines for `--queues io,cpu`: an unknown queue, or each stalled step on them."""
-    from worker.steps import QUEUES
-
     queues = [q.strip() for q in queues_text.split(",") if q.strip()]
     unknown = [q for q in queues if q not in QUEUES]
     if unknown:
         return [f"unknown queue {', '.join(unknown)} (known: {', '.join(QUEUES)})"]
     now = utcnow()
-    return [s.sentence(now) for s in find_stalls(stall_after_s, queues, now=now)]
+    try:
+        return [s.sentence(now) for s in find_stalls(stall_after_s, queues, now=now)]
+    except SQLAlchemyError as exc:  # one line, as every other healthcheck answer (the caller masks URLs)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return [f"stall check failed: {type(exc).__name__}: {first}"]
