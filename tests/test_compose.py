@@ -156,14 +156,19 @@ def test_every_service_has_a_healthcheck_a_restart_policy_and_ordering(compose: 
         test = health.get("test", ["CMD", *dockerfile_healthcheck()])
         if test[1] == "waifu":  # the same command the Dockerfile runs, plus the service's own port or queues
             assert test[:3] == ["CMD", "waifu", "healthcheck"], name
-            options = dict(zip(test[3::2], test[4::2], strict=True))
+            flags = [arg for arg in test[3:] if arg == "--restart-on-stall"]
+            valued = [arg for arg in test[3:] if arg != "--restart-on-stall"]
+            options = dict(zip(valued[0::2], valued[1::2], strict=True))
             assert set(options) <= {"--http", "--queues"}, name
+            assert not flags or "--queues" in options, f"{name}: --restart-on-stall needs --queues"
             assert options.get("--http", "http://127.0.0.1:").startswith("http://127.0.0.1:"), name
             if "--queues" in options:  # a worker is unhealthy while a step of its own queues is stalled
                 command = services[name]["command"]
                 assert options["--queues"] == command[command.index("--queues") + 1], name
     for name in ("worker-io", "worker-cpu"):
         assert "--queues" in services[name]["healthcheck"]["test"], f"{name}: a stalled queue must fail its check"
+        # docker restarts a container that exits, never an unhealthy one: the check ends the container itself
+        assert "--restart-on-stall" in services[name]["healthcheck"]["test"], f"{name}: a stall must restart it"
         # a one-shot job must not be restarted; everything else comes back after a crash or a reboot
         assert services[name].get("restart") == ("no" if name == "migrate" else "unless-stopped"), name
     for name in WAIFU_SERVICES:

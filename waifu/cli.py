@@ -300,6 +300,10 @@ def healthcheck(
     queues: Annotated[
         str, typer.Option(help="A worker's queues (io,cpu): also fail while a step on them is stalled")
     ] = "",
+    restart_on_stall: Annotated[
+        bool,
+        typer.Option(help="On a stall, end the container's init (PID 1) so its restart policy starts it again"),
+    ] = False,
 ) -> None:
     """Exit 0 when the database is migrated and the broker answers (container HEALTHCHECK)."""
     from alembic.script import ScriptDirectory
@@ -322,7 +326,12 @@ def healthcheck(
     if queues and not problems:  # stalls are read from the database: only once it answers
         from waifu.stalls import stall_problems
 
-        problems += stall_problems(settings.stall_after_s, queues)
+        stalls = stall_problems(settings.stall_after_s, queues)
+        problems += stalls
+        if stalls and restart_on_stall:
+            from waifu.selfrestart import restart_for_stall
+
+            problems.append(restart_for_stall(settings.stall_after_s))
     if http:
         import httpx
 
