@@ -106,6 +106,15 @@ class Settings(BaseSettings):
     retry_after_max: float = Field(
         600.0, ge=0, description="Cap on any wait a server asks for with Retry-After (API and downloads)"
     )
+    run_restart_limit: int = Field(
+        5,
+        ge=0,
+        description="Restarts of one crashed child of `waifu run` / `waifu worker` allowed within "
+        "run_restart_window_s (with a growing delay); past that everything stops. 0: a crash stops everything",
+    )
+    run_restart_window_s: float = Field(
+        600.0, gt=0, description="The window over which run_restart_limit counts a child's restarts"
+    )
     stall_after_s: float = Field(
         900.0,
         gt=0,

@@ -216,13 +216,14 @@ def worker(
     if len(specs) == 1:
         _exec_celery(celery_worker_args(specs[0], loglevel, hostname))
     # two kinds of resource: one Celery worker per pool, supervised here (SIGTERM stops both gracefully)
-    from waifu.runner import Supervisor, celery_command, supervise
+    from waifu.runner import RestartPolicy, Supervisor, celery_command, supervise
 
     commands = [
         (f"worker-{s.kind}", celery_command(celery_worker_args(s, loglevel, node_name(hostname, s.kind))))
         for s in specs
     ]
-    raise typer.Exit(supervise(Supervisor(env=dict(os.environ)), commands))
+    restart = RestartPolicy.from_settings(get_settings())
+    raise typer.Exit(supervise(Supervisor(env=dict(os.environ)), commands, restart=restart))
 
 
 @app.command()

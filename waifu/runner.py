@@ -122,13 +122,41 @@ class Child:
     name: str
     argv: list[str]
     proc: subprocess.Popen | None = None
+    restarts: deque[float] = field(default_factory=deque)  # monotonic times of its restarts
+    restart_at: float | None = None  # when a crashed child is due to start again
 
     @property
     def state(self) -> str:
         if self.proc is None:
             return "not started"
         code = self.proc.poll()
-        return "running" if code is None else f"exited {code}"
+        if code is None:
+            return "running" if not self.restarts else f"running (restarted {len(self.restarts)}x)"
+        return f"exited {code}, restarting" if self.restart_at is not None else f"exited {code}"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """A crashed child starts again after a growing delay (1, 2, 4... s, at most `max_delay_s`), at most
+    `limit` times within `window_s`; past that the supervisor gives up and stops everything. Unattended runs
+    need this: a Celery worker can die of a broker restart (kombu's reconnect raising), and one dead child
+    must not end the whole service."""
+
+    limit: int = 5
+    window_s: float = 600.0
+    max_delay_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RestartPolicy:
+        return cls(settings.run_restart_limit, settings.run_restart_window_s)
+
+    def delay(self, child: Child, now: float) -> float | None:
+        """Seconds to wait before restarting `child`, or None when it has used up its restarts."""
+        while child.restarts and now - child.restarts[0] > self.window_s:
+            child.restarts.popleft()
+        if len(child.restarts) >= self.limit:
+            return None
+        return min(self.max_delay_s, 2.0 ** len(child.restarts))
 
 
 @dataclass
@@ -140,7 +168,8 @@ class Supervisor:
     died: Child | None = None  # the child that exited by itself, which stopped the others
     readers: list[threading.Thread] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str]) -> None:
+    def start(self, name: str, argv: list[str], child: Child | None = None) -> None:
+        """Start a child; with `child`, start it again in place (views hold the same object)."""
         captured = self.output is not None
         # a session of its own: a terminal Ctrl-C reaches only us, and we stop children in order
         proc = subprocess.Popen(
@@ -152,7 +181,10 @@ class Supervisor:
             stdout=subprocess.PIPE if captured else None,
             stderr=subprocess.STDOUT if captured else None,
         )
-        self.children.append(Child(name, argv, proc))
+        if child is None:
+            self.children.append(Child(name, argv, proc))
+        else:
+            child.proc, child.restart_at = proc, None
         if captured:
             reader = threading.Thread(
                 target=self.output.pump, args=(name, proc.stdout), name=f"log-{name}", daemon=True
@@ -162,7 +194,15 @@ class Supervisor:
         log.info(kv("started", child=name, pid=proc.pid))
 
     def first_exited(self) -> Child | None:
-        return next((c for c in self.children if c.proc and c.proc.poll() is not None), None)
+        """The first child that exited by itself and is not already waiting to start again."""
+        return next((c for c in self.children if c.proc and c.proc.poll() is not None and c.restart_at is None), None)
+
+    def restart_due(self, now: float) -> None:
+        for child in self.children:
+            if child.restart_at is not None and now >= child.restart_at:
+                child.restarts.append(now)
+                log.warning(kv("restarting", child=child.name, restarts_in_window=len(child.restarts)))
+                self.start(child.name, child.argv, child)
 
     def stop_all(self) -> None:
         for child in reversed(self.children):
@@ -188,9 +228,11 @@ def supervise(
     commands: list[tuple[str, list[str]]],
     tick: Callable[[], None] | None = None,
     tick_every: float = 2.0,
+    restart: RestartPolicy | None = None,
 ) -> int:
     """Starts the children and watches them until SIGINT/SIGTERM (returns 0) or until one exits by itself
-    (returns 1); then stops every child gracefully. `tick` runs every `tick_every` seconds meanwhile."""
+    (returns 1) and `restart` (None: no restarts) does not allow starting it again; then stops every child
+    gracefully. `tick` runs every `tick_every` seconds meanwhile."""
 
     def request_stop(signum: int, _frame: object) -> None:
         supervisor.stopping = True
@@ -203,12 +245,22 @@ def supervise(
             supervisor.start(name, argv)
         next_tick = 0.0
         while not supervisor.stopping:
+            now = time.monotonic()
             exited = supervisor.first_exited()
             if exited is not None:
-                supervisor.died = exited
-                log.error(kv("child exited", child=exited.name, code=exited.proc.returncode))
-                code = 1
-                break
+                delay = restart.delay(exited, now) if restart is not None else None
+                if delay is None:
+                    supervisor.died = exited
+                    why = "no restarts left" if restart is not None and restart.limit else "restarts off"
+                    log.error(kv("child exited", child=exited.name, code=exited.proc.returncode, then=why))
+                    code = 1
+                    break
+                exited.restart_at = now + delay
+                last = " | ".join(supervisor.output.tail(exited.name)[-3:]) if supervisor.output else ""
+                log.error(
+                    kv("child exited", child=exited.name, code=exited.proc.returncode, restart_in_s=delay, last=last)
+                )
+            supervisor.restart_due(now)
             if tick is not None and time.monotonic() >= next_tick:
                 tick()
                 next_tick = time.monotonic() + tick_every
@@ -371,8 +423,9 @@ def _run(settings: Settings, concurrency: int, verbose: bool, output: ChildLog, 
     supervisor = Supervisor(env=env, output=output)
     commands = child_commands(settings, concurrency)
     try:
+        restart = RestartPolicy.from_settings(settings)
         if verbose:
-            code = supervise(supervisor, commands)
+            code = supervise(supervisor, commands, restart=restart)
         else:
             view = RunView(
                 settings.model_copy(update={"broker_url": broker}),
@@ -382,14 +435,15 @@ def _run(settings: Settings, concurrency: int, verbose: bool, output: ChildLog, 
                 embedded_redis=redis_proc is not None,
             )
             with view:
-                code = supervise(supervisor, commands, tick=view.tick)
+                code = supervise(supervisor, commands, tick=view.tick, restart=restart)
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait(timeout=GRACE_SECONDS)
     if supervisor.died is not None:
         name = supervisor.died.name
-        console.print(f"[red]{name} exited by itself; everything was stopped. Its last lines:[/red]")
+        console.print(f"[red]{name} exited by itself and used up its restarts; everything was stopped. "
+                      "Its last lines:[/red]")  # fmt: skip
         for line in output.tail(name):
             console.print(f"  {line}", markup=False, highlight=False)
     states = ", ".join(f"{c.name} {c.proc.returncode}" for c in supervisor.children if c.proc)
