@@ -138,6 +138,15 @@ class Settings(BaseSettings):
         description="Check every detection again (detect.verify); the ones judged not a face are kept as "
         "`filtered` faces with the reason, never cropped nor labelled",
     )
+    image_time_limit_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds `waifu detect` and `waifu predict` give the face detection of one image (in a child "
+        "process, killed on overrun); that image gets an error and the batch goes on",
+    )
+    test_stall_file: str = Field(
+        "", description="Test hook: face detection of a file with this name never returns; empty in use"
+    )
     face_size: int = Field(96, ge=16, le=1024, description="Side of the square face crops in pixels")
     face_margin: float = Field(0.2, ge=0, le=2, description="Crop margin around a face box, share of its side")
     test_fraction: float = Field(0.15, gt=0, lt=1, description="Share of faces in the test split (by hash)")

@@ -147,6 +147,11 @@ def _gray(lib: ctypes.CDLL, image: Image.Image) -> _MatrixP:
 
 def detect(image: Image.Image) -> list[Face]:
     """Every face animeface finds in `image`, as `animeface.detect` would report its box and likelihood."""
+    return [Face(p.face.x, p.face.y, p.face.width, p.face.height, float(p.likelihood)) for p in positions(image)]
+
+
+def positions(image: Image.Image) -> list[_FacePosition]:
+    """nv_face_detect's full records (face, eyes, nose, mouth, chin boxes), copied out of the shared buffer."""
     if image.width < 1 or image.height < 1:
         return []
     lib = _library()
@@ -183,8 +188,7 @@ def detect(image: Image.Image) -> list[Face]:
                 SCALE_FACTOR,
                 MIN_WINDOW_SIZE,
             )
-            found = [faces[i] for i in range(count)]
-            return [Face(f.face.x, f.face.y, f.face.width, f.face.height, float(f.likelihood)) for f in found]
+            return [_FacePosition.from_buffer_copy(faces[i]) for i in range(count)]
     finally:
         for matrix in matrices:
             lib.nv_matrix_free(ctypes.byref(matrix))

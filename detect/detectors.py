@@ -3,7 +3,9 @@ package), `lbpcascade` (OpenCV's CascadeClassifier with lbpcascade_animeface.xml
 union with non-maximum suppression).
 
 Pins that matter (both verified): OpenCV 4.x (5.x `opencv-python-headless` wheels lack CascadeClassifier)
-and Pillow < 12 (`animeface` 2.0.3 reads Pillow's internal struct and silently finds nothing on >= 12).
+and Pillow < 12 (`animeface.detect` 2.0.3 reads Pillow's internal struct and silently finds nothing on >= 12;
+detect/animeface_boxes.py, used here instead, reads pixels with numpy, but tests still compare the two).
+animeface runs through detect/animeface_boxes.py: its detection stage only, never its colour k-means.
 OpenCV and animeface are imported on first use only: Celery and CLI start-up stay light.
 """
 
@@ -123,18 +125,14 @@ def detect_lbpcascade(
 
 # ------------------------------------------------------------------------ animeface -----------
 def detect_animeface(image: Image.Image, min_likelihood: float = 0.0) -> list[Detection]:
-    import animeface
+    """animeface's boxes and likelihoods, without its colour analysis (which can loop forever, issue 17)."""
+    from detect import animeface_boxes
 
-    found = animeface.detect(image.convert("RGB"))
-    out = []
-    for face in found:
-        if face.likelihood < min_likelihood:
-            continue
-        box = face.face.pos
-        out.append(
-            Detection(int(box.x), int(box.y), int(box.width), int(box.height), "animeface", float(face.likelihood))
-        )
-    return out
+    return [
+        Detection(face.x, face.y, face.width, face.height, "animeface", face.likelihood)
+        for face in animeface_boxes.detect(image.convert("RGB"))
+        if face.likelihood >= min_likelihood
+    ]
 
 
 # ------------------------------------------------------------------------ union ---------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from core.settings import Settings, get_settings
+from detect import animeface_boxes
 from detect.detectors import Detection, cascade_path, load_cascade
 
 CHECK_SIDE = 160  # pixels of the normalised crop: faces of every size are judged at one scale
@@ -84,7 +85,6 @@ def skin_share(image: Image.Image, det: Detection) -> float:
 
 
 def features(image: Image.Image, det: Detection, settings: Settings | None = None) -> dict[str, float]:
-    import animeface
     import cv2
     import numpy as np
 
@@ -93,11 +93,8 @@ def features(image: Image.Image, det: Detection, settings: Settings | None = Non
     out: dict[str, float] = {}
     for margin, name in zip(MARGINS, ("near", "wide"), strict=True):
         crop = crop_around(image, det, margin, angle)
-        liked = [
-            f.likelihood
-            for f in animeface.detect(crop)
-            if _central(f.face.pos.x, f.face.pos.y, f.face.pos.width, f.face.pos.height, margin)
-        ]
+        # boxes and likelihoods only: animeface's colour analysis can loop forever (issue 17)
+        liked = [f.likelihood for f in animeface_boxes.detect(crop) if _central(f.x, f.y, f.width, f.height, margin)]
         gray = cv2.equalizeHist(cv2.cvtColor(np.asarray(crop), cv2.COLOR_RGB2GRAY))
         boxes, neighbours = cascade.detectMultiScale2(
             gray, scaleFactor=1.1, minNeighbors=1, minSize=(CHECK_SIDE // 5, CHECK_SIDE // 5)

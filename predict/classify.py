@@ -27,9 +27,14 @@ def load_current(settings: Settings | None = None):
 
 
 def classify_image(
-    classifier: Any, image: Image.Image, settings: Settings | None = None, k: int = 3
+    classifier: Any,
+    image: Image.Image,
+    settings: Settings | None = None,
+    k: int = 3,
+    detections: list | None = None,
 ) -> list[dict[str, Any]]:
-    """Every face of `image` (an RGB image from core.images.open_image): its name (or "unknown") and top-k."""
+    """Every face of `image` (an RGB image from core.images.open_image): its name (or "unknown") and top-k.
+    `detections`: the faces already found (`waifu predict` finds them in a time-bounded child), else found here."""
     import numpy as np
 
     from crop.imaging import crop_face, square_crop_box
@@ -37,7 +42,8 @@ def classify_image(
     from train.model import name_of, predict, top_k
 
     settings = settings or get_settings()
-    detections = find_faces(image, settings.detector, settings)
+    if detections is None:
+        detections = find_faces(image, settings.detector, settings)
     if not detections and max(image.size) <= WHOLE_IMAGE_MAX_SIDE:
         detections = [Detection(0, 0, image.width, image.height, "whole-image", None)]
     if not detections:

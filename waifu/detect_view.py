@@ -15,14 +15,14 @@ from rich.table import Table
 def detect_paths(
     paths: list[Path], as_json: bool, annotate_dir: Path | None, detector: str, console: Console, max_pixels: int
 ) -> list[dict]:
-    """One entry per path; a path that cannot be read gets an `error` and the others go on."""
+    """One entry per path; a path that cannot be read, or whose detection overruns WAIFU_IMAGE_TIME_LIMIT_S,
+    gets an `error` and the others go on."""
     from core.errors import Refused
     from core.images import open_image
-    from detect.annotate import annotate
-    from detect.detectors import find_faces, pin_opencv_threads
-    from waifu.annotated import output_path, prepare
+    from core.settings import get_settings
+    from detect.bounded import BoundedDetector, DetectionFailed
+    from waifu.annotated import prepare
 
-    pin_opencv_threads()
     results = []
     written: set[str] = set()
     if annotate_dir:
@@ -33,27 +33,15 @@ def detect_paths(
         if as_json:  # a line per file as soon as it is known: a long batch shows progress to a pipe
             print(json.dumps(entry), flush=True)
 
-    for path in track(paths, description="detecting", console=console, disable=as_json or len(paths) < 3):
-        try:
-            image = open_image(path, max_pixels)
-        except Refused as exc:
-            done({"path": str(path), "error": str(exc), "faces": []})
-            continue
-        detections = find_faces(image, detector)
-        faces = [
-            {
-                "box": [d.x, d.y, d.w, d.h],
-                "detector": d.detector,
-                "score": None if d.score is None else round(float(d.score), 4),
-            }
-            for d in detections
-        ]
-        entry = {"path": str(path), "width": image.width, "height": image.height, "faces": faces}
-        if annotate_dir:
-            out = output_path(annotate_dir, path, "annotated", written)
-            annotate(image, detections).save(out)
-            entry["annotated"] = str(out)
-        done(entry)
+    with BoundedDetector(get_settings()) as bounded:
+        for path in track(paths, description="detecting", console=console, disable=as_json or len(paths) < 3):
+            try:
+                image = open_image(path, max_pixels)
+                detections = bounded.find(image, detector, str(path))
+            except (Refused, DetectionFailed) as exc:
+                done({"path": str(path), "error": str(exc), "faces": []})
+                continue
+            done(_entry(path, image, detections, annotate_dir, written))
     if as_json:
         return results
     table = Table(title=f"faces found ({detector})")
@@ -69,3 +57,23 @@ def detect_paths(
         )
     console.print(table)
     return results
+
+
+def _entry(path: Path, image, detections: list, annotate_dir: Path | None, written: set[str]) -> dict:
+    from detect.annotate import annotate
+    from waifu.annotated import output_path
+
+    faces = [
+        {
+            "box": [d.x, d.y, d.w, d.h],
+            "detector": d.detector,
+            "score": None if d.score is None else round(float(d.score), 4),
+        }
+        for d in detections
+    ]
+    entry = {"path": str(path), "width": image.width, "height": image.height, "faces": faces}
+    if annotate_dir:
+        out = output_path(annotate_dir, path, "annotated", written)
+        annotate(image, detections).save(out)
+        entry["annotated"] = str(out)
+    return entry

@@ -17,7 +17,8 @@ def predict_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, c
     from core.errors import Refused
     from core.images import open_image
     from detect.annotate import annotate
-    from detect.detectors import Detection, pin_opencv_threads
+    from detect.bounded import BoundedDetector, DetectionFailed
+    from detect.detectors import Detection
     from predict.classify import classify_image, load_current
     from waifu.annotated import output_path, prepare
 
@@ -26,7 +27,6 @@ def predict_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, c
     if classifier is None:  # on stderr: stdout stays JSON lines only under --json
         Console(stderr=True).print("[red]no current model yet: run `waifu retrain --force --wait` first[/red]")
         return False
-    pin_opencv_threads()
     results = []
     written: set[str] = set()
     if annotate_dir:
@@ -37,27 +37,30 @@ def predict_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, c
         if as_json:  # a line per file as soon as it is known: a long batch shows progress to a pipe
             print(json.dumps(entry), flush=True)
 
-    for path in paths:
-        try:
-            image = open_image(path, settings.max_image_pixels)
-        except Refused as exc:
-            done({"path": str(path), "error": str(exc), "faces": []})
-            continue
-        faces = classify_image(classifier, image, settings)
-        entry = {
-            "path": str(path),
-            "model": f"v{version.id}",
-            "width": image.width,
-            "height": image.height,
-            "faces": faces,
-        }
-        if annotate_dir:
-            boxes = [Detection(*f["box"], f["detector"]) for f in faces]
-            labels = [_label(f) for f in faces]
-            out = output_path(annotate_dir, path, "predicted", written)
-            annotate(image, boxes, labels).save(out)
-            entry["annotated"] = str(out)
-        done(entry)
+    with BoundedDetector(settings) as bounded:
+        for path in paths:
+            try:
+                image = open_image(path, settings.max_image_pixels)
+                # the detection, bounded in a child; the naming stays here, where the model is loaded
+                detections = bounded.find(image, settings.detector, str(path))
+            except (Refused, DetectionFailed) as exc:
+                done({"path": str(path), "error": str(exc), "faces": []})
+                continue
+            faces = classify_image(classifier, image, settings, detections=detections)
+            entry = {
+                "path": str(path),
+                "model": f"v{version.id}",
+                "width": image.width,
+                "height": image.height,
+                "faces": faces,
+            }
+            if annotate_dir:
+                boxes = [Detection(*f["box"], f["detector"]) for f in faces]
+                labels = [_label(f) for f in faces]
+                out = output_path(annotate_dir, path, "predicted", written)
+                annotate(image, boxes, labels).save(out)
+                entry["annotated"] = str(out)
+            done(entry)
     if as_json:
         return all("error" not in e for e in results)
     table = Table(title=f"predictions (model v{version.id})")
