@@ -97,6 +97,7 @@ async def main() -> int:
     from scraper.characters import add_characters
     from scraper.poller import poll_once
     from tests.support.fake_safebooru import FakeSafebooru, load_illustrations
+    from waifu.cli import enqueue_downloads
 
     console = Console()
     fake = FakeSafebooru()
@@ -133,7 +134,7 @@ async def main() -> int:
     try:
         await asyncio.sleep(3)  # let the worker connect; not part of the measured time
         started = time.monotonic()
-        await poll_once(settings)
+        await poll_once(settings, enqueue_downloads)
         api_requests = len(fake.api_requests())
         done = 0
         with Progress(console=console, transient=True) as progress:
@@ -253,6 +254,7 @@ async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.
     from scraper.characters import add_characters
     from scraper.poller import poll_once
     from tests.support.fake_safebooru import FakeSafebooru, publish
+    from waifu.cli import enqueue_downloads
     from waifu.pools import celery_worker_args, node_name, plan_workers
     from waifu.runner import ChildLog, Supervisor, celery_command
 
@@ -286,7 +288,7 @@ async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.
         await asyncio.to_thread(wait_for_workers, len(specs), supervisor)
         started = last_load = time.monotonic()
         loads.append(os.getloadavg())
-        poll = asyncio.ensure_future(poll_once(settings))
+        poll = asyncio.ensure_future(poll_once(settings, enqueue_downloads))
         with Progress(console=console, transient=True) as progress:
             bar = progress.add_task(f"{kind}: posts terminal", total=n)
             while done < n and time.monotonic() - started < args.timeout:

@@ -81,12 +81,6 @@ class PollReport:
         return [f"{t.tag}: {t.error}" for t in self.tags if t.error]
 
 
-def _default_enqueue(ids: Iterable[int]) -> int:
-    from worker.steps import enqueue
-
-    return enqueue("download", ids)
-
-
 class TagPoller:
     """Polls one tag on one site; keeps its cursor in memory and saves it at the end."""
 
@@ -270,7 +264,7 @@ class TagPoller:
 
 async def poll_once(
     settings: Settings,
-    enqueue: Enqueue | None = None,
+    enqueue: Enqueue,
     session: aiohttp.ClientSession | None = None,
     clients: dict[str, BooruClient] | None = None,
 ) -> PollReport:
@@ -286,7 +280,7 @@ async def poll_once(
     clients = clients if clients is not None else {}
     for site in {c.site for c in characters} - set(clients):
         clients[site] = BooruClient(session, settings, settings.site(site))
-    pollers = [TagPoller(clients[c.site], c, characters, settings, enqueue or _default_enqueue) for c in characters]
+    pollers = [TagPoller(clients[c.site], c, characters, settings, enqueue) for c in characters]
     # every poll's outcome is taken: one failing where it cannot even save its cursor is reported and
     # logged, not dropped with the others' results
     results = await asyncio.gather(*(p.poll() for p in pollers), return_exceptions=True)
@@ -310,7 +304,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-async def run_forever(settings: Settings, stop: asyncio.Event, enqueue: Enqueue | None = None) -> None:
+async def run_forever(settings: Settings, stop: asyncio.Event, enqueue: Enqueue) -> None:
     """Polls every `poll_interval` seconds until `stop` is set; one client (and limiter) a site for the whole
     life."""
     async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as http:
@@ -333,8 +327,9 @@ async def run_forever(settings: Settings, stop: asyncio.Event, enqueue: Enqueue 
                 await asyncio.wait_for(stop.wait(), timeout=settings.poll_interval)
 
 
-def run(settings: Settings, once: bool) -> PollReport | None:
-    """Sync entry for the CLI: SIGINT/SIGTERM stop cleanly. Returns the report of a `--once` pass."""
+def run(settings: Settings, once: bool, enqueue: Enqueue) -> PollReport | None:
+    """Sync entry for the CLI: SIGINT/SIGTERM stop cleanly. Returns the report of a `--once` pass. `enqueue`
+    hands new posts to the download step (given by the caller: the scraper does not import the worker)."""
 
     async def main() -> PollReport | None:
         async with only_scraper(settings.broker_url):
@@ -346,7 +341,7 @@ def run(settings: Settings, once: bool) -> PollReport | None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if once:
-            task = asyncio.ensure_future(poll_once(settings))
+            task = asyncio.ensure_future(poll_once(settings, enqueue))
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -356,7 +351,7 @@ def run(settings: Settings, once: bool) -> PollReport | None:
                 return None
             return task.result()
         log.info(kv("scraper started", interval=settings.poll_interval, rps=settings.requests_per_second))
-        await run_forever(settings, stop)
+        await run_forever(settings, stop, enqueue)
         log.info(kv("scraper stopped"))
         return None
 

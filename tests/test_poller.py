@@ -22,6 +22,7 @@ from tests.support.broker import queued_ids
 from tests.support.drawn import drawn_image
 from tests.support.fake_safebooru import FakePost, FakeSafebooru, publish
 from tests.support.limits import max_in_window
+from waifu.cli import enqueue_downloads
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru
     tags = sorted(counts)
     add_characters(tags)
 
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == []
     assert len(rows()) == len(published)
     # the repost is skipped, not downloaded twice
@@ -83,7 +84,7 @@ async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru
     redis_client.delete("io")
     fresh = [new_post(fake, f"1girl {tags[i % 3]}", f"fresh{i}") for i in range(5)]
     fake.requests.clear()
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.new == 5
     assert queued(redis_client) == sorted(p.id for p in fresh)
     assert len(fake.api_requests()) == len(tags)
@@ -92,7 +93,7 @@ async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru
     # nothing new: exactly one request per tag, nothing enqueued
     redis_client.delete("io")
     fake.requests.clear()
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.new == 0 and len(fake.api_requests()) == len(tags)
     assert redis_client.llen("io") == 0
     with session_scope() as session:
@@ -104,10 +105,10 @@ async def test_first_sync_then_incremental_polls(scrape_env, fake: FakeSafebooru
 async def test_catch_up_pages_through_a_large_gap(scrape_env, fake: FakeSafebooru, redis_client) -> None:
     add_characters(["riko"])
     new_post(fake, "riko", "seed0")
-    await poll_once(scrape_env)
+    await poll_once(scrape_env, enqueue_downloads)
     burst = [new_post(fake, "riko", f"burst{i}") for i in range(45)]  # more than two pages of 20
     redis_client.delete("io")
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.new == 45 and report.tags[0].requests == 3
     assert queued(redis_client) == sorted(p.id for p in burst)
 
@@ -117,7 +118,7 @@ async def test_backfill_is_bounded(scrape_env, fake: FakeSafebooru, monkeypatch:
     reset_settings_cache()
     add_characters(["maki"])
     posts = [new_post(fake, "maki", f"old{i}") for i in range(70)]
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert report.new == 40 and report.tags[0].requests == 2
     assert set(rows()) == {p.id for p in posts[-40:]}, "the newest 40 are kept, the oldest are not walked to"
 
@@ -126,7 +127,7 @@ async def test_post_under_two_tags_is_one_row_with_two_links(scrape_env, fake: F
     add_characters(["maki", "riko"])
     both = new_post(fake, "maki riko", "both")
     new_post(fake, "maki", "only_maki")
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.new == 2
     assert queued(redis_client) == sorted(rows())  # the shared post is enqueued once
     with session_scope() as session:
@@ -188,7 +189,7 @@ async def test_rating_filter_and_reposts_are_skipped_with_reasons(
     original = new_post(fake, "maki", "orig")
     racy = new_post(fake, "maki", "racy", rating="questionable")
     repost = fake.add(FakePost(id=fake.next_id(), tags="maki", data=original.data, image="again.jpg"))
-    await poll_once(scrape_env)
+    await poll_once(scrape_env, enqueue_downloads)
     by_id = rows()
     assert by_id[original.id].state == PostState.discovered
     assert by_id[racy.id].state == PostState.skipped and "rating 'questionable' filtered" in by_id[racy.id].reason
@@ -206,13 +207,13 @@ async def test_api_failure_of_one_poll_is_recorded_and_recovers(
     add_characters(["maki"])
     first = new_post(fake, "maki", "a")
     fake.api_faults.extend(["malformed", "malformed"])
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert "malformed JSON" in report.errors[0]
     with session_scope() as session:
         cursor = session.get(ScrapeCursor, ("safebooru", "maki"))
         assert "malformed JSON" in cursor.last_error and cursor.requests == 2
     assert rows() == {}
-    report = await poll_once(get_settings())  # the API is fine again: nothing was lost
+    report = await poll_once(get_settings(), enqueue_downloads)  # the API is fine again: nothing was lost
     assert report.errors == [] and set(rows()) == {first.id}
 
 
@@ -224,7 +225,7 @@ async def test_polite_with_several_tags(scrape_env, fake: FakeSafebooru, monkeyp
     add_characters(tags)
     for i in range(32):  # 8 per tag at 5 a page: 2 requests per tag
         new_post(fake, tags[i % 4], f"p{i}")
-    await poll_once(get_settings())
+    await poll_once(get_settings(), enqueue_downloads)
     times = [r.at for r in fake.api_requests()]
     assert len(times) >= 8
     assert max_in_window(times) <= 2
@@ -236,7 +237,7 @@ async def test_run_forever_stops_promptly(scrape_env, fake: FakeSafebooru, monke
     add_characters(["maki"])
     new_post(fake, "maki", "a")
     stop = asyncio.Event()
-    task = asyncio.ensure_future(run_forever(get_settings(), stop))
+    task = asyncio.ensure_future(run_forever(get_settings(), stop, enqueue_downloads))
     for _ in range(100):
         if rows():
             break
@@ -256,7 +257,7 @@ async def test_run_forever_stopped_mid_poll_ends_at_once_and_loses_nothing(
     reset_settings_cache()
     add_characters(["maki"])
     first = new_post(fake, "maki", "before")
-    assert (await poll_once(get_settings())).new == 1  # synced: the cursor stands at `first`
+    assert (await poll_once(get_settings(), enqueue_downloads)).new == 1  # synced: the cursor stands at `first`
     burst = sorted(new_post(fake, "maki", f"burst{i}").id for i in range(45))  # 20 + 20 + 5 a page
     redis_client.delete("io")
     fake.requests.clear()
@@ -265,7 +266,7 @@ async def test_run_forever_stopped_mid_poll_ends_at_once_and_loses_nothing(
     caplog.set_level(logging.WARNING, logger="waifu.scraper.client")
 
     stop = asyncio.Event()
-    task = asyncio.ensure_future(run_forever(get_settings(), stop))
+    task = asyncio.ensure_future(run_forever(get_settings(), stop, enqueue_downloads))
     deadline = time.monotonic() + 30
     while not any("api retry" in r.getMessage() for r in caplog.records):  # now in the 60 s wait
         assert not task.done() and time.monotonic() < deadline, "the poll never reached the 429 on page 2"
@@ -284,7 +285,8 @@ async def test_run_forever_stopped_mid_poll_ends_at_once_and_loses_nothing(
     assert cursor.newest_id == first.id, f"cursor moved to {cursor.newest_id}, past 25 posts never stored"
 
     redis_client.delete("io")
-    report = await poll_once(get_settings())  # the site answers again: the rest arrives, nothing twice
+    # the site answers again: the rest arrives, nothing twice
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert report.errors == [] and report.new == 25
     assert set(rows()) == {first.id, *burst}
     assert queued(redis_client) == burst[:25]
@@ -294,7 +296,7 @@ async def test_unusable_entries_become_failed_rows(scrape_env, fake: FakeSafeboo
     add_characters(["maki"])
     good = new_post(fake, "maki", "good")
     bad = new_post(fake, "maki", "bad", announced_md5="zzz")
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.new == 1 and queued(redis_client) == [good.id]
     row = rows()[bad.id]
     assert row.state == PostState.failed and "not an md5" in row.reason
@@ -312,7 +314,7 @@ async def test_gap_of_pages_with_unusable_entries_loses_nothing(scrape_env, fake
     on to the end, every post becomes a row, and the cursor stands at the newest."""
     add_characters(["miku"])
     synced = [new_post(fake, "miku", f"old{i}") for i in range(5)]
-    assert (await poll_once(scrape_env)).new == 5
+    assert (await poll_once(scrape_env, enqueue_downloads)).new == 5
     gap = [new_post(fake, "miku", f"gap{i}") for i in range(55)]
     bad_on_first_page = gap[-7]
     fake.entry_overrides[bad_on_first_page.id] = {"hash": "not-an-md5"}
@@ -321,7 +323,7 @@ async def test_gap_of_pages_with_unusable_entries_loses_nothing(scrape_env, fake
         fake.entry_overrides[post.id] = {"hash": ""}
     redis_client.delete("io")
 
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == []
     by_id = rows()
     assert set(by_id) == {p.id for p in synced + gap}, "posts of the gap never became rows"
@@ -344,7 +346,8 @@ async def test_out_of_range_ids_are_refused_and_later_posts_arrive(
         fake.add(FakePost(id=bogus, tags="rin", data=f"bogus{bogus}".encode(), image=f"b{bogus}.jpg"))
     caplog.set_level(logging.WARNING, logger="waifu.scraper.client")
 
-    report = await poll_once(scrape_env)  # the first sync lists them all: the huge ones first, 0 and -5 last
+    # the first sync lists them all: the huge ones first, 0 and -5 last
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 10
     assert set(rows()) == {p.id for p in real}
     cursor = cursor_of("rin")
@@ -354,7 +357,7 @@ async def test_out_of_range_ids_are_refused_and_later_posts_arrive(
     assert any("greater than 0" in m for m in refusals), refusals
 
     later = new_post(fake, "rin", "later")  # listed under the huge ids, which are refused again
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 1
     assert later.id in rows() and cursor_of("rin").newest_id == later.id
 
@@ -393,13 +396,13 @@ async def test_foreign_exception_is_recorded_logged_and_retried(
     the next poll, once the cause is gone, stores everything."""
     add_characters(["maki", "riko"])
     riko = new_post(fake, "riko", "riko0")
-    assert (await poll_once(scrape_env)).errors == []
+    assert (await poll_once(scrape_env, enqueue_downloads)).errors == []
     maki = [new_post(fake, "maki", f"m{i}") for i in range(3)]
     maki_cursor, riko_cursor = cursor_of("maki").newest_id, cursor_of("riko").newest_id
     _refuse_inserts("post")
     caplog.set_level(logging.INFO, logger="waifu.scraper")
 
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     errors = {t.tag: t.error for t in report.tags}
     assert "refused by a test trigger" in errors["maki"] and errors["riko"] is None
     cursor = cursor_of("maki")
@@ -409,7 +412,7 @@ async def test_foreign_exception_is_recorded_logged_and_retried(
     assert set(rows()) == {riko.id} and cursor_of("riko").newest_id == riko_cursor
 
     _allow_inserts("post")
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 3
     assert set(rows()) == {riko.id, *(p.id for p in maki)}
     assert cursor_of("maki").last_error is None and cursor_of("maki").newest_id == maki[-1].id
@@ -424,7 +427,7 @@ async def test_error_saving_a_cursor_is_reported_not_swallowed(
     new_post(fake, "maki", "a")
     _refuse_inserts("scrape_cursor")
     caplog.set_level(logging.INFO, logger="waifu.scraper")
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert "refused by a test trigger" in report.errors[0]
     failures = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info is not None]
     assert any("refused by a test trigger" in str(r.exc_info[1]) for r in failures)
@@ -445,7 +448,7 @@ async def test_run_forever_logs_a_failed_pass_and_polls_again(
         session.exec(text("ALTER TABLE character RENAME TO character_away"))
     caplog.set_level(logging.INFO, logger="waifu.scraper")
     stop = asyncio.Event()
-    task = asyncio.ensure_future(run_forever(get_settings(), stop))
+    task = asyncio.ensure_future(run_forever(get_settings(), stop, enqueue_downloads))
     try:
         deadline = time.monotonic() + 30
         while sum("poll pass failed" in r.getMessage() for r in caplog.records) < 2:
@@ -471,14 +474,14 @@ async def test_unusable_stub_is_repaired_by_a_later_correct_listing(
     add_characters(["maki"])
     post = new_post(fake, "maki riko", "both")
     fake.entry_overrides[post.id] = {"hash": "zzz", "file_url": None}
-    await poll_once(scrape_env)
+    await poll_once(scrape_env, enqueue_downloads)
     stub = rows()[post.id]
     assert stub.state == PostState.failed and stub.md5 == "" and stub.file_url == ""
     assert queued(redis_client) == []
 
     fake.entry_overrides.clear()  # the site lists it right from now on
     add_characters(["riko"])
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 1
     repaired = rows()[post.id]
     assert repaired.id == stub.id and repaired.state == PostState.discovered and repaired.reason is None
@@ -540,11 +543,11 @@ async def test_oversize_page_is_refused_and_recorded_on_the_tag(
     post = new_post(fake, "maki", "a")
     fake.oversize_bytes = 8 * 1024 * 1024
     fake.api_faults.append("oversize_chunked")
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert "over the size cap" in report.errors[0] and "WAIFU_API_MAX_PAGE_BYTES" in report.errors[0]
     assert "over the size cap" in cursor_of("maki").last_error
     assert rows() == {}
-    report = await poll_once(get_settings())  # a sane page at the next poll
+    report = await poll_once(get_settings(), enqueue_downloads)  # a sane page at the next poll
     assert report.errors == [] and set(rows()) == {post.id}
 
 
@@ -579,7 +582,7 @@ async def test_nul_bytes_in_a_listing_are_stored_without_them(scrape_env, fake: 
     add_characters(["maki"])
     post = new_post(fake, "maki", "nul")
     fake.entry_overrides[post.id] = {"tags": " maki\x00 solo ", "source": "http://x/\x00y"}
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 1
     row = rows()[post.id]
     assert (row.tags, row.source, row.state) == ("maki solo", "http://x/y", PostState.discovered)
@@ -595,13 +598,13 @@ async def test_page_failing_mid_walk_leaves_the_cursor_below_the_gap(
     reset_settings_cache()
     add_characters(["maki"])
     first = new_post(fake, "maki", "first")
-    await poll_once(get_settings())
+    await poll_once(get_settings(), enqueue_downloads)
     gap = sorted(new_post(fake, "maki", f"gap{i}").id for i in range(45))
     fake.api_faults.extend(["none", "503"])
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert "HTTP 503" in report.errors[0]
     assert set(rows()) == {first.id, *gap[-20:]} and cursor_of("maki").newest_id == first.id
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert report.errors == [] and set(rows()) == {first.id, *gap} and cursor_of("maki").newest_id == gap[-1]
 
 
@@ -618,7 +621,7 @@ async def synced_with_bogus_id(scrape_env, fake: FakeSafebooru, redis_client) ->
     cursor stands at the bogus id, above every real post."""
     add_characters(["miku"])
     add_posts(fake, "miku", [*range(1001, 1011), BOGUS_ID])
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 11
     assert cursor_of("miku").newest_id == BOGUS_ID
     redis_client.delete("io")
@@ -631,14 +634,14 @@ async def test_post_published_after_a_bogus_id_is_stored(scrape_env, fake: FakeS
     poll asked `id:>9000000000` and never saw it). Then an idle poll costs one request and stores nothing."""
     await synced_with_bogus_id(scrape_env, fake, redis_client)
     add_posts(fake, "miku", [1300])
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 1
     assert set(rows()) == {*range(1001, 1011), BOGUS_ID, 1300}
     assert queued(redis_client) == [1300]
     assert report.tags[0].requests == 1  # a short page: nothing below it to walk to
 
     redis_client.delete("io")
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 0 and report.tags[0].seen == 0
     assert report.tags[0].requests == 1 and redis_client.llen("io") == 0
 
@@ -649,7 +652,7 @@ async def test_burst_published_after_a_bogus_id_is_stored_whole(scrape_env, fake
     that reaches the synced posts."""
     await synced_with_bogus_id(scrape_env, fake, redis_client)
     add_posts(fake, "miku", range(1011, 1056))
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 45
     assert set(rows()) == {*range(1001, 1056), BOGUS_ID}
     assert queued(redis_client) == list(range(1011, 1056))
@@ -668,13 +671,13 @@ async def test_walk_cut_short_under_a_bogus_cursor_resumes_at_the_next_poll(
     await synced_with_bogus_id(get_settings(), fake, redis_client)
     add_posts(fake, "miku", range(1011, 1056))
     fake.api_faults.extend(["none", "503"])
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert "HTTP 503" in report.errors[0]
     assert set(rows()) == {*range(1001, 1011), *range(1037, 1056), BOGUS_ID}
     assert cursor_of("miku").newest_id == 1036  # under the stored page: the next poll must walk past it
 
     redis_client.delete("io")
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert report.errors == [] and report.new == 26
     assert set(rows()) == {*range(1001, 1056), BOGUS_ID}
     assert queued(redis_client) == list(range(1011, 1037))
@@ -691,11 +694,11 @@ async def test_without_backfill_a_bogus_id_hides_nothing_and_old_posts_stay_out(
     reset_settings_cache()
     add_characters(["miku"])
     add_posts(fake, "miku", range(1001, 1011))
-    assert (await poll_once(get_settings())).new == 0
+    assert (await poll_once(get_settings(), enqueue_downloads)).new == 0
     add_posts(fake, "miku", [BOGUS_ID])
-    assert (await poll_once(get_settings())).new == 1 and cursor_of("miku").newest_id == BOGUS_ID
+    assert (await poll_once(get_settings(), enqueue_downloads)).new == 1 and cursor_of("miku").newest_id == BOGUS_ID
     add_posts(fake, "miku", [1300])
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert report.errors == [] and report.new == 1
     assert set(rows()) == {BOGUS_ID, 1300}
 
@@ -713,13 +716,13 @@ async def test_idle_poll_costs_one_request_per_tag_and_stores_nothing(
         add_posts(fake, tag, range(2000 + 100 * n, 2030 + 100 * n))  # 30 each: more than a page of 20
     add_posts(fake, "miku", [BOGUS_ID])
     fake.entry_overrides[2225] = {"id": "not-an-id"}  # on miku's newest page, under the bogus id
-    await poll_once(scrape_env)
+    await poll_once(scrape_env, enqueue_downloads)
     before = {tag: cursor_of(tag).newest_id for tag in tags}
     count = len(rows())
     for _ in range(2):
         redis_client.delete("io")
         fake.requests.clear()
-        report = await poll_once(scrape_env)
+        report = await poll_once(scrape_env, enqueue_downloads)
         assert report.errors == []
         assert [t.requests for t in report.tags] == [1, 1, 1]
         assert report.new == 0 and sum(t.seen for t in report.tags) == 0
@@ -739,11 +742,11 @@ async def test_without_backfill_the_sync_starts_below_the_newest_post_with_an_id
     add_characters(["miku"])
     add_posts(fake, "miku", range(1001, 1011))
     fake.entry_overrides[1010] = {"id": "x"}
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert report.errors == [] and report.new == 0
     assert cursor_of("miku").newest_id == 1009
     add_posts(fake, "miku", [1011])
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert report.errors == [] and set(rows()) == {1011}, "old posts were taken with no backfill"
 
 
@@ -758,11 +761,11 @@ async def test_stub_under_the_cursor_is_repaired_by_the_tags_own_listing(
     add_posts(fake, "miku", range(1001, 1011))
     fake.entry_overrides[1005] = {"hash": "zzz"}
     fake.entry_overrides[1007] = {"hash": "zzz"}
-    await poll_once(scrape_env)
+    await poll_once(scrape_env, enqueue_downloads)
     assert rows()[1005].state == PostState.failed and rows()[1005].md5 == ""
     redis_client.delete("io")
     del fake.entry_overrides[1005]
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 1 and report.tags[0].requests == 1
     assert rows()[1005].state == PostState.discovered and rows()[1005].md5 == fake.posts[1005].md5
     assert rows()[1007].state == PostState.failed and queued(redis_client) == [1005]
@@ -776,11 +779,11 @@ async def test_a_cursor_kept_before_floors_takes_no_old_posts(scrape_env, fake: 
     add_posts(fake, "miku", range(1001, 1031))
     with session_scope() as session:
         session.add(ScrapeCursor(site="safebooru", tag="miku", newest_id=1030, backfill_done=True))
-    report = await poll_once(scrape_env)
+    report = await poll_once(scrape_env, enqueue_downloads)
     assert report.errors == [] and report.new == 0 and report.tags[0].requests == 1
     assert cursor_of("miku").oldest_id == 1031
     add_posts(fake, "miku", [1031])
-    assert (await poll_once(scrape_env)).new == 1 and set(rows()) == {1031}
+    assert (await poll_once(scrape_env, enqueue_downloads)).new == 1 and set(rows()) == {1031}
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from scraper.characters import add_characters
 from scraper.client import INT32, INT64, MAX_POST_ID, ApiPost, parse_posts
 from scraper.poller import poll_once
 from tests.support.fake_safebooru import FakePost, FakeSafebooru, ServedPage
+from waifu.cli import enqueue_downloads
 
 SCALE = float(os.environ.get("WAIFU_FUZZ_SCALE", "1"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -427,11 +428,11 @@ async def run_script(script: Script) -> None:
     try:
         for count in script.batches:
             site.publish(count)
-            report = await poll_once(poll_settings)  # must return, whatever the pages held
+            report = await poll_once(poll_settings, enqueue_downloads)  # must return, whatever the pages held
             assert len(report.tags) == 1
             check_invariants(site, final=False)
         site.clean = True  # the site lists right again: the next poll brings in every post
-        report = await poll_once(poll_settings)
+        report = await poll_once(poll_settings, enqueue_downloads)
         assert report.errors == [], report.errors
         check_invariants(site, final=True)
     finally:

@@ -19,6 +19,7 @@ from scraper.poller import poll_once
 from tests.support.cli import run_cli
 from tests.support.drawn import drawn_image
 from tests.support.fake_safebooru import FakePost, FakeSafebooru
+from waifu.cli import enqueue_downloads
 
 KEY = ("s3cret-key", "4242")
 
@@ -65,7 +66,7 @@ async def test_two_sites_are_polled_each_with_its_own_ids_credentials_and_rating
     add_characters(["nishikino_maki"])
     add_characters(["nishikino_maki"], ratings="general,sensitive", site="gelbooru")
 
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert report.errors == []
     by_key = rows()
     assert set(by_key) == {
@@ -121,7 +122,7 @@ async def test_a_file_comes_only_from_its_own_sites_hosts(
 ) -> None:
     good = publish(gelbooru, 2001, "nishikino_maki", "gel-file")
     add_characters(["nishikino_maki"], site="gelbooru")
-    await poll_once(get_settings())
+    await poll_once(get_settings(), enqueue_downloads)
     settings = get_settings()
     import asyncio
 
@@ -143,7 +144,7 @@ async def test_a_site_that_wants_credentials_says_so_on_the_cursor(service_env, 
     reset_settings_cache()
     publish(gelbooru, 3001, "maki", "gel-anon")
     add_characters(["maki"], site="gelbooru")
-    report = await poll_once(get_settings())
+    report = await poll_once(get_settings(), enqueue_downloads)
     assert report.errors and "HTTP 401" in report.errors[0] and "credentials" in report.errors[0]
     with session_scope() as session:
         cursor = session.get(ScrapeCursor, ("gelbooru", "maki"))

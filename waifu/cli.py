@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -150,6 +151,13 @@ def characters_remove(
 
 
 # -------------------------------------------------------------------------------- scraper ----
+def enqueue_downloads(post_ids: Iterable[int]) -> int:
+    """What the scraper does with new posts: the download step's tasks (injected: scraper sits below worker)."""
+    from worker.steps import enqueue
+
+    return enqueue("download", post_ids)
+
+
 @app.command()
 def scrape(once: Annotated[bool, typer.Option("--once", help="One pass over every tag, then exit")] = False) -> None:
     """Poll safebooru for every tracked character (forever, or once)."""
@@ -158,7 +166,7 @@ def scrape(once: Annotated[bool, typer.Option("--once", help="One pass over ever
 
     _ensure_db()
     try:
-        report = run(get_settings(), once=once)
+        report = run(get_settings(), once=once, enqueue=enqueue_downloads)
     except Unavailable as exc:  # another scraper runs: one process keeps the site's request limit
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(3) from exc
