@@ -31,8 +31,8 @@ def _now_state(post_id: int) -> StepOutcome:
 
 def detect_post(post_id: int, settings: Settings, token: str | None = None) -> StepOutcome:
     """Detects every face of a downloaded post and hands the new faces on to the crop step."""
-    from crop.imaging import square_crop_box
     from db.states import transition
+    from detect.boxes import square_crop_box
     from detect.detectors import find_faces, pin_opencv_threads
     from detect.verify import check_faces
 

@@ -37,7 +37,8 @@ def classify_image(
     `detections`: the faces already found (`waifu predict` finds them in a time-bounded child), else found here."""
     import numpy as np
 
-    from crop.imaging import crop_face, square_crop_box
+    from crop.imaging import crop_face
+    from detect.boxes import square_crop_box
     from detect.detectors import Detection, find_faces
     from train.model import name_of, predict, top_k
 

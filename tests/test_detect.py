@@ -10,9 +10,10 @@ from PIL import Image
 from core.errors import DetectorUnavailable
 from core.images import to_rgb
 from core.settings import Settings
-from crop.imaging import crop_face, square_crop_box
+from crop.imaging import crop_face
 from detect import detectors as detect
 from detect.annotate import annotate
+from detect.boxes import square_crop_box
 from detect.detectors import detect_animeface, detect_lbpcascade, find_faces, suppress
 from tests.support.testdata import raw_image, raw_images, raw_names
 
