@@ -186,6 +186,14 @@ class Settings(BaseSettings):
     web_password: SecretStr | None = Field(
         None, description="Password of the web page's login (also HTTP basic auth); required off loopback"
     )
+    web_api_token: SecretStr | None = Field(
+        None,
+        description="Token scripts send as `Authorization: Bearer ...` to the web API (/api/...); at least 16 "
+        "characters; no token: the API takes the page's login only",
+    )
+    web_predict_timeout: float = Field(
+        60.0, gt=0, description="Seconds the web page and API wait for a picture's faces to be named"
+    )
 
     web_secure_cookies: bool = Field(
         False, description="Mark the login cookies `Secure`: the page is reached over HTTPS (e.g. a TLS proxy)"

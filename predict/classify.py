@@ -15,7 +15,6 @@ WHOLE_IMAGE_MAX_SIDE = 160  # an image this small with no detection is taken to 
 def load_current(settings: Settings | None = None):
     """(model version row, classifier) of the current model, or (None, None) when there is none yet."""
     from db.engine import session_scope
-    from train.model import load_artifacts
     from train.registry import current_version
 
     settings = settings or get_settings()
@@ -23,7 +22,15 @@ def load_current(settings: Settings | None = None):
         current = current_version(session)
     if current is None or not current.artifact_dir:
         return None, None
-    return current, load_artifacts(settings.data_dir / current.artifact_dir)
+    return current, load_version(current, settings)
+
+
+def load_version(version, settings: Settings | None = None):
+    """The classifier of a model version row (one with an artifact dir); imports TensorFlow."""
+    from train.model import load_artifacts
+
+    settings = settings or get_settings()
+    return load_artifacts(settings.data_dir / version.artifact_dir)
 
 
 def classify_image(

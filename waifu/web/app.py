@@ -1,4 +1,5 @@
-"""The application factory: routes of the three pages, login, templates, static files, error pages.
+"""The application factory: routes of the pages (faces, collection, models, "Who is this?"), the web API,
+login, templates, static files, error pages.
 
 Routes are thin: they parse (waifu.web.queries.parse_*), call a plain function, and render. Every
 refusal is a 4xx with a sentence a person can act on; images are served by id only.
@@ -17,10 +18,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from core.settings import Settings, get_settings
-from waifu.web import collection_page, faces_page, models_page
+from waifu.web import api, collection_page, faces_page, models_page, who_page
+from waifu.web.naming import Namer
 from waifu.web.rendering import error_page, render
 from waifu.web.security import SESSION_COOKIE, SESSION_SECONDS, Guard, Login, local_target
 from waifu.web.shield import Shield
+from waifu.web.shown import Shown
 from waifu.web.throttle import Throttled
 
 HERE = Path(__file__).parent
@@ -75,7 +78,7 @@ class WebApp(Starlette):
     """Starlette with waifu.web.shield around everything, its error handling included."""
 
     def build_middleware_stack(self):
-        return Shield(super().build_middleware_stack())
+        return Shield(super().build_middleware_stack(), upload_cap=self.state.settings.max_download_bytes)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -88,6 +91,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *faces_page.routes(),
         *collection_page.routes(),
         *models_page.routes(),
+        *who_page.routes(),
+        *api.routes(),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     login = Login.from_settings(settings)
@@ -97,4 +102,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=[Middleware(Guard, login=login)],
     )
     app.state.settings, app.state.login = settings, login
+    # the model is loaded by the first prediction, once per process; boxed pictures stay in memory
+    app.state.namer, app.state.shown = Namer(settings), Shown()
     return app

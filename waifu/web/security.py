@@ -7,10 +7,14 @@
   Failed passwords are throttled per client and in total (waifu.web.throttle) and logged.
 - Without credentials (loopback only) the Host header must name a loopback address: a web site that
   rebinds its own name to 127.0.0.1 cannot read or drive the page.
-- Every POST must carry the CSRF token, as the `csrf_token` form field or the `X-CSRF-Token` header, and a
-  cross-origin `Origin` is refused. The token is HMAC(server secret, session id): tied to the session, new
-  at every login, and no one who can plant a cookie can choose it. Before a login (the login form itself,
-  or the open loopback mode) it is bound the same way to a random visitor id in a cookie.
+- Every POST must carry the CSRF token, as the `csrf_token` form field (url-encoded or multipart) or the
+  `X-CSRF-Token` header, and a cross-origin `Origin` is refused. The token is HMAC(server secret, session
+  id): tied to the session, new at every login, and no one who can plant a cookie can choose it. Before a
+  login (the login form itself, or the open loopback mode) it is bound the same way to a random visitor id
+  in a cookie.
+- Scripts use the API (/api/...) with `Authorization: Bearer WAIFU_WEB_API_TOKEN` (waifu.web.api_auth):
+  compared in constant time, wrong guesses throttled like passwords, and no CSRF token needed, since a
+  browser never adds that header to another site's request by itself.
 - Cookies are `Secure` when the page is reached over HTTPS: uvicorn's own TLS, `WAIFU_WEB_SECURE_COOKIES`,
   or `X-Forwarded-Proto: https` from a proxy trusted by `WAIFU_WEB_TRUST_PROXY`.
 - Body caps, security headers and `Cache-Control` are added by the outermost layer (waifu.web.shield).
@@ -33,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
 from core.settings import Settings
+from waifu.web.api_auth import bearer_refusal, is_bearer, multipart_token
 from waifu.web.throttle import Throttle, Throttled
 
 VISITOR_COOKIE = "waifu_visitor"
@@ -42,7 +47,8 @@ SESSION_COOKIE = "waifu_session"
 SESSION_SECONDS = 12 * 3600
 MIN_PASSWORD = 12  # off loopback
 MAX_NEXT = 2000  # characters of the page to return to after the login
-PUBLIC_PREFIXES = ("/static/", "/login")
+PUBLIC_PREFIXES = ("/static/", "/login", "/api/openapi.json")
+MIN_API_TOKEN = 16
 
 
 class StartRefused(RuntimeError):
@@ -70,6 +76,9 @@ def check_bind(host: str, settings: Settings) -> None:
             f"refusing to serve on {host}: not a loopback address and no credentials "
             "(set WAIFU_WEB_USER and WAIFU_WEB_PASSWORD, or use --host 127.0.0.1)"
         )
+    token = settings.web_api_token.get_secret_value() if settings.web_api_token else None
+    if token is not None and len(token) < MIN_API_TOKEN:
+        raise StartRefused(f"WAIFU_WEB_API_TOKEN has {len(token)} characters: it needs at least {MIN_API_TOKEN}")
     if not is_loopback(host) and len(password) < MIN_PASSWORD:
         raise StartRefused(
             f"refusing to serve on {host}: WAIFU_WEB_PASSWORD has {len(password)} characters, "
@@ -89,6 +98,7 @@ class Login:
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     secure_cookies: bool = False
     trust_proxy: bool = False
+    api_token: str = field(default="", repr=False)  # WAIFU_WEB_API_TOKEN; empty: no Bearer access
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Login:
@@ -98,6 +108,7 @@ class Login:
             password,
             secure_cookies=settings.web_secure_cookies,
             trust_proxy=settings.web_trust_proxy,
+            api_token=settings.web_api_token.get_secret_value() if settings.web_api_token else "",
         )
 
     @property
@@ -203,6 +214,12 @@ class Guard(BaseHTTPMiddleware):
         return response
 
     async def _guarded(self, request: Request, call_next: RequestResponseEndpoint, visitor: str) -> Response:
+        if is_bearer(request):
+            refusal = bearer_refusal(self.login, request)
+            if refusal:
+                return PlainTextResponse(refusal, 401, headers={"WWW-Authenticate": 'Bearer realm="waifu"'})
+            request.state.csrf = ""  # no page is rendered for a script
+            return await call_next(request)
         public = request.url.path.startswith(PUBLIC_PREFIXES)
         allowed = self.login.allows(request) if not public else True
         session = self.login.session(request)
@@ -236,6 +253,8 @@ class Guard(BaseHTTPMiddleware):
             # the body (capped by waifu.web.shield) stays readable for the route (Starlette replays it)
             values = parse_qs((await request.body()).decode("utf-8", "replace")).get(CSRF_FIELD, [])
             sent = values[0] if values else None
+        elif sent is None and request.headers.get("content-type", "").startswith("multipart/form-data"):
+            sent = await multipart_token(request, CSRF_FIELD)
         if not sent or not secrets.compare_digest(expected.encode(), sent.encode("utf-8", "replace")):
             return "missing or wrong CSRF token: reload the page and try again"
         return None

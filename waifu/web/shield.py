@@ -1,7 +1,8 @@
 """The outermost layer of the web page, a plain ASGI wrapper around the whole Starlette application (outside
 its error handling, so a 500 gets the same headers as a 200):
 
-- a request body is read here first, up to a cap (64 KiB on /login, which needs no login, 1 MiB elsewhere)
+- a request body is read here first, up to a cap (64 KiB on /login, which needs no login, the download
+  size cap plus room for the form on the picture uploads of "Who is this?" and the API, 1 MiB elsewhere)
   and within a time limit: a larger declared Content-Length is refused with 413 before a byte is read, a
   chunked body is refused as soon as it passes the cap, and nothing behind this layer (the CSRF check, form
   parsing) ever sees more than the cap;
@@ -27,6 +28,8 @@ ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 MAX_BODY = 1024 * 1024  # the largest legitimate form (1000 face ids) is about 20 KB
 MAX_LOGIN_BODY = 64 * 1024
+UPLOAD_PATHS = ("/who", "/api/predict")  # where a picture is sent: up to WAIFU_MAX_DOWNLOAD_BYTES
+UPLOAD_SLACK = 64 * 1024  # multipart boundaries, headers, the CSRF token and a URL field around the file
 BODY_SECONDS = 30.0  # a body that takes longer to arrive is cut off (a drip holds a connection open)
 # no inline script or style, nothing from elsewhere, never inside another site's frame (keyboard actions)
 SECURITY_HEADERS = {
@@ -45,21 +48,24 @@ class _Gone(Exception):
     pass
 
 
-def body_cap(path: str) -> int:
+def body_cap(path: str, upload_cap: int = MAX_BODY) -> int:
+    if path in UPLOAD_PATHS:
+        return upload_cap + UPLOAD_SLACK
     return MAX_LOGIN_BODY if path == "/login" or path.startswith("/login/") else MAX_BODY
 
 
 class Shield:
-    def __init__(self, app: ASGIApp, body_seconds: float = BODY_SECONDS) -> None:
+    def __init__(self, app: ASGIApp, body_seconds: float = BODY_SECONDS, upload_cap: int = MAX_BODY) -> None:
         self.app = app
         self.body_seconds = body_seconds
+        self.upload_cap = upload_cap  # the picture's own cap (WAIFU_MAX_DOWNLOAD_BYTES)
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         send = self._with_headers(scope, send)
-        cap = body_cap(scope.get("path", ""))
+        cap = body_cap(scope.get("path", ""), self.upload_cap)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.strip().isdigit() or int(declared) > cap):
             await self._refuse(scope, send, cap, declared)
