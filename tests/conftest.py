@@ -20,6 +20,7 @@ os.environ["WAIFU_EMBEDDED_REDIS"] = "false"
 # tests train from scratch (weights=none) on small real data: no ImageNet download, same result everywhere
 os.environ["WAIFU_BACKBONE_WEIGHTS"] = "none"
 
+from tests.support.browser import browser  # noqa: F401 - a fixture, found by name
 from tests.support.fixtures import (  # noqa: F401 - fixtures are found by name
     db_url,
     fake,

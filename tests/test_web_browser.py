@@ -7,9 +7,6 @@ Screenshots of each page are saved to the test's tmp dir (and to WAIFU_TEST_SCRE
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +16,13 @@ from core.settings import get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import Face, FaceLabelEvent, FaceState, LabelSource, ModelStatus, ModelVersion
 from scraper.characters import add_characters
+from tests.support.browser import Screens
 from tests.support.pipeline import run_pipeline, side_by_side, store_post
 from tests.support.testdata import raw_names
 from waifu.web.server import serving_in_thread
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 USER, PASSWORD = "curator", "correct horse battery"
 WAIT = 30
 
@@ -55,58 +52,6 @@ def collection(labelled_db: list[str], monkeypatch: pytest.MonkeyPatch) -> list[
     ambiguous = [f for f in faces_of(posts) if f.state == FaceState.ready]
     assert len(ambiguous) >= 6 and all(f.label_source == LabelSource.ambiguous for f in ambiguous)
     return posts
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail(
-            "the browser tests need Debian's chromium and chromium-driver: apt-get install -y chromium "
-            "chromium-driver (.ci/run does it)"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--window-size=1400,1000",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-class Screens:
-    def __init__(self, driver, folder: Path) -> None:
-        self.driver, self.folder = driver, folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.extra = Path(os.environ["WAIFU_TEST_SCREENSHOTS"]) if os.environ.get("WAIFU_TEST_SCREENSHOTS") else None
-
-    def shoot(self, name: str, height: int | None = None) -> Path:
-        if height:
-            self.driver.set_window_size(1400, height)
-        path = self.folder / f"{name}.png"
-        assert self.driver.save_screenshot(str(path)), name
-        if self.extra:
-            self.extra.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, self.extra / path.name)
-        self.driver.set_window_size(1400, 1000)
-        return path
 
 
 # one browser run, on SQLite (the default a person starts with); tests/test_web.py covers every route on both

@@ -8,6 +8,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import httpx
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -74,10 +75,14 @@ def fetch_picture(url: str, settings: Settings) -> bytes:
     """The picture at `url`, through download.fetch; its temporary file is removed before returning."""
     if len(url) > MAX_URL:
         raise BadUpload(400, f"the address is longer than {MAX_URL} characters")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise BadUpload(400, "the address holds spaces or control characters: paste it again")
     try:
         with tempfile.TemporaryDirectory(prefix="waifu-who-") as workdir:
             fetched = fetch(url, settings, Path(workdir), allowed_hosts(settings))
             return fetched.path.read_bytes()
+    except (ValueError, httpx.InvalidURL) as exc:  # a port out of range, a host httpx cannot encode...
+        raise BadUpload(422, f"this address cannot be used: {exc}") from exc
     except Refused as exc:
         raise BadUpload(422, f"this address cannot be used: {exc}") from exc
     except Retryable as exc:
