@@ -49,7 +49,7 @@ def bearer(token: str = TOKEN) -> dict[str, str]:
 
 def png(size=(64, 48)) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 120, 90)).save(buffer, "PNG")
+    Image.new("RGB", size, (200, 120, 90)).save(buffer, "PNG")  # trailing bytes after a PNG are ignored
     return buffer.getvalue()
 
 
@@ -154,6 +154,13 @@ def test_api_takes_the_token_a_session_or_basic_auth_and_csrf_only_from_sessions
     assert page.status_code == 409 and "no model has been trained yet" in page.text
     wrong_field = web.client.post("/who", files={"picture": ("a.png", png(), "image/png")}, data={"csrf_token": "x"})
     assert wrong_field.status_code == 403
+    # a session may send a picture past the usual 1 MiB body cap
+    big = web.client.post(
+        "/who",
+        files={"picture": ("a.png", png((1200, 1200)) + b"0" * MAX_BODY, "image/png")},
+        data={"csrf_token": web.csrf},
+    )
+    assert big.status_code == 409
 
 
 def test_wrong_tokens_are_throttled(served: str) -> None:
@@ -189,6 +196,11 @@ def test_upload_routes_take_the_download_cap_and_the_rest_keep_theirs(served: st
         huge = {"picture": ("huge.bin", b"0" * (cap + UPLOAD_SLACK + 1), "image/png")}
         answer = api.post("/api/predict", files=huge)
         assert answer.status_code == 413 and f"at most {cap + UPLOAD_SLACK} bytes" in answer.text
+        # no login, no token: a picture past the usual 1 MiB is not even read (the big cap is for clients
+        # that may upload); a wrong token counts as a guess
+        for headers in ({}, {"authorization": "Bearer not-the-token-at-all"}):
+            answer = httpx.post(f"{served}/api/predict", files={"picture": ("p.png", b"0" * MAX_BODY)}, headers=headers)
+            assert answer.status_code == 413 and "before a login (log in, or send the API token)" in answer.text
         # other routes keep the 1 MiB cap
         answer = api.post("/api/faces", content=b"0" * (MAX_BODY + 1))
         assert answer.status_code == 413 and f"at most {MAX_BODY} bytes" in answer.text

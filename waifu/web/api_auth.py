@@ -56,3 +56,21 @@ async def multipart_token(request: Request, field: str) -> str | None:
     except (HTTPException, MultiPartException):
         return None  # an unreadable form carries no token: refused as missing
     return value if isinstance(value, str) else None
+
+
+def may_upload(login, scope) -> bool:
+    """Whether a request to an upload route may send more than the usual body cap: the page is open (no
+    login configured), or the request has a session, the API token or good basic auth. Asked by
+    waifu.web.shield before the body is read, for large bodies only; a wrong token or password counts as a
+    failed guess here (the request ends here then)."""
+    from waifu.web.throttle import Throttled
+
+    request = Request(scope)
+    if not login.required or login.session(request):
+        return True
+    try:
+        if is_bearer(request):
+            return bearer_refusal(login, request) is None
+        return login.allows(request)
+    except Throttled:
+        return False

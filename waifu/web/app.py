@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from core.settings import Settings, get_settings
 from waifu.web import api, collection_page, faces_page, models_page, who_page
+from waifu.web.api_auth import may_upload
 from waifu.web.naming import Namer
 from waifu.web.rendering import error_page, render
 from waifu.web.security import SESSION_COOKIE, SESSION_SECONDS, Guard, Login, local_target
@@ -78,7 +79,12 @@ class WebApp(Starlette):
     """Starlette with waifu.web.shield around everything, its error handling included."""
 
     def build_middleware_stack(self):
-        return Shield(super().build_middleware_stack(), upload_cap=self.state.settings.max_download_bytes)
+        login = self.state.login
+        return Shield(
+            super().build_middleware_stack(),
+            upload_cap=self.state.settings.max_download_bytes,
+            may_upload=lambda scope: may_upload(login, scope),
+        )
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

@@ -56,10 +56,19 @@ def body_cap(path: str, upload_cap: int = MAX_BODY) -> int:
 
 
 class Shield:
-    def __init__(self, app: ASGIApp, body_seconds: float = BODY_SECONDS, upload_cap: int = MAX_BODY) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        body_seconds: float = BODY_SECONDS,
+        upload_cap: int = MAX_BODY,
+        may_upload: Callable[[MutableMapping[str, Any]], bool] | None = None,
+    ) -> None:
         self.app = app
         self.body_seconds = body_seconds
         self.upload_cap = upload_cap  # the picture's own cap (WAIFU_MAX_DOWNLOAD_BYTES)
+        # whether a request may send a picture past MAX_BODY (a logged-in client): nobody else makes this
+        # process hold a 50 MB body in memory before the login check
+        self.may_upload = may_upload or (lambda _scope: True)
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,6 +77,9 @@ class Shield:
         send = self._with_headers(scope, send)
         cap = body_cap(scope.get("path", ""), self.upload_cap)
         declared = dict(scope.get("headers") or []).get(b"content-length")
+        small = declared is not None and declared.strip().isdigit() and int(declared) <= MAX_BODY
+        if cap > MAX_BODY and not small and not self.may_upload(scope):
+            cap = MAX_BODY
         if declared is not None and (not declared.strip().isdigit() or int(declared) > cap):
             await self._refuse(scope, send, cap, declared)
             return
@@ -95,6 +107,9 @@ class Shield:
     async def _refuse(scope: MutableMapping[str, Any], send: Send, cap: int, declared: bytes | None) -> None:
         if declared is not None and not declared.strip().isdigit():
             status, message = 400, "Content-Length must be a whole number of bytes"
+        elif scope.get("path", "") in UPLOAD_PATHS and cap == MAX_BODY:
+            status = 413
+            message = f"request body too large: at most {cap} bytes before a login (log in, or send the API token)"
         else:
             status, message = 413, f"request body too large: this address accepts at most {cap} bytes"
         # the rest of the body is never read: the connection closes after the answer
