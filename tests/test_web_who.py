@@ -140,7 +140,7 @@ def test_the_page_shows_the_picture_boxed_and_each_faces_names(model_env) -> Non
         assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
         shown = Image.open(io.BytesIO(picture.content))
         original = open_image(path)
-        assert max(shown.size) == min(1024, max(original.size))  # scaled for the browser
+        assert max(shown.size) == min(720, max(original.size))  # scaled for the browser
         # a file that is not an image: refused with a sentence, on the page
         refused = web.client.post(
             "/who", files={"picture": ("notes.jpg", b"just some text", "image/jpeg")}, data={"csrf_token": web.csrf}

@@ -14,10 +14,11 @@ from starlette.routing import Route
 
 from core.errors import Refused
 from waifu.web.naming import Busy, Named, Namer, NoModel
-from waifu.web.pictures import SOURCE_MAX_SIDE
 from waifu.web.rendering import refuse, render
 from waifu.web.shown import Shown
 from waifu.web.uploads import MAX_URL, PICTURE_FIELD, URL_FIELD, BadUpload, allowed_hosts, picture_bytes
+
+SHOWN_MAX_SIDE = 720  # the boxed picture fits a laptop screen beside its table of names
 
 
 def boxed_picture(named: Named) -> bytes:
@@ -26,7 +27,7 @@ def boxed_picture(named: Named) -> bytes:
     from detect.detectors import Detection
 
     image = named.image
-    factor = min(1.0, SOURCE_MAX_SIDE / max(image.size))
+    factor = min(1.0, SHOWN_MAX_SIDE / max(image.size))
     if factor < 1:
         image = image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))))
     boxes = [Detection(*(round(v * factor) for v in face["box"]), face["detector"]) for face in named.faces]
