@@ -44,7 +44,7 @@ def prepare(work: Path) -> None:
     from core.settings import get_settings, reset_settings_cache
     from db.migrate import upgrade
     from tests.support.fixtures import add_faces
-    from train.step import run_retrain
+    from train.retrain import run_retrain
 
     reset_settings_cache()
     upgrade(get_settings().database_url)

@@ -48,7 +48,7 @@ def model_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     """A current model (v1) trained on the real crops' train split, SQLite, a login and an API token."""
     from db.migrate import upgrade
     from db.models import ModelStatus
-    from train.step import run_retrain
+    from train.retrain import run_retrain
 
     data_dir = tmp_path_factory.mktemp("who-data")
     env = {
