@@ -191,7 +191,7 @@ class Settings(BaseSettings):
         description="Token scripts send as `Authorization: Bearer ...` to the web API (/api/...); at least 16 "
         "characters; no token: the API takes the page's login only",
     )
-    web_predict_timeout: float = Field(
+    web_predict_timeout_s: float = Field(
         60.0, gt=0, description="Seconds the web page and API wait for a picture's faces to be named"
     )
 

@@ -201,7 +201,7 @@ def test_a_prediction_over_its_time_limit_answers_busy(model_env) -> None:
     with serving_in_thread(settings, app=app) as base, httpx.Client(base_url=base, timeout=120) as client:
         answer = api_predict(client, raw_image(ILLUSTRATIONS["sakurauchi_riko"]))
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
-        assert "WAIFU_WEB_PREDICT_TIMEOUT" in answer.json()["message"]
+        assert "WAIFU_WEB_PREDICT_TIMEOUT_S" in answer.json()["message"]
     # the same picture with time enough
     assert Namer(settings).name(data).faces
 

@@ -58,7 +58,7 @@ class Named:
 class Namer:
     def __init__(self, settings: Settings, timeout: float | None = None, max_waiting: int = MAX_WAITING) -> None:
         self.settings = settings
-        self.timeout = settings.web_predict_timeout if timeout is None else timeout
+        self.timeout = settings.web_predict_timeout_s if timeout is None else timeout
         self.max_waiting = max_waiting
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="waifu-predict")
         self._lock = threading.Lock()
@@ -83,7 +83,7 @@ class Namer:
                 future.cancel()  # not started yet: it never will
                 log.warning(kv("naming a picture timed out", seconds=self.timeout, pixels=image.width * image.height))
                 raise Busy(
-                    f"naming the faces took longer than {self.timeout:.0f} s (WAIFU_WEB_PREDICT_TIMEOUT): "
+                    f"naming the faces took longer than {self.timeout:.0f} s (WAIFU_WEB_PREDICT_TIMEOUT_S): "
                     "the server is busy, try again shortly",
                     max(1.0, self.timeout),
                 ) from None
