@@ -241,3 +241,23 @@ def test_a_person_asks_who_is_this_in_the_browser(model_env, browser, tmp_path: 
         assert all(len(n) == 3 for n in names)
         assert "sakurauchi_riko" in {n[0].text for n in names}
         screens.shoot("web-who", 900)  # docs/web-who.png: WAIFU_TEST_SCREENSHOTS=docs
+
+
+def test_a_detection_that_never_returns_is_ended_and_refused_with_a_sentence(model_env, monkeypatch) -> None:
+    """Third-party C code can hang: the web page detects in a child it kills at WAIFU_IMAGE_TIME_LIMIT_S, so a
+    stuck picture gets a refusal and the next picture is named as usual."""
+    monkeypatch.setenv("WAIFU_IMAGE_TIME_LIMIT_S", "5")
+    monkeypatch.setenv("WAIFU_TEST_STALL_FILE", "upload")  # detect.bounded's hook: this detection never returns
+    reset_settings_cache()
+    settings = get_settings()
+    app = create_app(settings)
+    with serving_in_thread(settings, app=app) as base, httpx.Client(base_url=base, timeout=120) as client:
+        answer = api_predict(client, raw_image(ILLUSTRATIONS["sakurauchi_riko"]))
+        assert answer.status_code == 422, answer.text
+        assert "face detection did not finish within 5 s" in answer.json()["message"], answer.text
+        monkeypatch.delenv("WAIFU_TEST_STALL_FILE")
+        reset_settings_cache()
+        app.state.namer.settings = get_settings()  # the hook off: the same server names the next picture
+        answer = api_predict(client, raw_image(ILLUSTRATIONS["sakurauchi_riko"]))
+        assert answer.status_code == 200 and answer.json()["faces"], answer.text
+    reset_settings_cache()

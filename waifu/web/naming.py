@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image
 
+from core.errors import Refused
 from core.images import open_image
 from core.logs import kv
 from core.settings import Settings
@@ -64,6 +65,7 @@ class Namer:
         self._lock = threading.Lock()
         self._waiting = 0
         self._loaded: tuple[int, Any] | None = None  # (model version id, classifier)
+        self._detector: Any = None  # detect.bounded.BoundedDetector, started with the first picture
         self.loads = 0  # how many times a model was loaded (tests, benchmarks: once per version)
 
     def name(self, data: bytes, k: int = 3) -> Named:
@@ -94,10 +96,22 @@ class Namer:
         return Named(model, image, faces)
 
     def _classify(self, image: Image.Image, k: int) -> tuple[str, list[dict[str, Any]]]:
+        from detect.bounded import BoundedDetector
         from predict.classify import classify_image
 
         version_id, classifier = self._current()
-        return f"v{version_id}", classify_image(classifier, image, self.settings, k=k)
+        if self._detector is None:  # third-party C code can hang: detection runs in a child it can kill
+            self._detector = BoundedDetector(self.settings)
+        detections = self._find(image)
+        return f"v{version_id}", classify_image(classifier, image, self.settings, k=k, detections=detections)
+
+    def _find(self, image: Image.Image) -> list:
+        from detect.bounded import DetectionFailed
+
+        try:
+            return self._detector.find(image, self.settings.detector, "upload")
+        except DetectionFailed as exc:  # this picture only: the next one gets a fresh child
+            raise Refused(f"{exc} (WAIFU_IMAGE_TIME_LIMIT_S)") from exc
 
     def _current(self) -> tuple[int, Any]:
         """The current model, loaded again only when another version became current (runs in the one
@@ -120,3 +134,5 @@ class Namer:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._detector is not None:
+            self._detector.__exit__(None, None, None)
