@@ -1,8 +1,8 @@
 """Peak memory of opening a 16-bit greyscale PNG at the pixel cap (issue 17): the float64 conversion core/images.py
 used before (about 28 bytes per pixel on top of the image) against today's banded one, same file, same run.
 
-Each way runs in a fresh process and reports its peak RSS above what it held just before the open (ru_maxrss), so
-the two are measured alike. The PNG is built once (a gradient with noise, written by Pillow), at WAIFU_BENCH_MP
+Each way runs in a fresh process and reports its peak RSS above what it held just before the open (Linux: the
+peak VmHWM is reset through /proc/self/clear_refs first), so the two are measured alike. The PNG is built once (a gradient with noise, written by Pillow), at WAIFU_BENCH_MP
 megapixels (default 20; the service's cap is 80 MP: scale the figures by 4).
 
     python -m bench.image_memory [--megapixels 20]
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
 from PIL import Image, ImageOps
 import numpy as np
@@ -38,9 +38,14 @@ data = open(path, "rb").read()
 if way == "before":  # open_image looks to_rgb up at each call
     original = images.to_rgb
     images.to_rgb = lambda image: before(image) if image.mode in images.WIDE_GREYS else original(image)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1])
+
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+base = status("VmRSS")
 image = images.open_image(data, cap)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM")
 print(json.dumps({"peak_kib": peak - base, "mode": image.mode, "size": image.size}))
 """
 
@@ -77,8 +82,8 @@ def main() -> None:
         per_pixel = result["peak_kib"] * 1024 / pixels
         print(f"{way:>6}: peak +{result['peak_kib'] / 1024:.0f} MiB = {per_pixel:.1f} bytes/pixel ({result['mode']})")
     ratio = results["after"]["peak_kib"] / max(1, results["before"]["peak_kib"])
-    at_cap = results["after"]["peak_kib"] * 80e6 / pixels / 2**20
-    print(f"after / before: {ratio:.2f} (after, scaled to the 80 MP cap: {at_cap:.0f} MiB)")
+    at_cap = {way: r["peak_kib"] * 80e6 / pixels / 1024 for way, r in results.items()}
+    print(f"after / before: {ratio:.2f} (scaled to the 80 MP cap: {at_cap['before']:.0f} -> {at_cap['after']:.0f} MiB)")
 
 
 if __name__ == "__main__":

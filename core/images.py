@@ -53,7 +53,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 WIDE_GREYS = ("I;16", "I;16B", "I;16L", "I", "F")
-BAND_PIXELS = 1 << 20  # pixels scaled at a time: the temporaries stay a few MB whatever the image's size
+BAND_PIXELS = 1 << 18  # pixels scaled at a time: the temporaries stay a few MB whatever the image's size
 
 
 def scaled_grey(image: Image.Image) -> Image.Image:
@@ -76,8 +76,9 @@ def scaled_grey(image: Image.Image) -> Image.Image:
         band = np.asarray(image.crop((0, start, width, min(height, start + rows))))
         if image.mode == "F":
             scaled = np.clip(band.astype(np.float64) / top * 255.0 + 0.5, 0, 255)
-        else:  # integers: round(v * 255 / top) exactly, in 64-bit integers
-            scaled = np.clip((band.astype(np.int64) * 510 + top) // (2 * top), 0, 255)
+        else:  # integers: round(v * 255 / top) exactly (16-bit values fit 32-bit integers on the way)
+            wide = band.astype(np.int64 if image.mode == "I" else np.int32)
+            scaled = np.clip((wide * 510 + top) // (2 * top), 0, 255)
         grey[start : start + rows] = scaled
     return Image.fromarray(grey, "L")
 
@@ -163,7 +164,9 @@ def open_image(source: Path | str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
             im.seek(0)  # animations: the first frame
             im.load()
             upright = ImageOps.exif_transpose(im)  # a copy whose pixels no longer need the file
-            return to_rgb(upright if upright is not None else im.copy())
+            upright = upright if upright is not None else im.copy()
+            im.close()  # frees the decoded pixels now: at most one full-depth copy is alive below
+        return to_rgb(upright)
     except Refused:
         raise
     except UnidentifiedImageError as exc:

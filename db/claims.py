@@ -184,8 +184,12 @@ def over_time(table: type[Row], row_id: int, state: str, token: str, seconds: fl
     it again. A row no longer ours (or no longer waiting) is left alone."""
     with session_scope() as session:
         row = session.get(table, row_id, with_for_update=True)
-        if row is None or row.state != state or row.claim_token != token:
-            return False  # no longer ours: another delivery took it, or this time out was recorded already
+        if row is None or row.state != state:
+            return False
+        if row.claim_token != token:
+            # not claimed by this delivery (it ran out of time before its claim): enqueue it again if no one
+            # holds it; a duplicate message finds it claimed and costs nothing
+            return row.claim_token is None
         what, limit = step_words(table, state), max_attempts()
         if row.claims >= limit:
             fail_row(row, f"{what} {OVER_TIME_MARK} {seconds:g} s ({attempts_text(row.claims)})")
