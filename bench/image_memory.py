@@ -2,8 +2,9 @@
 used before (about 28 bytes per pixel on top of the image) against today's banded one, same file, same run.
 
 Each way runs in a fresh process and reports its peak RSS above what it held just before the open (Linux: the
-peak VmHWM is reset through /proc/self/clear_refs first), so the two are measured alike. The PNG is built once (a gradient with noise, written by Pillow), at WAIFU_BENCH_MP
-megapixels (default 20; the service's cap is 80 MP: scale the figures by 4).
+peak VmHWM is reset through /proc/self/clear_refs first), so the two are measured alike. The PNG is built once
+(a gradient with noise, written by Pillow) at --megapixels (default 20), and the cap is set to its size; the
+figures are also scaled to the service's 80 MP cap.
 
     python -m bench.image_memory [--megapixels 20]
 """
