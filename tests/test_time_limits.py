@@ -69,8 +69,9 @@ def test_a_step_stuck_in_c_is_ended_at_its_hard_limit_and_fails_after_its_attemp
 
 
 def test_a_soft_limit_is_an_attempt_not_a_broken_image(start_worker, service_env: dict[str, str]) -> None:
-    """A step still in Python at its soft limit gives its row back (the step's `except Exception`, which
-    records a bad input, does not take it): it is tried again, and fails only when its attempts are spent."""
+    """A step still in Python at its soft limit gives its row back: it is tried again, and fails only when its
+    attempts are spent. (Celery's SoftTimeLimitExceeded is an ordinary exception: a step's `except Exception`
+    would record it as a broken image, and raised outside one it left the row claimed with no outcome.)"""
     post_id = downloaded_post()
     fault = {"WAIFU_TEST_FAULT": "post:downloaded:sleep", "WAIFU_DETECT_TIME_LIMIT_S": "10", "WAIFU_MAX_ATTEMPTS": "2"}
     start_worker(queues="cpu", concurrency=1, extra_env=fault)
