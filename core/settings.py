@@ -103,6 +103,29 @@ class Settings(BaseSettings):
     visibility_timeout: float = Field(
         3600.0, gt=0, description="Seconds before Redis redelivers an unacknowledged message (Celery's default)"
     )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Deliveries of one step a row may claim with no outcome (a time limit, a crashed or killed "
+        "worker); the next one fails the row with the reason, which ends any redelivery loop",
+    )
+    download_time_limit_s: float = Field(
+        900.0, gt=0, description="Hard time limit of one download task (seconds; the soft limit is 90 % of it)"
+    )
+    detect_time_limit_s: float = Field(
+        60.0, gt=0, description="Hard time limit of one face detection task: its process is ended, a new one started"
+    )
+    crop_time_limit_s: float = Field(30.0, gt=0, description="Hard time limit of one crop task (seconds)")
+    reconcile_time_limit_s: float = Field(300.0, gt=0, description="Hard time limit of one reconcile run (seconds)")
+    retrain_time_limit_s: float = Field(
+        4 * 3600.0, gt=0, description="Hard time limit of one retrain or classify task (seconds)"
+    )
+    shutdown_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds `waifu worker` and `waifu run` wait for running tasks after SIGTERM; then the workers "
+        "and their pool processes are killed (their rows are taken up again)",
+    )
     retry_after_max: float = Field(
         600.0, ge=0, description="Cap on any wait a server asks for with Retry-After (API and downloads)"
     )

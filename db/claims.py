@@ -12,6 +12,11 @@ Instead a step
    carries its token (a compare-and-set). A duplicate message finds the row claimed or already past the
    step and costs nothing; a worker killed mid-work leaves a claim that runs out, after which the row is
    taken up again (see worker.reconcile).
+
+Every claim also counts a delivery (`claims`); an outcome (the compare-and-set, or a release) sets the count
+back to 0. So the count is the number of deliveries that ended with no outcome: the step ran out of time, or
+its worker crashed, ran out of memory or was killed. A row whose count reaches WAIFU_MAX_ATTEMPTS fails with
+that reason at its next delivery, which ends any redelivery loop, whatever its cause.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from typing import TypeVar
 
 from sqlmodel import Session, SQLModel
 
+from core import faults
 from core.logs import kv
+from core.settings import get_settings
 from db.engine import session_scope
-from db.models import utcnow
+from db.models import FaceState, Post, PostState, utcnow
 
 log = logging.getLogger("waifu.claims")
 
@@ -51,6 +58,42 @@ def held_by_other(row: SQLModel, token: str, now: datetime) -> bool:
     return row.claim_token not in (None, token) and until is not None and until > now
 
 
+# how a row's reason names the step that waits on it: (table, state it waits in) -> words
+STEP_WORDS = {
+    ("post", PostState.discovered): "the download",
+    ("post", PostState.downloaded): "face detection",
+    ("face", FaceState.detected): "the face crop",
+}
+
+# every reason a time limit writes contains this: `waifu status` counts the rows by it
+OVER_TIME_MARK = "did not finish within"
+CRASH_MARK = "crashed its worker"
+
+
+def step_words(table: type[SQLModel], state: str) -> str:
+    return STEP_WORDS.get((table.__tablename__, state), f"the step on a {state} {table.__tablename__}")
+
+
+def attempts_text(count: int, limit: int | None = None) -> str:
+    return f"attempt {count} of {limit}" if limit is not None else f"{count} attempt{'s' * (count != 1)}"
+
+
+def fail_row(row: SQLModel, reason: str) -> None:
+    """Ends a row in `failed` with `reason` (in the caller's transaction), its claim dropped."""
+    from db.states import transition
+
+    row.claim_token, row.claimed_until = None, None
+    if isinstance(row, Post):
+        transition(row, PostState.failed, reason)
+        return
+    row.state, row.reason, row.updated_at = FaceState.failed, reason[:2000], utcnow()
+    log.warning(kv("failed", table=row.__tablename__, row=row.id, reason=row.reason))
+
+
+def max_attempts() -> int:
+    return get_settings().max_attempts
+
+
 def claim(
     table: type[Row],
     row_id: int,
@@ -68,14 +111,24 @@ def claim(
         row = session.get(table, row_id, with_for_update=True)
         if row is None or row.state != state or held_by_other(row, token, now):
             return None
+        if row.claims >= max_attempts():
+            # every earlier delivery ended with no outcome and no time limit said why: the worker died
+            fail_row(
+                row,
+                f"{step_words(table, state)} {CRASH_MARK} {row.claims} times (out of memory, killed, or the "
+                f"worker stopped mid-step): given up after {attempts_text(row.claims)}",
+            )
+            return None
+        row.claims += 1
         row.claim_token, row.claimed_until, row.updated_at = token, now + timedelta(seconds=seconds), now
         if on_claim is not None:
             on_claim(session, row)
             if row.state != state:
-                row.claim_token, row.claimed_until = None, None
+                row.claim_token, row.claimed_until, row.claims = None, None, 0
         session.flush()
         session.expunge(row)
-        return row
+    faults.after_claim(table.__tablename__, state)  # tests only (core.faults); committed first, as a real crash
+    return row
 
 
 def peek(table: type[Row], row_id: int) -> Row | None:
@@ -108,6 +161,7 @@ def still_claimed(
             yield session, None
             return
         yield session, row
+        row.claims = 0  # an outcome: the next step starts its own count
         if not keep:
             row.claim_token, row.claimed_until = None, None
 
@@ -119,5 +173,28 @@ def release(table: type[Row], row_id: int, token: str, reason: str | None = None
         if row is None or row.claim_token != token:
             return
         row.claim_token, row.claimed_until, row.updated_at = None, None, utcnow()
+        row.claims = 0  # an outcome ("later"): the delivery did not die
         if reason is not None:
             row.reason = reason[:2000]
+
+
+def over_time(table: type[Row], row_id: int, state: str, token: str, seconds: float) -> bool:
+    """A delivery under our claim ran out of time. Fails the row once its attempts are spent ("face detection
+    did not finish within 60 s (3 attempts)"); else gives the claim back with the reason, and True: enqueue
+    it again. A row no longer ours (or no longer waiting) is left alone."""
+    with session_scope() as session:
+        row = session.get(table, row_id, with_for_update=True)
+        if row is None or row.state != state:
+            return False
+        if row.claim_token != token:
+            # not claimed by this delivery (it ran out of time before its claim): enqueue it again if no one
+            # holds it; a duplicate message finds it claimed and costs nothing
+            return row.claim_token is None
+        what, limit = step_words(table, state), max_attempts()
+        if row.claims >= limit:
+            fail_row(row, f"{what} {OVER_TIME_MARK} {seconds:g} s ({attempts_text(row.claims)})")
+            return False
+        row.claim_token, row.claimed_until, row.updated_at = None, None, utcnow()
+        row.reason = f"{what} {OVER_TIME_MARK} {seconds:g} s ({attempts_text(row.claims, limit)}); tried again"
+        log.warning(kv("over time", table=table.__tablename__, row=row_id, seconds=seconds, claims=row.claims))
+        return True

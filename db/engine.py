@@ -8,6 +8,7 @@ the steps (db.claims); what still fails transiently is recognised by `is_transie
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -47,11 +48,26 @@ def engine_for(url: str) -> Engine:
             readonly = conn.get_execution_options().get(READONLY, False)
             conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
+        _ENGINES.append(engine)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # psycopg 3 is the driver we ship; plain postgresql:// would look for psycopg2
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    _ENGINES.append(engine)
+    return engine
+
+
+def _forget_inherited_connections() -> None:
+    """A forked child (a Celery pool process started after its parent used the database, e.g. to record a
+    hard time limit) must never use its parent's pooled connections: it opens its own."""
+    for engine in _ENGINES:
+        engine.dispose(close=False)
+
+
+_ENGINES: list[Engine] = []
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
 def get_engine() -> Engine:

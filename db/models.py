@@ -97,6 +97,9 @@ class Post(SQLModel, table=True):
     # who works on this row now (a task id) and until when (see db.claims)
     claim_token: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     claimed_until: datetime | None = None
+    # deliveries of the current step claimed with no outcome yet (a time limit, a crashed worker): the row
+    # fails once WAIFU_MAX_ATTEMPTS are spent (db.claims)
+    claims: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0, server_default="0"))
 
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, nullable=False, index=True)
@@ -197,6 +200,9 @@ class Face(SQLModel, table=True):
     # who works on this row now (a task id) and until when (see db.claims)
     claim_token: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     claimed_until: datetime | None = None
+    # deliveries of the current step claimed with no outcome yet (a time limit, a crashed worker): the row
+    # fails once WAIFU_MAX_ATTEMPTS are spent (db.claims)
+    claims: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0, server_default="0"))
 
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, nullable=False, index=True)

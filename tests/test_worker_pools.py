@@ -183,7 +183,7 @@ async def test_beat_schedules_reconcile_and_the_io_worker_runs_it(
     beat_log = (tmp_path / "beat.log").read_text(errors="replace")
     assert beat.returncode == 0, beat_log[-3000:]
     assert "Sending due task reconcile (worker.tasks.reconcile)" in beat_log
-    # a single kind of queue: `waifu worker` became the Celery worker itself, in the threads pool
+    # a single kind of queue: one Celery worker (supervised by `waifu worker`), in the threads pool
     assert stats[node]["pool"]["implementation"] == THREADS
     assert stats[node]["total"].get("worker.tasks.reconcile", 0) >= 1, stats[node]["total"]
     # reconcile every second may queue a row twice around the moment a task takes it: the second message

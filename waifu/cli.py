@@ -221,17 +221,22 @@ def worker(
         err.print(f"[red]unknown queue(s) {unknown or queues!r}; known: {', '.join(QUEUES)}[/red]")
         raise typer.Exit(2)
     specs = plan_workers(names, pool=pool, concurrency=concurrency)
-    if len(specs) == 1:
-        _exec_celery(celery_worker_args(specs[0], loglevel, hostname))
-    # two kinds of resource: one Celery worker per pool, supervised here (SIGTERM stops both gracefully)
+    # one Celery worker per pool, supervised here: SIGTERM stops them gracefully, and after
+    # WAIFU_SHUTDOWN_GRACE_S kills what still runs (a task stuck in C would hold a warm shutdown forever)
     from waifu.runner import RestartPolicy, Supervisor, celery_command, supervise
 
+    single = len(specs) == 1
     commands = [
-        (f"worker-{s.kind}", celery_command(celery_worker_args(s, loglevel, node_name(hostname, s.kind))))
+        (
+            f"worker-{s.kind}",
+            celery_command(celery_worker_args(s, loglevel, hostname if single else node_name(hostname, s.kind))),
+        )
         for s in specs
     ]
-    restart = RestartPolicy.from_settings(get_settings())
-    raise typer.Exit(supervise(Supervisor(env=dict(os.environ)), commands, restart=restart))
+    settings = get_settings()
+    restart = RestartPolicy.from_settings(settings)
+    supervisor = Supervisor(env=dict(os.environ), grace=settings.shutdown_grace_s)
+    raise typer.Exit(supervise(supervisor, commands, restart=restart))
 
 
 @app.command()

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("waifu.run")
 
-GRACE_SECONDS = 30.0
+GRACE_SECONDS = 30.0  # the default of WAIFU_SHUTDOWN_GRACE_S
 WATCH_SECONDS = 0.5  # how often the supervisor looks at its children
 TAIL_LINES = 20  # lines of a child's output kept to show when it dies
 RUN_LOG = Path("logs") / "waifu-run.log"  # under the data dir
@@ -167,6 +167,7 @@ class Supervisor:
     stopping: bool = False
     died: Child | None = None  # the child that exited by itself, which stopped the others
     readers: list[threading.Thread] = field(default_factory=list)
+    grace: float = GRACE_SECONDS  # WAIFU_SHUTDOWN_GRACE_S: how long stop_all waits before it kills
 
     def start(self, name: str, argv: list[str], child: Child | None = None) -> None:
         """Start a child; with `child`, start it again in place (views hold the same object)."""
@@ -205,22 +206,37 @@ class Supervisor:
                 self.start(child.name, child.argv, child)
 
     def stop_all(self) -> None:
+        """SIGTERM to every child (Celery's warm shutdown: running tasks may finish), then, after the grace
+        period, SIGKILL to each child's whole process group: a pool process stuck in C code that never
+        returns would make the warm shutdown wait forever. The killed tasks' rows are taken up again
+        (their messages are redelivered, or reconcile finds them once their claims run out)."""
         for child in reversed(self.children):
             if child.proc and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + GRACE_SECONDS
+        deadline = time.monotonic() + self.grace
         for child in self.children:
             if child.proc is None:
                 continue
             try:
                 child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning(kv("kill", child=child.name, reason="no exit after SIGTERM"))
-                child.proc.kill()
+                log.warning(kv("kill", child=child.name, reason=f"still running {self.grace:g} s after SIGTERM"))
+                kill_group(child.proc)
                 child.proc.wait()
+            kill_group(child.proc, quiet=True)  # a pool process its parent left behind
             log.info(kv("stopped", child=child.name, code=child.proc.returncode))
         for reader in self.readers:
             reader.join(timeout=5)  # the last lines of every child reach the file
+
+
+def kill_group(proc: subprocess.Popen, quiet: bool = False) -> None:
+    """SIGKILL to the child's process group (it leads its own session): the child and its pool processes."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    if not quiet:
+        log.warning(kv("killed", pid=proc.pid))
 
 
 def supervise(
@@ -420,7 +436,7 @@ def _run(settings: Settings, concurrency: int, verbose: bool, output: ChildLog, 
         env["WAIFU_BROKER_URL"] = broker
         log.info(kv("embedded redis", url=mask_url(broker), reason=f"{mask_url(settings.broker_url)} unreachable"))
 
-    supervisor = Supervisor(env=env, output=output)
+    supervisor = Supervisor(env=env, output=output, grace=settings.shutdown_grace_s)
     commands = child_commands(settings, concurrency)
     try:
         restart = RestartPolicy.from_settings(settings)

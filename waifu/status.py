@@ -86,6 +86,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             for c in cursor_rows
         ]
         recent = recent_failures(session)
+        time_limits = time_limit_counts(session)
         last_polls = [c.last_poll_at for c in cursor_rows if c.last_poll_at]
     # the poller waits poll_interval after a whole pass, and a pass ends with its last tag
     next_poll = None
@@ -105,8 +106,26 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "queues": queue_lengths(settings),
         "cursors": cursors,
         "recent_failures": recent,
+        "time_limits": time_limits,
         "next_poll_at": next_poll.isoformat(timespec="seconds") if next_poll else None,
         "stalls": stalls_summary(settings.stall_after_s),
+    }
+
+
+def time_limit_counts(session: Session) -> dict[str, int]:
+    """Rows (posts and faces) a time limit or a dying worker stopped (db.claims): failed for it, or waiting
+    for another try after it. Operators must see hangs."""
+    from db.claims import CRASH_MARK, OVER_TIME_MARK
+
+    def count(table, mark: str, failed: bool) -> int:
+        state = col(table.state) == "failed" if failed else col(table.state) != "failed"
+        query = select(func.count()).select_from(table).where(state, col(table.reason).contains(mark))
+        return int(session.exec(query).one())
+
+    return {
+        "failed": sum(count(t, OVER_TIME_MARK, True) for t in (Post, Face)),
+        "retrying": sum(count(t, OVER_TIME_MARK, False) for t in (Post, Face)),
+        "crashed": sum(count(t, CRASH_MARK, True) for t in (Post, Face)),
     }
 
 

@@ -64,6 +64,10 @@ def render_status(console: Console, data: dict[str, Any]) -> None:
     queues.add_row(*("unreachable" if n is None else str(n) for n in data["queues"].values()))
     console.print(queues)
 
+    limits = data.get("time_limits")
+    if limits is not None:
+        console.print(time_limits_line(limits), style="red" if any(limits.values()) else None)
+
     if data["failure_reasons"]:
         reasons = Table(title="most common failure reasons")
         reasons.add_column("count", justify="right", style="red")
@@ -93,3 +97,11 @@ def render_stalls(console: Console, data: dict[str, Any]) -> None:
     """Stalled steps first, one sentence each (waifu.stalls): what an operator must act on."""
     for stall in data.get("stalls") or []:
         console.print(f"STALLED {stall['text']}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+
+
+def time_limits_line(limits: dict[str, int]) -> str:
+    """One line: rows a time limit or a dying worker stopped (hangs must be seen)."""
+    return (
+        f"time limits: {limits['failed']} rows failed, {limits['retrying']} waiting to be tried again; "
+        f"{limits['crashed']} rows failed after their worker crashed on every attempt"
+    )

@@ -11,6 +11,7 @@ from celery import Celery, signals
 from kombu import Queue
 
 from core.settings import Settings, get_settings
+from worker import limits
 from worker.steps import JOBS, QUEUES, TASK_ROUTES
 
 __all__ = ["QUEUES", "app", "celery_config"]
@@ -29,6 +30,10 @@ def celery_config(settings: Settings) -> dict:
         # gets it back after the visibility timeout, and reconcile recovers the row sooner (worker.reconcile)
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # every task bounded in time (worker.limits; enforced by the prefork pool): the hard limit ends the
+        # process, the pool starts another; the row counts the attempt (db.claims) and fails after
+        # WAIFU_MAX_ATTEMPTS, so neither a hang nor a crash loops
+        "task_annotations": limits.annotations(settings),
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "worker_prefetch_multiplier": 1,
@@ -58,6 +63,12 @@ def celery_config(settings: Settings) -> dict:
 
 app = Celery("waifu", include=["worker.tasks"])
 app.conf.update(celery_config(get_settings()))
+
+
+@signals.worker_process_init.connect
+def _in_pool_process(**_kwargs: object) -> None:
+    """Prefork pool processes turn the soft time limit into worker.limits.StepOverTime."""
+    limits.IN_POOL_PROCESS = True
 
 
 @signals.setup_logging.connect

@@ -98,6 +98,6 @@ def retry_failed(settings: Settings) -> int:
             # a post whose file is stored failed later, at detection: it resumes there
             resume = PostState.downloaded if post.stored_path else PostState.discovered
             transition(post, resume, reason=f"retry requested after: {post.reason}")
-            post.attempts = 0
+            post.attempts = post.claims = 0
             (to_detect if post.stored_path else to_download).append(post.id)
     return enqueue("download", to_download) + enqueue("detect", to_detect)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import random
 
+from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 
 from core.logs import kv
 from core.settings import get_settings
 from db.engine import is_transient
-from worker import inflight
+from worker import inflight, limits
 from worker.app import app
 from worker.steps import JOBS, STEPS, Step, enqueue
 
@@ -35,7 +36,11 @@ def run_step(task: Task, step: Step, row_id: int) -> dict:
     # The message has arrived: from here the row's claim (db.claims) protects it, not the marker.
     inflight.clear(step.name, row_id)
     try:
-        outcome = step.load()(row_id, get_settings(), token=task.request.id or None)
+        with limits.soft_limit_raises_over_time():
+            outcome = step.load()(row_id, get_settings(), token=task.request.id or None)
+    except limits.StepOverTime:
+        seconds = limits.soft_of(limits.hard_limit(get_settings(), step.task))
+        return over_time(step, row_id, task.request.id, seconds)
     except Exception as exc:
         if not is_transient(exc) or task.request.retries >= DB_RETRIES:
             raise  # the row stays where it was; reconcile takes it up again once its claim runs out
@@ -62,13 +67,35 @@ def run_step(task: Task, step: Step, row_id: int) -> dict:
     return {"state": outcome.state, "next": len(outcome.next_ids), "reason": outcome.reason, "work": outcome.work}
 
 
+def over_time(step: Step, row_id: int, token: str | None, seconds: float) -> dict:
+    """The row counts a timed-out attempt: it is tried again, or fails once its attempts are spent."""
+    from db.claims import over_time as record
+
+    again = token is not None and record(step.table, row_id, step.waits_in, token, seconds)
+    log.warning(kv("time limit", step=step.name, row=row_id, seconds=seconds, again=again))
+    if again:
+        enqueue(step.name, [row_id])
+    return {"state": "over time", "next": 0, "reason": f"over {seconds:g} s", "work": None}
+
+
+class StepTask(Task):
+    """A step's task: a hard time limit ends its process before any code of ours runs there, so the worker's
+    main process records it on the row (Celery calls on_failure there) and enqueues the row again."""
+
+    step: Step
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        if isinstance(exc, TimeLimitExceeded) and args:
+            over_time(self.step, int(args[0]), task_id, limits.hard_limit(get_settings(), self.name))
+
+
 def _register(step: Step) -> Task:
     def shell(self: Task, row_id: int) -> dict:
         return run_step(self, step, row_id)
 
     shell.__name__ = shell.__qualname__ = step.name
     shell.__doc__ = f"Step `{step.name}` for one {step.table.__tablename__} row (queue `{step.queue}`)."
-    return app.task(name=step.task, bind=True, max_retries=None)(shell)
+    return app.task(name=step.task, bind=True, max_retries=None, base=StepTask, step=step)(shell)
 
 
 download = _register(STEPS["download"])
