@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean compose-test compose-clean lock
+.PHONY: install run test lint format docs bench clean compose-test compose-clean lock
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+
+# the README's configuration table, from core/settings.py's field descriptions (a test checks it)
+docs: install
+	$(PY) -m waifu.settings_table --write README.md
 
 format: install
 	$(VENV)/bin/ruff check --fix .

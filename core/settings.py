@@ -147,7 +147,11 @@ class Settings(BaseSettings):
 
     # --- faces (face pipeline) -----------------------------------------------------------------
     detector: str = Field("both", description="`animeface`, `lbpcascade` or `both`")
-    lbpcascade_path: Path | None = Field(None, description="Local lbpcascade_animeface.xml (else download)")
+    lbpcascade_path: Path | None = Field(
+        None,
+        description="Another copy of lbpcascade_animeface.xml (unset: the one shipped in the package, "
+        "checked against its pinned sha256)",
+    )
     detector_max_pixels: int = Field(
         250_000, ge=0, description="Detect on a copy of at most this many pixels, boxes mapped back (0: full size)"
     )
