@@ -28,6 +28,8 @@ app.add_typer(characters_app, name="characters")
 app.add_typer(db_app, name="db")
 faces_app = typer.Typer(no_args_is_help=True, help="Manual cleaning of detected faces.")
 app.add_typer(faces_app, name="faces")
+model_app = typer.Typer(no_args_is_help=True, help="Trained models.")
+app.add_typer(model_app, name="model")
 
 console = Console()
 err = Console(stderr=True)
@@ -502,6 +504,43 @@ def detect(
     )
     if any("error" in entry for entry in results):
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------- export ----
+@app.command("export")
+def export_cmd(
+    directory: Annotated[Path, typer.Argument(help="where the dataset goes (replaced as a whole)")],
+    fmt: Annotated[str, typer.Option("--format", help="imagefolder (+ metadata.jsonl) or jsonl")] = "imagefolder",
+    characters: Annotated[str, typer.Option(help="only these characters (comma separated)")] = "",
+    sources: Annotated[
+        str, typer.Option(help="label sources: tag, manual, inferred (default), and doubtful, rejected")
+    ] = "tag,manual,inferred",
+    min_probability: Annotated[
+        float | None, typer.Option(min=0, max=1, help="inferred labels only at this model probability or more")
+    ] = None,
+    since: Annotated[str, typer.Option(help="faces collected on or after this date (ISO, UTC)")] = "",
+    until: Annotated[str, typer.Option(help="faces collected before this date (ISO, UTC)")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary")] = False,
+) -> None:
+    """Export the labelled faces as a dataset (train/ and test/ per character), incrementally and atomically."""
+    from waifu.export.view import run_dataset_export
+
+    _ensure_db()
+    options = {"characters": characters, "sources": sources, "min_probability": min_probability}
+    raise typer.Exit(run_dataset_export(directory, fmt, options | {"since": since, "until": until}, as_json, console))
+
+
+@model_app.command("export")
+def model_export_cmd(
+    directory: Annotated[Path, typer.Argument(help="where the model goes (replaced as a whole)")],
+    version: Annotated[int | None, typer.Option(min=1, help="model version (default: the current one)")] = None,
+    onnx: Annotated[bool, typer.Option(help="also write model.onnx (needs the export extra)")] = True,
+) -> None:
+    """Write a model as .keras, SavedModel, ONNX and model.json, for serving without this package."""
+    from waifu.export.view import run_model_export
+
+    _ensure_db()
+    raise typer.Exit(run_model_export(directory, version, onnx, console))
 
 
 if __name__ == "__main__":  # pragma: no cover
