@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,train]"
+	$(PY) -m pip install --quiet -e ".[dev,train,export]"
 	touch $(STAMP)
 
 # `make run CHARACTERS="nishikino_maki sakurauchi_riko"` tracks them first (they stay tracked for later runs);

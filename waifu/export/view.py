@@ -46,6 +46,9 @@ def run_dataset_export(directory: Path, fmt: str, options: dict[str, Any], as_js
     except ExportRefused as exc:
         console.print(f"[red]{exc}[/red]", highlight=False)
         return 1
+    except OSError as exc:  # a crop unreadable, the disk full: the previous export is untouched
+        console.print(f"[red]export failed, {directory} unchanged: {type(exc).__name__}: {exc}[/red]", highlight=False)
+        return 1
     if as_json:
         print(json.dumps(result.to_dict()))
     else:
