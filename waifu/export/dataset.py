@@ -163,7 +163,8 @@ def export_dataset(settings: Settings, destination: Path, flt: ExportFilter, fmt
         for name, lines in rows.items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_text(_jsonl(lines), encoding="utf-8")
-        kept = [r for r in records if r.face_id not in set(missing)]
+        left_out = set(missing)
+        kept = [r for r in records if r.face_id not in left_out]
         result = ExportResult(
             destination,
             fmt,

@@ -23,7 +23,7 @@ import numpy as np
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit resampling (libImaging/Resample.c)
 
 
-def INPUT_SPEC(tf: Any, face_size: int) -> Any:  # noqa: N802 (a constant, built where TensorFlow is imported)
+def INPUT_SPEC(tf: Any, face_size: int) -> Any:  # upper case: a constant, built where TensorFlow is imported
     return tf.TensorSpec([None, face_size, face_size, 3], tf.float32, name="faces")
 
 

@@ -151,7 +151,7 @@ def _manifest(row: ModelVersion, clf: Any, settings: Settings, files: dict[str, 
             "dtype": "float32",
             "channels": "RGB",
             "range": [0, 255],
-            "what": "a face crop (see crop); pixels as they are, no scaling or mean subtraction: the graph does the rest",
+            "what": "a face crop (see crop); pixels as they are, no scaling nor mean subtraction: the graph does it",
         },
         "crop": {
             "margin": settings.face_margin,
@@ -212,6 +212,7 @@ def export_model(settings: Settings, destination: Path, version: int | None = No
     from train.model import KERAS_FILE, load_artifacts
     from train.model import predict as waifu_predict
     from waifu.export.graph import EnsembleGraph, NotExportable
+
     clean_leftovers(destination)
     artifacts = settings.data_dir / row.artifact_dir
     try:
@@ -258,7 +259,8 @@ def _onnx(module: Any, settings: Settings, staging: Path, faces: np.ndarray, exp
         note = _convert_onnx(module, settings.face_size, path)
     except Exception as exc:  # the converter's failure is the answer: recorded in model.json and printed
         path.unlink(missing_ok=True)
-        why = f"not written: tf2onnx failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})"
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        why = f"not written: tf2onnx failed ({type(exc).__name__}: {first_line})"
         log.warning(kv("onnx export failed", error=why))
         checks["onnx"] = why
         return why

@@ -19,7 +19,9 @@ def _date(text: str, option: str) -> datetime | None:
     try:
         value = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"bad option {option}: {text[:40]!r} is not an ISO date (2026-12-03 or 2026-12-03T10:00)")
+        raise ValueError(
+            f"bad option {option}: {text[:40]!r} is not an ISO date (2026-12-03 or 2026-12-03T10:00)"
+        ) from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
