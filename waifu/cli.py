@@ -533,7 +533,9 @@ def export_cmd(
 @model_app.command("export")
 def model_export_cmd(
     directory: Annotated[Path, typer.Argument(help="where the model goes (replaced as a whole)")],
-    version: Annotated[int | None, typer.Option(min=1, help="model version (default: the current one)")] = None,
+    version: Annotated[
+        int | None, typer.Option(min=1, max=2**63 - 1, help="model version (default: the current one)")
+    ] = None,
     onnx: Annotated[bool, typer.Option(help="also write model.onnx (needs the export extra)")] = True,
 ) -> None:
     """Write a model as .keras, SavedModel, ONNX and model.json, for serving without this package."""

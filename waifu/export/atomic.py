@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import logging
 import os
 import shutil
@@ -51,7 +52,7 @@ def clean_leftovers(destination: Path) -> list[Path]:
         log.warning("export: restored %s left aside by an interrupted swap", destination)
     if not destination.parent.is_dir():
         return removed
-    for path in destination.parent.glob(f"{STAGING_PREFIX}*-{destination.name}"):
+    for path in destination.parent.glob(f"{STAGING_PREFIX}*-{glob.escape(destination.name)}"):
         pid_text = path.name[len(STAGING_PREFIX) :].split("-", 1)[0]
         if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
             shutil.rmtree(path, ignore_errors=False)
