@@ -104,16 +104,18 @@ def _content_key(record: FaceRecord, source: Path) -> str:
     return f"{record.content_key}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _place(source: Path, previous: Path | None, target: Path) -> bool:
+def _place(source: Path, previous: Path | None, target: Path, made: set[Path]) -> bool:
     """Puts the file at `target`: a hard link to the previous export's copy when there is one (True),
-    else a copy of the data dir's file (False)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if previous is not None and previous.is_file():
+    else a copy of the data dir's file (False). `made`: folders already created."""
+    if target.parent not in made:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        made.add(target.parent)
+    if previous is not None:
         try:
             os.link(previous, target)
             return True
         except OSError:
-            pass  # no hard links here (another file system, FAT): copy instead
+            pass  # gone since, or no hard links here (another file system, FAT): copy instead
     shutil.copyfile(source, target)
     return False
 
@@ -138,13 +140,14 @@ def export_dataset(settings: Settings, destination: Path, flt: ExportFilter, fmt
         rows: dict[str, list[dict[str, Any]]] = {}
         copied = linked = 0
         missing: list[int] = []
+        made: set[Path] = set()
         for record in records:
             source = settings.data_dir / record.source_path
             rel = relative_path(record, fmt)
             try:
                 key = _content_key(record, source)
                 same = previous.get(rel) == key
-                if _place(source, destination / rel if same else None, staging / rel):
+                if _place(source, destination / rel if same else None, staging / rel, made):
                     linked += 1
                 else:
                     copied += 1
