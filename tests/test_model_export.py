@@ -17,7 +17,7 @@ import pytest
 from core.settings import get_settings
 from tests.support.cli import json_lines, run_cli_blocking
 from tests.support.testdata import crop_dirs, data_files, names_under
-from train.step import run_retrain
+from train.retrain import run_retrain
 
 pytestmark = pytest.mark.slow
 

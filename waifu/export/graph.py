@@ -1,6 +1,6 @@
 """The whole classifier of a model version as one TensorFlow graph: 96x96 RGB faces in, probabilities out.
 
-`waifu predict` averages two models (train/model.py): a CNN, and a logistic regression on HOG + colour
+`waifu predict` averages two models (train/model/): a CNN, and a logistic regression on HOG + colour
 histograms computed in numpy (train/features.py). Serving only the CNN would give other answers, so the
 export rebuilds the classical features with TensorFlow ops, the same steps in the same order:
 
