@@ -76,6 +76,9 @@ def run_model_export(directory: Path, version: int | None, onnx: bool, console: 
     except ModelExportError as exc:
         console.print(f"[red]{exc}[/red]", highlight=False)
         return 1
+    except OSError as exc:  # a full disk, a folder not writable: nothing was swapped in
+        console.print(f"[red]model export failed, {directory} unchanged: {type(exc).__name__}: {exc}[/red]")
+        return 1
     console.print(f"model version {result.version} exported to {result.directory}:", highlight=False)
     for name, note in result.files.items():
         console.print(f"  {name}: {note}", highlight=False)
