@@ -237,6 +237,14 @@ def test_retrain_force_enqueues_one_message_unless_one_runs(tmp_path: Path, redi
     assert busy.returncode == 1 and "already running" in busy.stdout
     assert redis_client.llen("train") == 1, "a running retrain must not get a second message"
 
+    # one retrain queued at a time, whoever asked: the CLI sees the one it (or the web page) queued
+    again = waifu(env, "retrain", "--force")
+    assert again.returncode == 1 and f"already queued or running (task {task_id})" in again.stdout, again.stdout
+    assert redis_client.llen("train") == 1
+    redis_client.delete("train")  # the broker flushed: that request is lost, a new one may be made
+    after_flush = waifu(env, "retrain", "--force")
+    assert after_flush.returncode == 0 and redis_client.llen("train") == 1, after_flush.stdout
+
 
 def test_healthcheck_and_db_upgrade(db_url: str, tmp_path: Path, redis_client) -> None:
     """The container HEALTHCHECK (no --http) and its failure cases; `waifu db upgrade` brings a database to head."""

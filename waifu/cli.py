@@ -370,16 +370,17 @@ def retrain_cmd(
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most")] = 6 * 3600,
 ) -> None:
     """Enqueue a retrain on the `train` queue (one at a time)."""
-    from train.retrain import retrain_running
     from worker.app import app as celery_app
+    from worker.retrain_request import request_retrain
 
-    if retrain_running():
-        console.print("a retrain is already running; not starting another")
+    request = request_retrain(force)
+    if not request.started:  # queued from the web page or another terminal: the same single retrain
+        console.print(f"{request.message} (task {request.task_id}); not starting another")
         raise typer.Exit(1)
-    result = celery_app.send_task("worker.tasks.retrain", kwargs={"force": force})
-    console.print(f"retrain enqueued: task {result.id}")
+    console.print(f"retrain enqueued: task {request.task_id}")
     if not wait:
         return
+    result = celery_app.AsyncResult(request.task_id)
     from waifu.retrain_view import follow
 
     summary = follow(result, console, timeout)

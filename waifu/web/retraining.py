@@ -1,5 +1,5 @@
-"""The retrain button: enqueue `worker.tasks.retrain` as `waifu retrain` does (one at a time, the same
-Redis lock), and read its progress from the Celery result (PROGRESS meta: epoch, epochs, val_accuracy)."""
+"""The retrain button: worker.retrain_request, as `waifu retrain` asks (one queued or running at a time),
+and its progress read from the Celery result (PROGRESS meta: epoch, epochs, val_accuracy)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,9 @@ from typing import Any
 
 import redis
 
-from core.broker import redis_client
 from train.retrain import retrain_running
-from worker.steps import JOBS
+from worker.retrain_request import WAITING_STATES, last_task_id, request_retrain
 
-LAST_TASK_KEY = "waifu:web:last-retrain"  # the task the page follows, for every visitor and after a reload
-PRESS_LOCK = "waifu:web:retrain-press"  # two presses at once enqueue one task
-WAITING_STATES = ("PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY")
 UNAVAILABLE = "broker unreachable: retrain unavailable"
 
 
@@ -33,11 +29,6 @@ def _result(task_id: str):
     return app.AsyncResult(task_id)
 
 
-def last_task_id() -> str | None:
-    raw = redis_client().get(LAST_TASK_KEY)
-    return raw.decode() if raw else None
-
-
 def start_retrain() -> tuple[bool, str]:
     """(started, what to tell the person). Refused while a retrain runs or one from this page waits.
     Raises BrokerUnreachable when Redis does not answer."""
@@ -48,19 +39,8 @@ def start_retrain() -> tuple[bool, str]:
 
 
 def _start_retrain() -> tuple[bool, str]:
-    from worker.app import app
-
-    client = redis_client()
-    with client.lock(PRESS_LOCK, timeout=10, blocking_timeout=5):
-        if retrain_running():
-            return False, "a retrain is already running"
-        last = last_task_id()
-        if last and _result(last).state in WAITING_STATES:
-            return False, "a retrain is already queued or running"
-        name, _queue = JOBS["retrain"]
-        result = app.send_task(name, kwargs={"force": True})
-        client.set(LAST_TASK_KEY, result.id, ex=24 * 3600)
-    return True, f"retrain enqueued (task {result.id})"
+    request = request_retrain(force=True)
+    return request.started, request.message
 
 
 def retrain_status() -> dict[str, Any]:

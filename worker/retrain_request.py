@@ -1,0 +1,48 @@
+"""The one way to ask for a retrain, for the CLI and the web page alike: at most one queued or running.
+
+A request is refused while a retrain holds its lock or while the last requested task still waits; the
+last request's task id is kept in Redis so every client (CLI, page, another terminal) sees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.broker import redis_client
+from worker.steps import JOBS
+
+LAST_TASK_KEY = "waifu:retrain:last-task"  # the retrain last requested, for every client and after a reload
+REQUEST_LOCK = "waifu:retrain:request-lock"  # two requests at once enqueue one task
+WAITING_STATES = ("PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY")
+
+
+@dataclass(frozen=True)
+class RetrainRequest:
+    started: bool
+    message: str  # what to tell the person
+    task_id: str | None  # the task enqueued now, or the one already waiting or running
+
+
+def last_task_id() -> str | None:
+    raw = redis_client().get(LAST_TASK_KEY)
+    return raw.decode() if raw else None
+
+
+def request_retrain(force: bool) -> RetrainRequest:
+    """Enqueue `worker.tasks.retrain` unless one is queued or running. Raises the broker's errors (redis,
+    kombu) when Redis does not answer."""
+    from train.retrain import retrain_running
+    from worker.app import app
+
+    client = redis_client()
+    with client.lock(REQUEST_LOCK, timeout=10, blocking_timeout=5):
+        last = last_task_id()
+        if retrain_running():
+            return RetrainRequest(False, "a retrain is already running", last)
+        name, queue = JOBS["retrain"]
+        # a PENDING task that is in no queue and not running was lost (a flushed broker): ask again
+        if last and app.AsyncResult(last).state in WAITING_STATES and client.llen(queue) > 0:
+            return RetrainRequest(False, "a retrain is already queued or running", last)
+        result = app.send_task(name, kwargs={"force": force})
+        client.set(LAST_TASK_KEY, result.id, ex=24 * 3600)
+    return RetrainRequest(True, f"retrain enqueued (task {result.id})", result.id)
