@@ -18,7 +18,7 @@ UNKNOWN = "unknown"
 # Keras' defaults (0.99, MobileNetV2 0.999) need thousands of steps before the moving statistics fit the
 # data; a few thousand faces give a few hundred steps
 BN_MOMENTUM = 0.9
-# training throughput of the from-scratch ResNet on the 2-core service machine, faces x epochs per second
+# training throughput of the from-scratch ResNet on 2 CPU cores, faces x epochs per second
 # (bench/recognition/FINDINGS.md): what plan_cnn() sizes the CNN with
 FACES_PER_S = {64: 90.0, 48: 180.0}
 MAX_EPOCHS = 15  # the full design; more was not measured
