@@ -1,17 +1,6 @@
 """The errors every step raises on purpose, each with a message a person can read on the row.
 
-    WaifuError                 base: raised on purpose, message fit for a row's `reason`
-    ├── Refused                final for this input: the row ends `failed` with the message, never retried
-    │   └── DeepPagination     the API refuses a `pid` this deep: walk back with `id:<N` instead
-    ├── Retryable              worth another try later: 429, 5xx, network trouble, truncated or
-    │                          malformed body. `retry_after` is the wait the server asked for (capped),
-    │                          else the caller's backoff decides
-    └── Unavailable            the machine's fault, not the input's: a detector model missing, the rate
-        └── DetectorUnavailable limiter's Redis down. The row waits (it is neither failed nor retried at
-                               once); the message says how to fix the machine
-
-Database trouble (SQLite "database is locked", a PostgreSQL serialization failure, a lost connection) is
-not one of these: `db.engine.is_transient` tells it apart, and the task shell retries it with backoff.
+Design notes: docs/architecture.md, `core/errors.py`.
 """
 
 from __future__ import annotations

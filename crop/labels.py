@@ -1,11 +1,7 @@
 """Manual cleaning: a person names or rejects a face, accepts the model's suggestion, or undoes. The CLI
 (`waifu faces`) and the web page both go through these functions.
 
-Every change is one `FaceLabelEvent` per face (state, label and label source before and after); the faces
-changed by one call share an action id, so a bulk action is undone as one. A manual label is `manual`,
-counts as trainable (train.registry) and never touches the split (a function of the crop's hash). It replaces
-an inferred label and clears a tag label's doubt (train.weak): a person has looked at the face. Undo restores
-state, label and label source; a doubt comes back only if the next retrain's check finds it again.
+Design notes: docs/architecture.md, `crop/labels.py`.
 """
 
 from __future__ import annotations

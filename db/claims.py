@@ -1,22 +1,6 @@
 """Claim a row, work with no transaction open, then commit only if the row is still where we left it.
 
-No step holds a transaction or a row lock while it downloads, detects or crops: on SQLite a write
-transaction locks the whole database, on PostgreSQL a row lock makes every other writer of that row wait.
-Instead a step
-
-1. claims the row in a short transaction: the row must be in the state the step works on, and not claimed
-   by someone else whose claim has not run out; the claim writes the worker's token (the Celery task id,
-   which a redelivered message keeps) and how long it holds;
-2. does its work with no transaction open;
-3. commits the result in a short transaction that checks the row is still in that state and still
-   carries its token (a compare-and-set). A duplicate message finds the row claimed or already past the
-   step and costs nothing; a worker killed mid-work leaves a claim that runs out, after which the row is
-   taken up again (see worker.reconcile).
-
-Every claim also counts a delivery (`claims`); an outcome (the compare-and-set, or a release) sets the count
-back to 0. So the count is the number of deliveries that ended with no outcome: the step ran out of time, or
-its worker crashed, ran out of memory or was killed. A row whose count reaches WAIFU_MAX_ATTEMPTS fails with
-that reason at its next delivery, which ends any redelivery loop, whatever its cause.
+Design notes: docs/architecture.md, `db/claims.py`.
 """
 
 from __future__ import annotations

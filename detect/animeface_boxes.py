@@ -1,20 +1,6 @@
 """animeface's face detection without its colour analysis: boxes and likelihoods only, and it always returns.
 
-`animeface.detect` runs two C stages on every image: `nv_face_detect` (the sliding-window neural nets that
-find faces and score them) and then, for each face, `nv_face_analyze` (skin, hair and eye colours by
-k-means). That k-means runs with no cap on its epochs (`max_epoch=0`) from random starting points drawn from
-a process-wide generator, and on some inputs it never converges: the call loops forever in
-`nv_kmeans_bmc` (issue 17). The project uses only the boxes and likelihoods, which come from the first
-stage alone and use no random numbers.
-
-So this module calls the first stage directly through ctypes, exactly as the package's `_nvxs.c: do_detect`
-does (same filters, same parameters), and never calls `nv_face_analyze`. The C functions and the trained
-nets are exported symbols of the library animeface ships (`animeface.libs/libnvxs-*.so`, a dependency of
-`animeface._nvxs`, so loading the extension makes them reachable). The results are the same boxes and
-likelihoods as `animeface.detect` (tests/test_animeface_boxes.py compares them on real images), and a
-side benefit: this path reads pixels with numpy, not Pillow's internal struct.
-
-Structures mirror animeface 2.0.3 (pinned): nvxs-1.0.2's `nv_matrix_t`, `nv_rect_t`, `nv_face_position_t`.
+Design notes: docs/architecture.md, `detect/animeface_boxes.py`.
 """
 
 from __future__ import annotations

@@ -2,11 +2,7 @@
 package), `lbpcascade` (OpenCV's CascadeClassifier with lbpcascade_animeface.xml), and `both` (their
 union with non-maximum suppression).
 
-Pins that matter (both verified): OpenCV 4.x (5.x `opencv-python-headless` wheels lack CascadeClassifier)
-and Pillow < 12 (`animeface.detect` 2.0.3 reads Pillow's internal struct and silently finds nothing on >= 12;
-detect/animeface_boxes.py, used here instead, reads pixels with numpy, but tests still compare the two).
-animeface runs through detect/animeface_boxes.py: its detection stage only, never its colour k-means.
-OpenCV and animeface are imported on first use only: Celery and CLI start-up stay light.
+Design notes: docs/architecture.md, `detect/detectors.py`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
 """Run calls into third-party C code in a child process that can be killed when a call overruns its limit.
 
-A thread cannot be stopped while it is inside C (animeface, OpenCV), and a signal handler only runs between
-Python bytecodes, so neither bounds a C loop. A process can always be ended: `Killable.call` sends the
-call to a child, waits at most `time_limit_s`, and on overrun kills the child (SIGKILL) and raises
-`TimedOut`; the next call starts a fresh child. A child that dies on its own (a crash, the OOM killer)
-raises `ChildDied`. The caller records either on the one input that caused it and goes on with the batch.
-
-The child is started with `spawn`: forking a parent that runs threads (TensorFlow, OpenCV pools) can
-deadlock the copy. It is started on the first call and reused, so a batch pays its start-up once.
+Design notes: docs/architecture.md, `detect/killable.py`.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """The face check: is a detection really a face?
 
-Both detectors fire on face-like patterns: buttons, lace, lettering, hands, folds of a skirt (about one
-detection in ten on real illustrations, tests/support/checked_detections.csv). The check looks at each detection
-again, on a square crop of the box normalised to CHECK_SIDE pixels (turned back upright for a detection of
-a rotated pass), and combines five measurements with a logistic regression fitted on the hand-checked
-list (`python -m bench.faces --fit-check` prints the weights below and how well they do):
-
-- the cascade, re-run on the crop with minNeighbors=1 at two margins: how many neighbouring windows
-  agree on a face in the middle (a real face gets many; a pattern that fooled animeface gets none),
-- animeface, re-run on the same crops: its likelihood for a face in the middle,
-- the likelihood animeface gave the detection itself (0 for a cascade detection),
-- the share of skin-coloured pixels in the middle of the box.
-
-About 15 ms per detection on one core. No model file, no TensorFlow: the weights are the numbers below.
+Design notes: docs/architecture.md, `detect/verify.py`.
 """
 
 from __future__ import annotations

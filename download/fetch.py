@@ -2,12 +2,7 @@
 cap enforced while streaming, the md5 computed on the way, an overall deadline. Errors follow core.errors:
 `Refused` is final, `Retryable` is worth another try.
 
-The allow-list names hosts; what a name resolves to is checked too. Each hop's host is resolved once, any
-loopback, private, link-local or otherwise non-global address is refused (unless the host is in
-WAIFU_LOCAL_HOSTS, or is itself an address written in the configuration, like the fake site's
-127.0.0.1), and the connection goes to that very address (the URL's name is kept for the Host
-header and for TLS: SNI and the certificate check), so a second DNS answer cannot move it elsewhere
-(DNS rebinding). A redirect from https to http is refused.
+Design notes: docs/architecture.md, `download/fetch.py`.
 """
 
 from __future__ import annotations

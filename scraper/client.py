@@ -1,15 +1,7 @@
 """Gelbooru-0.2 DAPI client (safebooru, gelbooru and kin; see core.sites): query building, JSON/XML
 parsing, and the API's quirks.
 
-Quirks handled: an empty body (not `[]`) when nothing matches; malformed or truncated pages; 429 with
-Retry-After; 5xx bursts (jittered exponential backoff, bounded); refusal of deep `pid` values; the list
-wrapped in `{"post": [...]}` (gelbooru); XML when `json=1` is ignored. A page is read up to a size cap.
-
-What comes out of the parser, whatever the page held: posts whose every field fits its column (ids in
-1..2**63-1, no NUL byte nor lone surrogate in text), or unusable entries with a reason; otherwise only
-`Retryable` (a malformed page) or `DeepPagination`. Every request, retries included,
-first takes a slot from the ONE limiter of the process for that site; a second scraper process refuses to
-start (scraper.lock), so no site ever sees more than WAIFU_REQUESTS_PER_SECOND from us.
+Design notes: docs/architecture.md, `scraper/client.py`.
 """
 
 from __future__ import annotations

@@ -1,30 +1,6 @@
 """The poll loop: every tracked tag of every site, incrementally, through one client and limiter a site.
 
-Per tag, a cursor remembers the newest id stored (`newest_id`) and the floor of its sync (`oldest_id`: the
-oldest post the first sync stored, or just above the newest post when it started with no backfill). The
-first sync walks back from the newest post page by page with `id:<OLDEST` (never deep `pid` values, which
-the site refuses) up to `backfill_pages`. Later polls (the catch-up) ask for the newest page, with no
-`id:>` filter, and walk down with `id:<LOWEST_LISTED`. Rows are committed page by page, and only then are
-their downloads enqueued.
-
-Why no `id:>NEWEST`: an id is only what the site says. One entry with a bogus id far above the real ones
-(9,000,000,000 among posts near 1,300) is a valid listing, so it is stored and the cursor moves to it; a
-poll asking `id:>9000000000` would then never see a real post again. So an entry is wanted if its id is
-above the cursor, or if it is not a row of this site yet and lies at or above the floor (one query a page,
-only for the ids at or under the cursor; a stub there that the page now lists right is repaired); and the
-walk goes on below a full page while its lowest id is still above the cursor, or while the page held
-entries under the cursor that were no rows yet (the cursor stands ahead of real posts). In normal running
-new ids are all above the cursor, so this costs no extra request. The price: an idle poll is still one
-request per tag, but its answer is a full page of known posts (up to `page_size` entries, one indexed
-query) instead of an empty body.
-
-Nothing listed is lost: a page is full (the walk goes on) by the entries it lists, usable or not; the walk
-pages down from the lowest id listed; an unusable entry with an id is stored as a stub; and the cursor
-moves only over what is stored — a catch-up once its whole walk is, a backfill page by page. A catch-up
-cut short after it went under the cursor leaves the cursor just below the pages it stored, so the next
-poll walks back down to them (the pages it stored hold no new entry to show that the cursor is ahead). A
-poll that fails for any reason (ours, the database's, a bug) records the error on the cursor and in the
-log with its traceback, and the next poll lists the rest again.
+Design notes: docs/architecture.md, `scraper/poller.py`.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
 """Classical face features (HOG + colour histograms) and a multinomial logistic regression on them.
 
-Numpy only at import (scikit-learn is imported inside :func:`fit_linear`, PIL inside the loaders; no
-TensorFlow). Anime characters are told apart mostly by hair and eye colour and by the outline of the
-hair, so the features are a HOG of the grey face and hue/saturation/value and Lab histograms over the
-whole face and a 4x4 grid (the top cells are mostly hair, the second and third rows mostly eyes).
-Everything is vectorised over the batch (one ``bincount`` per batch, a 6-bit RGB lookup table for the
-colour conversions): ~3 ms per face including its mirror image, against ~12 ms for a per-image
-scikit-image version, so 3,000 faces take seconds. Numbers: bench/recognition/FINDINGS.md.
-
-The fitted model is plain arrays (npz): loading runs no code and does not depend on the scikit-learn
-version that trained it.
+Design notes: docs/architecture.md, `train/features.py`.
 """
 
 from __future__ import annotations

@@ -1,24 +1,6 @@
 """Weak supervision: more labels from the posts' tags, and doubt about the labels the tags gave.
 
-**Inferred labels** (`infer_labels`, after every retrain). A post tagged with tracked characters shows
-each of them at least once. Among its ready faces, the current model's probabilities decide which face is
-which character (crop.rules.inferred_pairs: the best assignment, each pair kept only when the best
-assignment without it loses at least `min_margin` of total probability, and the face's own probability
-for the character is at least `min_probability`). A kept face gets the character as
-its label with source `inferred`. Every run recomputes every inferred label from the current model: a face
-whose margin is no longer clear goes back to `ambiguous`; a manual label or a reject is never touched, and
-a face labelled by hand meanwhile keeps its manual label (compare-and-set when writing). Inferred faces
-are trained on in the train split only, never evaluated on (train.registry).
-
-**Doubtful tag labels** (`flag_doubtful_tags`, at the start of every retrain). A `tag` face that the cheap
-classical model (HOG + colour features, logistic regression) trained WITHOUT it calls another tracked
-character with probability >= `min_probability` gets `doubt` (why) and `doubt_score` (that probability):
-train-split faces are judged out of fold (k folds, near-duplicates kept in one fold), test-split faces by a
-model fitted on every train face. A doubtful face is neither trained nor evaluated on until a person labels
-it (crop.labels clears the doubt) or a later run no longer doubts it.
-
-Thresholds: bench/inferred.py (synthetic posts and injected wrong tags from holoen-faces).
-TensorFlow is imported only through train.model, inside `infer_labels`.
+Design notes: docs/architecture.md, `train/weak.py`.
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
 """Which pipeline step has handed no row on for WAIFU_STALL_AFTER_S seconds while rows wait for it.
 
-`waifu status`, `waifu run`'s live summary and the web collection page show these (through
-`waifu.status.collect_status`); `waifu healthcheck --queues Q` fails on them, so the stalled worker restarts.
-
-Progress is read from what every row already records, its `updated_at` (set by every transition):
-- work waits for a step while a row sits in the state the step takes (worker.steps: `waits_in`);
-- the step progressed when a row it took moved on: the newest `updated_at` of the rows past the step
-  (`HANDED_ON` below). Later steps touch those rows again, so this time is never earlier than the step's
-  real last hand-on: a stall shown is a real one, never a false alarm that restarts a working worker;
-  the cost is that a step's stall shows only once the steps after it have no more of its rows to move.
-- the stall clock starts at the later of that progress and the oldest waiting row's `updated_at` (its
-  arrival, or the last claim or retry of it): work that arrived after a quiet hour is not a stall.
-
-Cheap on purpose (the healthcheck runs every 30 s): per step, a count of its waiting rows (the state
-index alone) and, if any wait, the newest row past it (the `updated_at` index read from its newest end).
-Only when that is older than the limit are the waiting rows read for the oldest of them.
+Design notes: docs/architecture.md, `waifu/stalls.py`.
 """
 
 from __future__ import annotations

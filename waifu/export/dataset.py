@@ -1,15 +1,6 @@
 """`waifu export DIR`: the collection's labelled faces as a dataset other tools read.
 
-- ``imagefolder``: ``train/<character>/<face id>.png`` and ``test/<character>/...`` (what Keras'
-  ``image_dataset_from_directory``, torchvision's ``ImageFolder`` and Hugging Face's ``imagefolder`` read),
-  with ``train/metadata.jsonl`` and ``test/metadata.jsonl`` (Hugging Face's convention: ``file_name``
-  relative to the file, one JSON object per face);
-- ``jsonl``: ``faces.jsonl`` (one object per face) and the crops under ``images/``.
-
-``export.json`` at the top says what was exported, with which filters, and lists every file with what
-identifies its content. Incremental: a file whose face, place and content are unchanged since the last
-export is hard-linked from it instead of copied. Atomic: the new tree is built beside DIR and swapped in
-with one rename (`waifu.export.atomic`); an interrupted export leaves DIR as it was.
+Design notes: docs/architecture.md, `waifu/export/dataset.py`.
 """
 
 from __future__ import annotations

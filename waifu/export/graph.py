@@ -1,17 +1,6 @@
 """The whole classifier of a model version as one TensorFlow graph: 96x96 RGB faces in, probabilities out.
 
-`waifu predict` averages two models (train/model/): a CNN, and a logistic regression on HOG + colour
-histograms computed in numpy (train/features.py). Serving only the CNN would give other answers, so the
-export rebuilds the classical features with TensorFlow ops, the same steps in the same order:
-
-- Pillow's bilinear 96 -> 64 resize, with Pillow's own fixed-point coefficients and rounding (two passes,
-  horizontal first, 8-bit in between), so the resized pixels are the very bytes numpy sees;
-- HOG (unsigned gradients, linear split between two orientation bins, 8x8 cells, L2-Hys 2x2 blocks);
-- HSV and Lab histograms through the same 6-bit colour tables (train.features._colour_lut), over the
-  whole face and each cell of the grid;
-- both parts temperature-scaled, each face averaged with its mirror image, weighted like Classifier.
-
-TensorFlow is imported inside the builder: the CLI imports this module only when a model is exported.
+Design notes: docs/architecture.md, `waifu/export/graph.py`.
 """
 
 from __future__ import annotations

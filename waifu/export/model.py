@@ -1,17 +1,6 @@
 """`waifu model export DIR [--version N]`: a model version in formats others serve, and what it expects.
 
-DIR receives
-- ``saved_model/``: the whole classifier (CNN + classical part, mirror averaging, temperatures, weights:
-  waifu.export.graph) as one TensorFlow SavedModel, signature ``serving_default``:
-  ``faces`` float32 (N, 96, 96, 3) RGB 0..255 -> ``probabilities`` (N, classes);
-- ``model.onnx``: the same graph converted by tf2onnx (when it is installed and the conversion works;
-  otherwise model.json says what failed);
-- ``model.keras``: the CNN part alone, as Keras saved it (for fine-tuning; its answers are not the
-  ensemble's);
-- ``model.json``: classes, input and preprocessing, the unknown threshold, the version's metrics, and a
-  self-check: the exported graph against this package's own prediction on the version's test faces.
-
-Written beside DIR and swapped in whole (waifu.export.atomic), like the dataset export.
+Design notes: docs/architecture.md, `waifu/export/model.py`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
 """Naming the faces of one picture for the "Who is this?" page and the API, with predict/ (the code behind
 `waifu predict`): detect, crop, rank the classes.
 
-- The current model is loaded once per process (TensorFlow is imported then, not before) and again only
-  when another version becomes current.
-- One prediction at a time, in one thread: TensorFlow already spreads one batch over the cores, and a
-  Keras model is not promised to be safe across threads.
-- Each request waits at most `timeout` seconds. A thread cannot be stopped, so a prediction that overruns
-  keeps the thread until it ends; the next requests queue behind it and give up at their own deadline,
-  and at most `max_waiting` wait at all: the page answers "busy" instead of piling up work.
+Design notes: docs/architecture.md, `waifu/web/naming.py`.
 """
 
 from __future__ import annotations

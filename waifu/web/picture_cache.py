@@ -1,11 +1,7 @@
 """Rendered pictures kept in memory: the page's expensive images (an illustration decoded and boxed, a
 matplotlib chart) are made once per version of what they show, not once per request.
 
-Least recently used pictures are dropped past `max_bytes`; with a `ttl` a picture is made again once it is
-that old (the growth chart changes as faces arrive). One rendering per key at a time, and at most
-`parallel` renderings at once: a burst of requests costs one rendering, and many different ones queue
-instead of decoding dozens of large illustrations at the same moment. (A dozen lines of OrderedDict; no
-cache library does the byte budget, the time limit and the single flight together.)
+Design notes: docs/architecture.md, `waifu/web/picture_cache.py`.
 """
 
 from __future__ import annotations

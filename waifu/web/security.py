@@ -1,23 +1,6 @@
 """Who may use the web page, and from where.
 
-- Off loopback the server refuses to start without credentials, or with a password under 12 characters
-  (`check_bind`).
-- With credentials, every page but the login form and the static files needs a session (a random id in an
-  HttpOnly cookie, kept in this process's memory: a restart logs everyone out) or HTTP basic auth.
-  Failed passwords are throttled per client and in total (waifu.web.throttle) and logged.
-- Without credentials (loopback only) the Host header must name a loopback address: a web site that
-  rebinds its own name to 127.0.0.1 cannot read or drive the page.
-- Every POST must carry the CSRF token, as the `csrf_token` form field (url-encoded or multipart) or the
-  `X-CSRF-Token` header, and a cross-origin `Origin` is refused. The token is HMAC(server secret, session
-  id): tied to the session, new at every login, and no one who can plant a cookie can choose it. Before a
-  login (the login form itself, or the open loopback mode) it is bound the same way to a random visitor id
-  in a cookie.
-- Scripts use the API (/api/...) with `Authorization: Bearer WAIFU_WEB_API_TOKEN` (waifu.web.api_auth):
-  compared in constant time, wrong guesses throttled like passwords, and no CSRF token needed, since a
-  browser never adds that header to another site's request by itself.
-- Cookies are `Secure` when the page is reached over HTTPS: uvicorn's own TLS, `WAIFU_WEB_SECURE_COOKIES`,
-  or `X-Forwarded-Proto: https` from a proxy trusted by `WAIFU_WEB_TRUST_PROXY`.
-- Body caps, security headers and `Cache-Control` are added by the outermost layer (waifu.web.shield).
+Design notes: docs/architecture.md, `waifu/web/security.py`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """The outermost layer of the web page, a plain ASGI wrapper around the whole Starlette application (outside
 its error handling, so a 500 gets the same headers as a 200):
 
-- a request body is read here first, up to a cap (64 KiB on /login, which needs no login, the download
-  size cap plus room for the form on the picture uploads of "Who is this?" and the API, 1 MiB elsewhere)
-  and within a time limit: a larger declared Content-Length is refused with 413 before a byte is read, a
-  chunked body is refused as soon as it passes the cap, and nothing behind this layer (the CSRF check, form
-  parsing) ever sees more than the cap;
-- a NUL character in the query or a form body (not a picture upload's: pictures hold NULs) is refused
-  with 400: no value of ours may hold one, and PostgreSQL refuses it in text (a 500 the fuzz test found on
-  /faces?character=a%00b);
-- every response carries the security headers, and `Cache-Control: no-store` unless it set its own (pages
-  behind the login must not stay in a shared or back-button cache).
+Design notes: docs/architecture.md, `waifu/web/shield.py`.
 """
 
 from __future__ import annotations

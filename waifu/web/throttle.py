@@ -4,9 +4,7 @@ delay that doubles with every failure (1 s, 2 s, 4 s ... up to a cap). While loc
 looked at: the answer is 429 with Retry-After. A success forgets the client's failures; an hour without a
 failure forgets everything.
 
-Sessions already open are never affected: only the login form and HTTP basic auth check passwords. The
-total lock has a lower cap than the per-client one, since anyone can provoke it: it slows a spread-out
-guesser to about one guess a minute without shutting the owner out for long.
+Design notes: docs/architecture.md, `waifu/web/throttle.py`.
 """
 
 from __future__ import annotations
