@@ -39,6 +39,8 @@ RUN pip install --no-deps ".[train,flower]" && pip check
 RUN useradd --create-home --uid 10001 waifu && mkdir -p /data && chown waifu:waifu /data
 USER waifu
 VOLUME ["/data"]
+# big freed blocks (decoded pictures) go back to the system: long-lived workers keep a flat memory (core/memory.py)
+ENV MALLOC_MMAP_THRESHOLD_=4194304
 
 # a process of ours answers: the database is reachable and migrated, the broker answers. It takes about
 # 1 s of CPU (Python start-up and imports); 30 s (Docker's default) leaves room on a busy 2-core host,

@@ -237,7 +237,9 @@ def worker(
     ]
     settings = get_settings()
     restart = RestartPolicy.from_settings(settings)
-    supervisor = Supervisor(env=dict(os.environ), grace=settings.shutdown_grace_s)
+    from core.memory import returning_memory
+
+    supervisor = Supervisor(env=returning_memory(os.environ), grace=settings.shutdown_grace_s)
     raise typer.Exit(supervise(supervisor, commands, restart=restart))
 
 

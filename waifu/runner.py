@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import redis
 
 from core.logs import kv
+from core.memory import returning_memory
 from core.redact import mask_url
 from core.settings import Settings
 from waifu.pools import celery_worker_args, node_name, plan_workers
@@ -424,7 +425,8 @@ def _run(settings: Settings, concurrency: int, verbose: bool, output: ChildLog, 
         log.error(kv("database migration failed", reason=str(exc)))
         console.print(f"waifu run: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # children's lines reach the log as they happen
+    # children's lines reach the log as they happen; their big freed blocks go back to the system
+    env = returning_memory({**os.environ, "PYTHONUNBUFFERED": "1"})
     redis_proc = None
     broker = settings.broker_url
     if not broker_reachable(settings.broker_url):
