@@ -256,7 +256,8 @@ async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.
     from tests.support.fake_safebooru import FakeSafebooru, publish
     from waifu.cli import enqueue_downloads
     from waifu.pools import celery_worker_args, node_name, plan_workers
-    from waifu.runner import ChildLog, Supervisor, celery_command
+    from waifu.runner import celery_command
+    from waifu.supervisor import ChildLog, Supervisor
 
     data = tmp / f"data-{kind}"
     database, drop = fresh_database(kind, tmp)

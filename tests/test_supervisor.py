@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from waifu.runner import ChildLog, Supervisor, supervise
+from waifu.supervisor import ChildLog, Supervisor, supervise
 
 SLEEPER = [sys.executable, "-c", "import time; print('sleeping', flush=True); time.sleep(120)"]
 
@@ -50,7 +50,7 @@ def test_the_embedded_redis_listens_at_the_configured_url_when_it_can(tmp_path: 
 
     import redis
 
-    from waifu.runner import _free_port, embedded_redis_url, start_embedded_redis
+    from waifu.embedded_redis import _free_port, embedded_redis_url, start_embedded_redis
 
     port = _free_port()
     # the configured loopback port is free: there, so other terminals find it with the same settings
@@ -75,7 +75,7 @@ def test_the_embedded_redis_listens_at_the_configured_url_when_it_can(tmp_path: 
 def test_a_crashed_child_starts_again_and_the_others_keep_running(tmp_path: Path) -> None:
     """What a broker restart does to a Celery worker (kombu's reconnect raising): one child dies, and
     `waifu run` must go on with it started again, not stop the whole service."""
-    from waifu.runner import RestartPolicy
+    from waifu.supervisor import RestartPolicy
 
     output = ChildLog(tmp_path / "run.log")
     supervisor = Supervisor(env=dict(os.environ), output=output)
@@ -104,7 +104,7 @@ def test_a_crashed_child_starts_again_and_the_others_keep_running(tmp_path: Path
 
 
 def test_a_child_that_keeps_crashing_stops_everything_once_its_restarts_are_used(tmp_path: Path) -> None:
-    from waifu.runner import RestartPolicy
+    from waifu.supervisor import RestartPolicy
 
     output = ChildLog(tmp_path / "run.log")
     supervisor = Supervisor(env=dict(os.environ), output=output)

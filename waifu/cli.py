@@ -225,7 +225,8 @@ def worker(
     specs = plan_workers(names, pool=pool, concurrency=concurrency)
     # one Celery worker per pool, supervised here: SIGTERM stops them gracefully, and after
     # WAIFU_SHUTDOWN_GRACE_S kills what still runs (a task stuck in C would hold a warm shutdown forever)
-    from waifu.runner import RestartPolicy, Supervisor, celery_command, supervise
+    from waifu.runner import celery_command
+    from waifu.supervisor import RestartPolicy, Supervisor, supervise
 
     single = len(specs) == 1
     commands = [
@@ -328,7 +329,7 @@ def healthcheck(
 
     from core.redact import mask_url, redact
     from db.migrate import alembic_config, current_revision
-    from waifu.runner import broker_reachable
+    from waifu.embedded_redis import broker_reachable
 
     settings = get_settings()
     problems = []
