@@ -97,6 +97,7 @@ async def main() -> int:
     from scraper.characters import add_characters
     from scraper.poller import poll_once
     from tests.support.fake_safebooru import FakeSafebooru, load_illustrations
+    from waifu.celery_argv import celery_argv
     from waifu.cli import enqueue_downloads
 
     console = Console()
@@ -111,22 +112,19 @@ async def main() -> int:
     add_characters(sorted({p.tags.split()[1] for p in posts}))
 
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app",
-            "worker",
-            "-Q",
-            "io",
-            "-c",
-            str(args.workers),
-            "--loglevel",
-            "WARNING",
-            "--without-mingle",
-            "--without-gossip",
-        ],
+        celery_argv(
+            [
+                "worker",
+                "-Q",
+                "io",
+                "-c",
+                str(args.workers),
+                "--loglevel",
+                "WARNING",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+        ),
         env={**os.environ},
         cwd=ROOT,
         start_new_session=True,
@@ -254,9 +252,9 @@ async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.
     from scraper.characters import add_characters
     from scraper.poller import poll_once
     from tests.support.fake_safebooru import FakeSafebooru, publish
+    from waifu.celery_argv import worker_commands
     from waifu.cli import enqueue_downloads
-    from waifu.pools import celery_worker_args, node_name, plan_workers
-    from waifu.runner import celery_command
+    from waifu.pools import plan_workers
     from waifu.supervisor import ChildLog, Supervisor
 
     data = tmp / f"data-{kind}"
@@ -282,10 +280,8 @@ async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.
     loads: list[tuple[float, float, float]] = []
     n, done, elapsed, api_requests, collected, behind = len(posts), 0, 0.0, 0, None, 0
     try:
-        for spec in specs:
-            supervisor.start(
-                f"worker-{spec.kind}", celery_command(celery_worker_args(spec, "WARNING", node_name("", spec.kind)))
-            )
+        for name, argv in worker_commands(specs, "WARNING"):
+            supervisor.start(name, argv)
         await asyncio.to_thread(wait_for_workers, len(specs), supervisor)
         started = last_load = time.monotonic()
         loads.append(os.getloadavg())

@@ -339,6 +339,7 @@ def queue_run(paths: list[Path], workers: int, tmp: Path) -> tuple[float, int]:
     from db.engine import session_scope
     from db.migrate import upgrade
     from db.models import Face, Post, PostState
+    from waifu.celery_argv import celery_argv
     from worker.steps import enqueue
 
     data = tmp / f"data-{workers}"
@@ -366,22 +367,19 @@ def queue_run(paths: list[Path], workers: int, tmp: Path) -> tuple[float, int]:
                 )
             )
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app",
-            "worker",
-            "-Q",
-            "cpu",
-            "-c",
-            str(workers),
-            "--loglevel",
-            "WARNING",
-            "--without-mingle",
-            "--without-gossip",
-        ],
+        celery_argv(
+            [
+                "worker",
+                "-Q",
+                "cpu",
+                "-c",
+                str(workers),
+                "--loglevel",
+                "WARNING",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+        ),
         env={**os.environ},
         cwd=ROOT,
         start_new_session=True,

@@ -16,6 +16,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from core.settings import Settings
+from waifu.celery_argv import CELERY_APP
 from waifu.cli import app as cli_app
 from worker.app import QUEUES
 
@@ -191,7 +192,7 @@ def test_each_command_names_a_real_entry_point_and_queue(compose: dict) -> None:
     for name in WAIFU_SERVICES:
         argv = compose["services"][name]["command"]
         if argv[0] == "celery":
-            assert argv[1:3] == ["-A", "worker.app"] and argv[3] == "flower", name
+            assert argv[1:3] == ["-A", CELERY_APP] and argv[3] == "flower", name  # the app the builder names
             continue
         assert argv[0] == "waifu", name
         command = commands[argv[1]]

@@ -26,7 +26,8 @@ from tests.support.cli import run_cli
 from tests.support.env import PROJECT_ROOT
 from tests.support.fake_safebooru import FakeSafebooru, load_drawn
 from tests.support.waiting import wait_for
-from waifu.pools import IO_THREADS, WorkerSpec, celery_worker_args, cores, node_name, plan_workers
+from waifu.celery_argv import node_name, worker_args
+from waifu.pools import IO_THREADS, WorkerSpec, cores, plan_workers
 
 THREADS = "celery.concurrency.thread:TaskPool"
 PREFORK = "celery.concurrency.prefork:TaskPool"
@@ -50,7 +51,7 @@ def test_each_kind_of_queue_gets_its_own_pool() -> None:
 def test_an_explicit_pool_keeps_one_worker_as_before() -> None:
     [spec] = plan_workers(["io", "cpu"], pool="prefork", concurrency=2)
     assert spec == WorkerSpec(("io", "cpu"), "prefork", 2)
-    assert celery_worker_args(spec, "INFO", "x@y") == [
+    assert worker_args(spec, "INFO", "x@y") == [
         "worker",
         "-Q",
         "io,cpu",
@@ -65,7 +66,7 @@ def test_an_explicit_pool_keeps_one_worker_as_before() -> None:
         "x@y",
     ]
     [train] = plan_workers(["train"], pool="prefork")
-    assert "--max-tasks-per-child" in celery_worker_args(train)  # TensorFlow never stays in a forked child
+    assert "--max-tasks-per-child" in worker_args(train)  # TensorFlow never stays in a forked child
     assert node_name("", "io") == "io@%h" and node_name("box@host", "cpu") == "box-cpu@host"
 
 

@@ -34,8 +34,6 @@ app.add_typer(model_app, name="model")
 console = Console()
 err = Console(stderr=True)
 
-CELERY_APP = "worker.app"
-
 
 def _ensure_db() -> None:
     """Applies pending migrations, so a fresh SQLite default works without a separate step."""
@@ -185,12 +183,11 @@ def scrape(once: Annotated[bool, typer.Option("--once", help="One pass over ever
 
 
 # -------------------------------------------------------------------------- celery shells ----
-def _exec_celery(args: list[str]) -> None:
+def _exec_celery(argv: list[str]) -> None:
     """Replace this process with Celery, so signals (warm shutdown on SIGTERM) reach it directly."""
-    argv = [sys.executable, "-m", "celery", "-A", CELERY_APP, *args]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, argv)
+    os.execv(argv[0], argv)
 
 
 @app.command()
@@ -214,7 +211,7 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
 ) -> None:
     """Run Celery workers on the given queues, each kind of queue in the pool that suits it."""
-    from waifu.pools import celery_worker_args, node_name, plan_workers
+    from waifu.pools import plan_workers
     from worker.app import QUEUES
 
     names = [q.strip() for q in queues.split(",") if q.strip()]
@@ -225,17 +222,10 @@ def worker(
     specs = plan_workers(names, pool=pool, concurrency=concurrency)
     # one Celery worker per pool, supervised here: SIGTERM stops them gracefully, and after
     # WAIFU_SHUTDOWN_GRACE_S kills what still runs (a task stuck in C would hold a warm shutdown forever)
-    from waifu.runner import celery_command
+    from waifu.celery_argv import worker_commands
     from waifu.supervisor import RestartPolicy, Supervisor, supervise
 
-    single = len(specs) == 1
-    commands = [
-        (
-            f"worker-{s.kind}",
-            celery_command(celery_worker_args(s, loglevel, hostname if single else node_name(hostname, s.kind))),
-        )
-        for s in specs
-    ]
+    commands = worker_commands(specs, loglevel, hostname)
     settings = get_settings()
     restart = RestartPolicy.from_settings(settings)
     from core.memory import returning_memory
@@ -249,8 +239,9 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO
     """Run Celery beat: the reconcile (and retrain) schedule."""
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    schedule = settings.data_dir / "celerybeat-schedule"
-    _exec_celery(["beat", "--loglevel", loglevel, "-s", str(schedule)])
+    from waifu.celery_argv import beat_argv
+
+    _exec_celery(beat_argv(settings.data_dir / "celerybeat-schedule", loglevel))
 
 
 @app.command()

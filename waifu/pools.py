@@ -5,7 +5,7 @@
 - `cpu` (detection, crops) computes: `prefork` processes, one per core by default.
 - `train` runs TensorFlow, which must not run in forked children: `solo`, one task at a time.
 
-`waifu run` and `waifu worker` both build their Celery command lines here.
+`waifu run` and `waifu worker` both plan their workers here; waifu.celery_argv turns a plan into command lines.
 """
 
 from __future__ import annotations
@@ -57,23 +57,3 @@ def plan_workers(queues: list[str] | tuple[str, ...], pool: str = "", concurrenc
         slots = concurrency if concurrency and pool_name in sized else default_concurrency(pool_name)
         specs.append(WorkerSpec(tuple(members), pool_name, None if pool_name == "solo" else slots))
     return specs
-
-
-def celery_worker_args(spec: WorkerSpec, loglevel: str = "INFO", hostname: str = "") -> list[str]:
-    """`celery -A worker.app` arguments (after the app) that start `spec`."""
-    args = ["worker", "-Q", ",".join(spec.queues), "-P", spec.pool, "--loglevel", loglevel, "-E"]
-    if spec.concurrency:
-        args += ["-c", str(spec.concurrency)]
-    if "train" in spec.queues and spec.pool == "prefork":
-        args += ["--max-tasks-per-child", "1"]  # a forced prefork train worker: a fresh process per retrain
-    if hostname:
-        args += ["-n", hostname]
-    return args
-
-
-def node_name(hostname: str, kind: str) -> str:
-    """The node name of one of several workers started by one command: `io@%h`, or `NAME-io@HOST`."""
-    if not hostname:
-        return f"{kind}@%h"
-    name, at, host = hostname.partition("@")
-    return f"{name}-{kind}{at}{host}"

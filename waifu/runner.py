@@ -22,8 +22,9 @@ from core.logs import kv
 from core.memory import returning_memory
 from core.redact import mask_url
 from core.settings import Settings
+from waifu.celery_argv import beat_argv, worker_commands
 from waifu.embedded_redis import broker_reachable, start_embedded_redis
-from waifu.pools import celery_worker_args, node_name, plan_workers
+from waifu.pools import plan_workers
 from waifu.supervisor import GRACE_SECONDS, ChildLog, ChildLogHandler, RestartPolicy, Supervisor, supervise
 
 if TYPE_CHECKING:
@@ -34,23 +35,15 @@ log = logging.getLogger("waifu.run")
 RUN_LOG = Path("logs") / "waifu-run.log"  # under the data dir
 
 
-def celery_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.app", *args]
-
-
 def child_commands(settings: Settings, concurrency: int = 0) -> list[tuple[str, list[str]]]:
     """io worker (threads), cpu worker (prefork, `concurrency` processes, default one per core), train
     worker (solo), beat, scraper, and the web page on 127.0.0.1:WAIFU_WEB_PORT (unless it is 0)."""
     from worker.app import QUEUES
 
     schedule = str((settings.data_dir / "celerybeat-schedule").resolve())
-    workers = [
-        (f"worker-{spec.kind}", celery_command(celery_worker_args(spec, "INFO", node_name("", spec.kind))))
-        for spec in plan_workers(QUEUES, concurrency=concurrency)
-    ]
     return [
-        *workers,
-        ("beat", celery_command(["beat", "--loglevel", "INFO", "-s", schedule])),
+        *worker_commands(plan_workers(QUEUES, concurrency=concurrency)),
+        ("beat", beat_argv(schedule)),
         ("scraper", [sys.executable, "-m", "waifu.cli", "scrape"]),
     ] + (
         [("web", [sys.executable, "-m", "waifu.cli", "web", "--host", "127.0.0.1", "--port", str(settings.web_port)])]
