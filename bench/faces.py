@@ -340,7 +340,7 @@ def queue_run(paths: list[Path], workers: int, tmp: Path) -> tuple[float, int]:
     from db.migrate import upgrade
     from db.models import Face, Post, PostState
     from waifu.celery_argv import celery_argv
-    from worker.steps import enqueue
+    from worker.queue import enqueue
 
     data = tmp / f"data-{workers}"
     os.environ["WAIFU_DATA_DIR"] = str(data)

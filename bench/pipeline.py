@@ -135,7 +135,7 @@ def queue_run(paths: list[Path], processes: int, detector: str, database: str, t
     from db.engine import session_scope
     from db.migrate import upgrade
     from db.models import Face, FaceState, Post, PostState
-    from worker.steps import enqueue
+    from worker.queue import enqueue
 
     data = tmp / f"data-{uuid.uuid4().hex[:6]}"
     env = {

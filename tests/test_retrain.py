@@ -170,7 +170,7 @@ def test_beat_rule_counts_new_faces_since_the_current_model(
     from worker.steps import JOBS
 
     start_worker(queues="train", concurrency=1, pool="solo")
-    outcome = app.send_task(JOBS["maybe_retrain"][0], queue=JOBS["maybe_retrain"][1]).get(timeout=120)
+    outcome = app.send_task(JOBS["maybe_retrain"].task, queue=JOBS["maybe_retrain"].queue).get(timeout=120)
     assert outcome["status"] == "skipped" and outcome["reason"].startswith("only 7 new")
     monkeypatch.setenv("WAIFU_RETRAIN_MIN_NEW_FACES", "7")
     reset_settings_cache()

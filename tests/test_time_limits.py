@@ -23,7 +23,7 @@ from db.models import Post, PostState
 from tests.support.cli import run_cli_blocking
 from tests.support.env import PROJECT_ROOT
 from tests.support.waiting import wait_until
-from worker.steps import enqueue
+from worker.queue import enqueue
 
 pytestmark = pytest.mark.slow
 

@@ -153,7 +153,7 @@ def characters_remove(
 # -------------------------------------------------------------------------------- scraper ----
 def enqueue_downloads(post_ids: Iterable[int]) -> int:
     """What the scraper does with new posts: the download step's tasks (injected: scraper sits below worker)."""
-    from worker.steps import enqueue
+    from worker.queue import enqueue
 
     return enqueue("download", post_ids)
 

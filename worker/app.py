@@ -47,14 +47,14 @@ def celery_config(settings: Settings) -> dict:
         "worker_hijack_root_logger": False,
         "beat_schedule": {
             "reconcile": {
-                "task": JOBS["reconcile"][0],
+                "task": JOBS["reconcile"].task,
                 "schedule": settings.reconcile_interval,
-                "options": {"queue": JOBS["reconcile"][1], "expires": settings.reconcile_interval},
+                "options": {"queue": JOBS["reconcile"].queue, "expires": settings.reconcile_interval},
             },
             "maybe-retrain": {
-                "task": JOBS["maybe_retrain"][0],
+                "task": JOBS["maybe_retrain"].task,
                 "schedule": settings.retrain_interval,
-                "options": {"queue": JOBS["maybe_retrain"][1], "expires": settings.retrain_interval},
+                "options": {"queue": JOBS["maybe_retrain"].queue, "expires": settings.retrain_interval},
             },
         },
         "timezone": "UTC",

@@ -22,10 +22,10 @@ LIMIT_SETTING = {
     STEPS["download"].task: "download_time_limit_s",
     STEPS["detect"].task: "detect_time_limit_s",
     STEPS["crop"].task: "crop_time_limit_s",
-    JOBS["reconcile"][0]: "reconcile_time_limit_s",
-    JOBS["retrain"][0]: "retrain_time_limit_s",
-    JOBS["maybe_retrain"][0]: "retrain_time_limit_s",
-    JOBS["classify"][0]: "retrain_time_limit_s",
+    JOBS["reconcile"].task: "reconcile_time_limit_s",
+    JOBS["retrain"].task: "retrain_time_limit_s",
+    JOBS["maybe_retrain"].task: "retrain_time_limit_s",
+    JOBS["classify"].task: "retrain_time_limit_s",
 }
 
 

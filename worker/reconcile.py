@@ -21,7 +21,8 @@ from db.engine import session_scope
 from db.models import Post, PostState, utcnow
 from db.states import hand_over_reposts, orphaned_reposts, transition
 from worker import inflight
-from worker.steps import STEPS, enqueue
+from worker.queue import enqueue
+from worker.steps import STEPS
 
 log = logging.getLogger("waifu.reconcile")
 

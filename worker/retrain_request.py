@@ -39,10 +39,10 @@ def request_retrain(force: bool) -> RetrainRequest:
         last = last_task_id()
         if retrain_running():
             return RetrainRequest(False, "a retrain is already running", last)
-        name, queue = JOBS["retrain"]
+        job = JOBS["retrain"]
         # a PENDING task that is in no queue and not running was lost (a flushed broker): ask again
-        if last and app.AsyncResult(last).state in WAITING_STATES and client.llen(queue) > 0:
+        if last and app.AsyncResult(last).state in WAITING_STATES and client.llen(job.queue) > 0:
             return RetrainRequest(False, "a retrain is already queued or running", last)
-        result = app.send_task(name, kwargs={"force": force})
+        result = app.send_task(job.task, kwargs={"force": force})
         client.set(LAST_TASK_KEY, result.id, ex=24 * 3600)
     return RetrainRequest(True, f"retrain enqueued (task {result.id})", result.id)

@@ -1,6 +1,6 @@
 """The pipeline, declared once: every step's public task name, queue, the table and state a row waits
-in for it, the plain function that does it, and the step that follows. Celery routes, the task shells,
-enqueueing and reconcile are all derived from this table.
+in for it, the plain function that does it, and the step that follows; and the jobs that are not per-row
+steps. Celery routes, the task shells, enqueueing (worker.queue) and reconcile are all derived from it.
 
     scrape (scraper/, not a task) -> download -> detect -> crop;  train and predict read the crops.
 """
@@ -8,7 +8,7 @@ enqueueing and reconcile are all derived from this table.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlmodel import SQLModel
@@ -50,32 +50,24 @@ STEPS: dict[str, Step] = {
     )
 }
 
-# tasks that are not per-row steps: (public name, queue)
-JOBS = {
-    "reconcile": ("worker.tasks.reconcile", "io"),
-    "retrain": ("worker.tasks.retrain", "train"),
-    "maybe_retrain": ("worker.tasks.maybe_retrain", "train"),
-    "classify": ("worker.tasks.classify", "train"),
+
+@dataclass(frozen=True)
+class Job:
+    """A task that is not a per-row step."""
+
+    task: str  # public contract, like Step.task
+    queue: str
+
+
+JOBS: dict[str, Job] = {
+    "reconcile": Job("worker.tasks.reconcile", "io"),
+    "retrain": Job("worker.tasks.retrain", "train"),
+    "maybe_retrain": Job("worker.tasks.maybe_retrain", "train"),
+    "classify": Job("worker.tasks.classify", "train"),
 }
 
 QUEUES = ("io", "cpu", "train")
 TASK_ROUTES = {
     **{s.task: {"queue": s.queue} for s in STEPS.values()},
-    **{name: {"queue": queue} for name, queue in JOBS.values()},
+    **{job.task: {"queue": job.queue} for job in JOBS.values()},
 }
-
-
-def enqueue(step_name: str, ids: Iterable[int]) -> int:
-    """Puts rows on the step's queue; callers commit the rows first. Sets the in-flight markers first,
-    so reconcile never mistakes a queued row for a lost one."""
-    from worker import inflight
-    from worker.app import app
-
-    step = STEPS[step_name]
-    ids = list(ids)
-    if not ids:
-        return 0
-    inflight.mark(step.name, ids)
-    for row_id in ids:
-        app.send_task(step.task, args=[row_id])
-    return len(ids)

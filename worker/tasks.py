@@ -17,7 +17,8 @@ from core.settings import get_settings
 from db.engine import is_transient
 from worker import inflight, limits
 from worker.app import app
-from worker.steps import JOBS, STEPS, Step, enqueue
+from worker.queue import enqueue
+from worker.steps import JOBS, STEPS, Step
 
 log = logging.getLogger("waifu.tasks")
 
@@ -103,7 +104,7 @@ detect_faces = _register(STEPS["detect"])
 resize_face = _register(STEPS["crop"])
 
 
-@app.task(name=JOBS["reconcile"][0])
+@app.task(name=JOBS["reconcile"].task)
 def reconcile() -> dict[str, int]:
     """Re-enqueue rows stuck in a waiting state whose message was lost or whose worker died (beat)."""
     from worker.reconcile import reconcile_stuck
@@ -126,11 +127,11 @@ def _retrain_outcome(force: bool, progress=None) -> dict:
     except NotEnoughData as exc:
         return {"status": "skipped", "reason": str(exc)}
     if summary["status"] == "current":
-        app.send_task(JOBS["classify"][0])  # a new model: refresh the suggestions on ambiguous faces
+        app.send_task(JOBS["classify"].task)  # a new model: refresh the suggestions on ambiguous faces
     return summary
 
 
-@app.task(name=JOBS["classify"][0])
+@app.task(name=JOBS["classify"].task)
 def classify(face_ids: list[int] | None = None) -> int:
     """The current model's suggestion for ambiguous faces (queue `train`: TensorFlow stays in one process)."""
     from predict.suggest import suggest_for_ambiguous
@@ -138,7 +139,7 @@ def classify(face_ids: list[int] | None = None) -> int:
     return suggest_for_ambiguous(get_settings(), face_ids)
 
 
-@app.task(name=JOBS["retrain"][0], bind=True)
+@app.task(name=JOBS["retrain"].task, bind=True)
 def retrain(self, force: bool = True) -> dict:
     """Train, evaluate against the current model, promote if better (queue `train`, solo pool).
 
@@ -151,7 +152,7 @@ def retrain(self, force: bool = True) -> dict:
     return _retrain_outcome(force, progress)
 
 
-@app.task(name=JOBS["maybe_retrain"][0])
+@app.task(name=JOBS["maybe_retrain"].task)
 def maybe_retrain() -> dict:
     """The beat trigger: retrains only when enough new labelled faces arrived (queue `train`)."""
     return _retrain_outcome(force=False)
