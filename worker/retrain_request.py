@@ -29,7 +29,7 @@ def last_task_id() -> str | None:
 
 
 def request_retrain(force: bool) -> RetrainRequest:
-    """Enqueue `worker.tasks.retrain` unless one is queued or running. Raises the broker's errors (redis,
+    """Enqueue the retrain job (JOBS["retrain"]) unless one is queued or running. Raises the broker's errors (redis,
     kombu) when Redis does not answer."""
     from train.retrain import retrain_running
     from worker.app import app
