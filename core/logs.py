@@ -22,13 +22,26 @@ def kv(event: str, **fields: Any) -> str:
     return " ".join(parts)
 
 
+class CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record, not the one at set-up: a test runner
+    (click's CliRunner) swaps and closes it, and a handler holding the old one prints "Logging error"."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass  # always the current sys.stderr
+
+
 def setup_logging(level: str | None = None) -> None:
     level = (level or os.environ.get("WAIFU_LOG_LEVEL") or "INFO").upper()
     root = logging.getLogger()
     if any(getattr(h, "_waifu", False) for h in root.handlers):
         root.setLevel(level)
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = CurrentStderr()
     handler._waifu = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
