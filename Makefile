@@ -53,6 +53,7 @@ bench: install
 	$(PY) -m bench.stall_check
 	$(PY) -m bench.web_predict
 	$(PY) -m bench.export
+	$(PY) -m bench.download_memory
 	$(PY) -m bench.train_cost
 	$(PY) -m bench.train --models classical-plain,classical,resnet,chosen --seeds 0,1 --folds 3
 

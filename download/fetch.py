@@ -23,6 +23,7 @@ from core.errors import Refused, Retryable, Unavailable
 from core.http import USER_AGENT, check_status
 from core.ratelimit import wait_for_slot
 from core.settings import Settings
+from download.tls import shared_context
 
 
 @dataclass
@@ -142,7 +143,10 @@ def fetch(url: str, settings: Settings, workdir: Path, allowed: frozenset[str]) 
     checked addresses, within the overall deadline; md5 computed on the way."""
     local_hosts = frozenset(h.lower() for h in settings.local_hosts)
     with httpx.Client(
-        timeout=settings.http_timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT}
+        timeout=settings.http_timeout,
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT},
+        verify=shared_context(),
     ) as client:
         for _hop in range(settings.max_redirects + 1):
             host = check_url(url, allowed)

@@ -372,3 +372,26 @@ def test_fractional_host_limit_spreads_its_grants(redis_client) -> None:
     assert len(grants) >= 3
     assert max_in_window(grants, window=0.98) <= 2
     assert max_in_window(grants, window=1.98) <= 3
+
+
+async def test_downloads_share_one_tls_context(dl_settings, fake, monkeypatch) -> None:
+    """Each download makes its own httpx Client; building a TLS context per Client loaded the CA bundle per
+    file, the io worker's memory growth in soak runs. Three downloads load it once."""
+    import ssl
+
+    from download.tls import shared_context
+
+    loads = []
+    original = ssl.SSLContext.load_verify_locations
+
+    def counting(self, *args, **kwargs):
+        loads.append(args or kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
+    shared_context.cache_clear()
+    posts = load_drawn(fake, {"nishikino_maki": 3}, size=(200, 150))
+    for post in posts:
+        row = await run_download(list_post(fake, post), dl_settings)
+        assert row.state == PostState.downloaded, row.reason
+    assert len(loads) == 1
