@@ -19,7 +19,7 @@ from core.outcome import StepOutcome
 from core.settings import Settings
 from crop.neardup import find_near_duplicate, index_face, perceptual_hash
 from crop.rules import label_for, split_for
-from db.claims import claim, new_token, peek, still_claimed
+from db.claims import claim, new_token, peek, state_of, still_claimed
 from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, utcnow
 from db.states import transition
 
@@ -50,11 +50,6 @@ def tracked_tags(session: Session, post_id: int) -> list[str]:
     )
 
 
-def _now_state(face_id: int) -> StepOutcome:
-    row = peek(Face, face_id)
-    return StepOutcome(None, reason="no such face") if row is None else StepOutcome(FaceState(row.state), row.reason)
-
-
 def crop_face(face_id: int, settings: Settings, token: str | None = None) -> StepOutcome:
     """Writes the crop named by its hash, labels it, splits it; the face becomes `ready`."""
     from crop.imaging import crop_face as cut
@@ -62,7 +57,7 @@ def crop_face(face_id: int, settings: Settings, token: str | None = None) -> Ste
     token = token or new_token()
     face = claim(Face, face_id, WAITING, token, settings.claim_timeout)
     if face is None:
-        return _now_state(face_id)
+        return state_of(Face, face_id)
     post = peek(Post, face.post_id)
     try:
         image = open_image(settings.data_dir / post.stored_path, settings.max_image_pixels)
@@ -79,7 +74,7 @@ def crop_face(face_id: int, settings: Settings, token: str | None = None) -> Ste
 
     with still_claimed(Face, face_id, WAITING, token) as (session, face):
         if face is None:
-            return _now_state(face_id)
+            return state_of(Face, face_id)
         # faces of one post finish one at a time: the last one must see the others `ready` to close the post
         post = session.get(Post, face.post_id, with_for_update=True)
         face.sha256, face.path, face.phash = sha256, relative, phash
@@ -109,7 +104,7 @@ def crop_face(face_id: int, settings: Settings, token: str | None = None) -> Ste
 def record_failed(face_id: int, token: str, reason: str) -> StepOutcome:
     with still_claimed(Face, face_id, WAITING, token) as (session, face):
         if face is None:
-            return _now_state(face_id)
+            return state_of(Face, face_id)
         post = session.get(Post, face.post_id, with_for_update=True)
         face.state, face.reason, face.updated_at = FaceState.failed, reason[:2000], utcnow()
         log.warning(kv("face failed", face=face.id, post=face.post_id, reason=face.reason))

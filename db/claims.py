@@ -16,9 +16,10 @@ from sqlmodel import Session, SQLModel
 
 from core import faults
 from core.logs import kv
+from core.outcome import StepOutcome
 from core.settings import get_settings
 from db.engine import session_scope
-from db.models import FaceState, Post, PostState, utcnow
+from db.models import Face, FaceState, Post, PostState, utcnow
 
 log = logging.getLogger("waifu.claims")
 
@@ -122,6 +123,15 @@ def peek(table: type[Row], row_id: int) -> Row | None:
         if row is not None:
             session.expunge(row)
         return row
+
+
+def state_of(table: type[Row], row_id: int) -> StepOutcome:
+    """Where a row stands now, as a step's outcome: what a step answers when its row is not (or no longer) its own."""
+    row = peek(table, row_id)
+    if row is None:
+        return StepOutcome(None, reason=f"no such {table.__tablename__}")
+    states = FaceState if table is Face else PostState
+    return StepOutcome(states(row.state), row.reason)
 
 
 @contextmanager

@@ -16,17 +16,12 @@ from core.images import open_image
 from core.logs import kv
 from core.outcome import StepOutcome
 from core.settings import Settings
-from db.claims import claim, new_token, peek, release, still_claimed
+from db.claims import claim, new_token, release, state_of, still_claimed
 from db.models import Face, FaceState, Post, PostState
 
 log = logging.getLogger("waifu.detect")
 
 WAITING = PostState.downloaded
-
-
-def _now_state(post_id: int) -> StepOutcome:
-    row = peek(Post, post_id)
-    return StepOutcome(None, reason="no such post") if row is None else StepOutcome(PostState(row.state), row.reason)
 
 
 def detect_post(post_id: int, settings: Settings, token: str | None = None) -> StepOutcome:
@@ -40,7 +35,7 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
     token = token or new_token()
     post = claim(Post, post_id, WAITING, token, settings.claim_timeout)
     if post is None:
-        return _now_state(post_id)  # gone, past this step, or another worker has it now
+        return state_of(Post, post_id)  # gone, past this step, or another worker has it now
     started = time.time()
     try:
         if not post.stored_path:
@@ -56,7 +51,7 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
     except Exception as exc:  # a bad file must not stop the queue; the row says what happened
         with still_claimed(Post, post_id, WAITING, token) as (_session, row):
             if row is None:
-                return _now_state(post_id)
+                return state_of(Post, post_id)
             row.attempts += 1
             detail = str(exc) if isinstance(exc, Refused) else f"{type(exc).__name__}: {exc}"
             transition(row, PostState.failed, f"face detection failed: {detail}")
@@ -66,7 +61,7 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
     work = (started, time.time())
     with still_claimed(Post, post_id, WAITING, token) as (session, row):
         if row is None:
-            return _now_state(post_id)
+            return state_of(Post, post_id)
         faces = [
             Face(
                 post_id=row.id,

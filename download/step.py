@@ -19,7 +19,7 @@ from core.errors import Refused, Retryable, Unavailable
 from core.logs import kv
 from core.outcome import StepOutcome
 from core.settings import Settings
-from db.claims import claim, new_token, peek, release, still_claimed
+from db.claims import claim, new_token, release, state_of, still_claimed
 from db.models import Post, PostState
 from db.states import hand_over_reposts, transition
 from download.fetch import Fetched, check_image_name, fetch
@@ -48,17 +48,12 @@ def backoff(settings: Settings, attempts: int, retry_after: float | None) -> flo
     return settings.download_backoff * (2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
 
 
-def _now_state(post_id: int) -> StepOutcome:
-    row = peek(Post, post_id)
-    return StepOutcome(None, reason="no such post") if row is None else StepOutcome(PostState(row.state), row.reason)
-
-
 def download_post(post_id: int, settings: Settings, token: str | None = None) -> StepOutcome:
     """Fetches, verifies and stores one post; records every outcome on its row."""
     token = token or new_token()
     post = claim(Post, post_id, WAITING, token, settings.claim_timeout, on_claim=count_attempt)
     if post is None:
-        return _now_state(post_id)  # gone, past this step, or another worker has it now: nothing to do
+        return state_of(Post, post_id)  # gone, past this step, or another worker has it now: nothing to do
     if post.state != WAITING:
         return StepOutcome(PostState(post.state), post.reason)  # a repost of a stored file: skipped at once
     attempts = post.attempts
@@ -117,7 +112,7 @@ def record_failed(post_id: int, token: str, reason: str) -> StepOutcome:
     """The post fails with `reason`; a repost that waited on it is collected in its place."""
     with still_claimed(Post, post_id, WAITING, token) as (session, post):
         if post is None:
-            return _now_state(post_id)
+            return state_of(Post, post_id)
         transition(post, PostState.failed, reason)
         heir = hand_over_reposts(session, post)
         return StepOutcome(post.state, post.reason, again_ids=[heir] if heir else [])
@@ -126,7 +121,7 @@ def record_failed(post_id: int, token: str, reason: str) -> StepOutcome:
 def record_stored(post_id: int, token: str, relative: Path, width: int, height: int, settings: Settings) -> StepOutcome:
     with still_claimed(Post, post_id, WAITING, token) as (session, post):
         if post is None:
-            return _now_state(post_id)
+            return state_of(Post, post_id)
         original = stored_original(session, post)  # another worker may have stored the same file meanwhile
         if original is not None:
             skip_as_duplicate(post, original)
