@@ -28,10 +28,7 @@ def training_curves_png(history: dict[str, list], path: Path) -> Path:
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def confusion_png(confusion: Sequence[Sequence[int]], names: Sequence[str], path: Path) -> Path:
@@ -48,10 +45,7 @@ def confusion_png(confusion: Sequence[Sequence[int]], names: Sequence[str], path
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
     ax.set_title("confusion matrix (test split)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def face_grid_png(images: Sequence, captions: Sequence[tuple[str, str]], path: Path, columns: int = 6) -> Path:
@@ -64,10 +58,7 @@ def face_grid_png(images: Sequence, captions: Sequence[tuple[str, str]], path: P
     for ax, image, (predicted, true) in zip(axes.flat, images, captions, strict=False):
         ax.imshow(image)
         ax.set_title(f"{predicted}\n(true: {true})", fontsize=7, color="black" if predicted == true else "red")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def growth_png(series: dict[str, list[tuple]], path: Path) -> Path:
@@ -84,6 +75,11 @@ def growth_png(series: dict[str, list[tuple]], path: Path) -> Path:
     if series:
         ax.legend(fontsize=8)
     fig.autofmt_xdate()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """Lays the figure out, writes it and frees it (pyplot keeps every open figure alive)."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
