@@ -10,7 +10,7 @@
    detections matched to it (precision, images with a true face, with and without the check), and the
    check alone on every checked row, with the shipped weights and leave-one-character-out (fitted on two
    characters, judged on the third).
-4. Throughput of the cpu queue (real Celery worker processes: detect_faces + resize_face through Redis and
+4. Throughput of the cpu queue (real Celery worker processes: the detect and crop tasks through Redis and
    SQLite) with 1 and 2 worker processes, against the notebook's sequential loop (lbpcascade, crop, resize,
    save, one file at a time) on the same files in the same run, printed as ratios.
 
@@ -331,7 +331,7 @@ def notebook_loop(paths: list[Path], out: Path) -> float:
 
 
 def queue_run(paths: list[Path], workers: int, tmp: Path) -> tuple[float, int]:
-    """All images as downloaded posts, detect_faces enqueued, a real `-c N` cpu worker drains the queue."""
+    """All images as downloaded posts, the detect task enqueued, a real `-c N` cpu worker drains the queue."""
     import redis
     from sqlmodel import func, select
 

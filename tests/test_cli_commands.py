@@ -205,7 +205,7 @@ def test_status_table_retry_failed_and_reconcile(service_env: dict[str, str], re
     # a post whose file is stored failed at detection: it resumes there, on the cpu queue
     assert rows[3].state == PostState.downloaded and rows[3].attempts == 0
     assert rows[2].state == PostState.discovered
-    assert messages(redis_client, "cpu") == [("worker.tasks.detect_faces", [3], {})]
+    assert messages(redis_client, "cpu") == [("worker.tasks.detect", [3], {})]
     assert messages(redis_client, "io") == [("worker.tasks.download", [2], {})]
 
     reconciled = waifu(env, "reconcile")  # default: rows unchanged for WAIFU_STUCK_AFTER (600 s here)

@@ -146,7 +146,7 @@ async def test_worker_for_io_and_cpu_runs_a_threads_and_a_prefork_worker(
     assert cpu["pool"]["implementation"] == PREFORK and cpu["pool"]["max-concurrency"] == cores()
     # each step ran in the pool of its resource, and only there
     assert io["total"] == {"worker.tasks.download": len(posts)}, io["total"]
-    assert cpu["total"] == {"worker.tasks.detect_faces": len(posts)}, cpu["total"]
+    assert cpu["total"] == {"worker.tasks.detect": len(posts)}, cpu["total"]
     assert re.search(r"\.> concurrency: 8 \(thread\)", log) and re.search(r"\.> concurrency: \d+ \(prefork\)", log)
     assert "stopped child=worker-io code=0" in log and "stopped child=worker-cpu code=0" in log
     assert "Traceback" not in log

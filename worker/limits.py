@@ -19,9 +19,7 @@ from worker.steps import JOBS, STEPS
 
 # the setting that bounds each task
 LIMIT_SETTING = {
-    STEPS["download"].task: "download_time_limit_s",
-    STEPS["detect"].task: "detect_time_limit_s",
-    STEPS["crop"].task: "crop_time_limit_s",
+    **{name: f"{step}_time_limit_s" for step in ("download", "detect", "crop") for name in STEPS[step].task_names},
     JOBS["reconcile"].task: "reconcile_time_limit_s",
     JOBS["retrain"].task: "retrain_time_limit_s",
     JOBS["maybe_retrain"].task: "retrain_time_limit_s",

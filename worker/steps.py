@@ -25,6 +25,12 @@ class Step:
     waits_in: str  # the state a row sits in while it waits for this step
     function: str  # "module:function" doing the work; imported on first use (keeps Celery start-up light)
     next: str | None  # the step that takes the rows this one hands on
+    # earlier public names of the task, still registered and routed: scripts and Flower calls written for them work
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return (self.task, *self.aliases)
 
     def load(self) -> Callable:
         module, _, name = self.function.partition(":")
@@ -44,9 +50,25 @@ STEPS: dict[str, Step] = {
             "detect",
         ),
         Step(
-            "detect", "worker.tasks.detect_faces", "cpu", Post, PostState.downloaded, "detect.step:detect_post", "crop"
+            "detect",
+            "worker.tasks.detect",
+            "cpu",
+            Post,
+            PostState.downloaded,
+            "detect.step:detect_post",
+            "crop",
+            aliases=("worker.tasks.detect_faces",),
         ),
-        Step("crop", "worker.tasks.resize_face", "cpu", Face, FaceState.detected, "crop.step:crop_face", None),
+        Step(
+            "crop",
+            "worker.tasks.crop",
+            "cpu",
+            Face,
+            FaceState.detected,
+            "crop.step:crop_face",
+            None,
+            aliases=("worker.tasks.resize_face",),
+        ),
     )
 }
 
@@ -68,6 +90,6 @@ JOBS: dict[str, Job] = {
 
 QUEUES = ("io", "cpu", "train")
 TASK_ROUTES = {
-    **{s.task: {"queue": s.queue} for s in STEPS.values()},
+    **{name: {"queue": s.queue} for s in STEPS.values() for name in s.task_names},
     **{job.task: {"queue": job.queue} for job in JOBS.values()},
 }

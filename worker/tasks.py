@@ -90,18 +90,17 @@ class StepTask(Task):
             over_time(self.step, int(args[0]), task_id, limits.hard_limit(get_settings(), self.name))
 
 
-def _register(step: Step) -> Task:
+def _register(step: Step, name: str) -> Task:
     def shell(self: Task, row_id: int) -> dict:
         return run_step(self, step, row_id)
 
     shell.__name__ = shell.__qualname__ = step.name
     shell.__doc__ = f"Step `{step.name}` for one {step.table.__tablename__} row (queue `{step.queue}`)."
-    return app.task(name=step.task, bind=True, max_retries=None, base=StepTask, step=step)(shell)
+    return app.task(name=name, bind=True, max_retries=None, base=StepTask, step=step)(shell)
 
 
-download = _register(STEPS["download"])
-detect_faces = _register(STEPS["detect"])
-resize_face = _register(STEPS["crop"])
+# each step under its task name, and under its earlier names (a message sent to one runs the same step)
+STEP_TASKS = {name: _register(step, name) for step in STEPS.values() for name in step.task_names}
 
 
 @app.task(name=JOBS["reconcile"].task)
