@@ -40,7 +40,7 @@ RUN useradd --create-home --uid 10001 waifu && mkdir -p /data && chown waifu:wai
 USER waifu
 VOLUME ["/data"]
 # big freed blocks (decoded pictures) go back to the system: long-lived workers keep a flat memory (core/memory.py)
-ENV MALLOC_MMAP_THRESHOLD_=4194304
+ENV MALLOC_MMAP_THRESHOLD_=4194304 MALLOC_ARENA_MAX=2
 
 # a process of ours answers: the database is reachable and migrated, the broker answers. It takes about
 # 1 s of CPU (Python start-up and imports); 30 s (Docker's default) leaves room on a busy 2-core host,

@@ -187,3 +187,11 @@ def broken(fmt: str, path: Path | None, source: Path | str | bytes, exc: BaseExc
     """`fmt` is empty when Pillow failed while still reading the header: the first bytes name it then."""
     fmt = fmt or sniff(head_of(path) if path is not None else source[:16]) or "unknown format"
     return f"broken image ({fmt}): {why_broken(exc)}"
+
+
+def load_decoders() -> None:
+    """Loads what decoding first pulls in lazily (every Pillow plugin, numpy for wide greys): a worker does
+    it at start, so its memory is settled before work, not grown by the first odd picture hours later."""
+    import numpy  # noqa: F401  (scaled_grey)
+
+    Image.init()

@@ -1,19 +1,59 @@
-"""Memory a long-lived process frees goes back to the system (glibc's malloc, set through the environment).
+"""Memory a long-lived process frees goes back to the system (glibc's malloc, set through the environment,
+and a trim after work).
 
-glibc serves large blocks from mmap only while they are above a threshold it raises after each free, so
-after one big picture (a 76 MP 16-bit PNG decoded in an io thread) later big blocks come from the heap and
-stay there: an io worker grew from 223 to 525 MiB in a soak. A fixed threshold keeps every block of 4 MiB
-or more (Pillow's image blocks) in mmap, returned to the system when freed. It must be set before the
-process starts, so the supervisor puts it in its children's environment (and the image sets it too).
+- glibc serves large blocks from mmap only while they are above a threshold it raises after each free, so
+  after one big picture (a 76 MP 16-bit PNG decoded in an io thread) later big blocks came from the heap and
+  stayed there: an io worker grew from 223 to 525 MiB in a soak. A fixed threshold keeps every block of
+  4 MiB or more (Pillow's image blocks) in mmap, returned to the system when freed.
+- Each thread may get its own malloc arena (up to 8 per core); the io pool's 8 threads left freed memory
+  spread over many of them, and the io worker kept rising after bursts of downloads. Two arenas bound that.
+- Freed memory inside an arena is returned only by malloc_trim: `tidy()` calls it after tasks, at most once
+  a minute, and drops the source lines Python caches for tracebacks (linecache grows with each new file).
+
+The variables must be set before the process starts, so the supervisor puts them in its children's
+environment (and the image sets them too).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import linecache
+import threading
+import time
 from collections.abc import Mapping
 
-MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(4 * 1024 * 1024)}
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(4 * 1024 * 1024), "MALLOC_ARENA_MAX": "2"}
+TIDY_EVERY_S = 60.0
+
+_lock = threading.Lock()
+_last_tidy = 0.0
 
 
 def returning_memory(env: Mapping[str, str]) -> dict[str, str]:
     """`env` with glibc told to return big freed blocks; a value the operator set is kept."""
     return {**MALLOC_SETTINGS, **env}
+
+
+def _malloc_trim() -> int:
+    """glibc's malloc_trim(0): 1 when memory went back to the system; 0 elsewhere (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return 0
+    return int(trim(0))
+
+
+def tidy(now: float | None = None) -> bool:
+    """After a task: caches dropped and freed memory trimmed, unless done in the last TIDY_EVERY_S seconds
+    (a trim walks the heap: milliseconds, not worth paying per task). Returns whether it ran."""
+    global _last_tidy
+    now = time.monotonic() if now is None else now
+    with _lock:
+        if now - _last_tidy < TIDY_EVERY_S:
+            return False
+        _last_tidy = now
+    linecache.clearcache()
+    _malloc_trim()
+    return True

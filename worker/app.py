@@ -93,6 +93,29 @@ def _database_ready_in_main_process(**_kwargs: object) -> None:
         log.warning(kv("database not reachable at worker start", error=str(exc).splitlines()[0][:200]))
 
 
+@signals.worker_ready.connect
+def _steps_loaded_at_start(sender: object = None, **_kwargs: object) -> None:
+    """The steps of the queues this worker consumes are imported at start, with the decoders they load on
+    first use: a worker's memory settles before work (a soak saw the io worker grow by late imports)."""
+    from core.images import load_decoders
+    from worker.steps import STEPS
+
+    consumed = getattr(getattr(getattr(sender, "app", app), "amqp", None), "queues", None)
+    queues = set(getattr(consumed, "consume_from", None) or QUEUES)
+    for step in STEPS.values():
+        if step.queue in queues:
+            step.load()
+    load_decoders()
+
+
+@signals.task_postrun.connect
+def _tidy_memory(**_kwargs: object) -> None:
+    """Freed memory goes back to the system after tasks (core.memory.tidy: at most once a minute)."""
+    from core.memory import tidy
+
+    tidy()
+
+
 @signals.setup_logging.connect
 def _one_log_format(loglevel: str | None = None, **_kwargs: object) -> None:
     """Workers and beat log like every other process (our transitions included), one line per event."""
