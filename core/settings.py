@@ -192,7 +192,7 @@ class Settings(BaseSettings):
         50, ge=0, description="Labelled faces that must arrive since the current model for a scheduled retrain"
     )
     weak_labels: bool = Field(
-        True, description="After each retrain infer labels for ambiguous faces, before it doubt tag labels (train.weak)"
+        True, description="After each retrain infer labels for ambiguous faces, before it doubt tag labels (labels)"
     )
     train_epochs: int | None = Field(None, ge=1, description="Epochs of the CNN (default: the chosen design's)")
     train_threads: int | None = Field(None, ge=1, description="TensorFlow threads (default: 2)")

@@ -18,10 +18,10 @@ from core.logs import kv
 from core.outcome import StepOutcome
 from core.settings import Settings
 from crop.neardup import find_near_duplicate, index_face, perceptual_hash
-from crop.rules import label_for, split_for
 from db.claims import claim, new_token, peek, state_of, still_claimed
 from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, utcnow
 from db.states import transition
+from labels.rules import label_for, split_for
 
 log = logging.getLogger("waifu.crop")
 

@@ -14,12 +14,12 @@ from PIL import Image
 from sqlmodel import select
 
 from core.settings import get_settings
-from crop.labels import set_manual_label
-from crop.rules import label_for, split_for
 from crop.step import crop_face
 from db.engine import session_scope
 from db.models import Face, FaceState, LabelSource, PostState, Split
 from detect.step import detect_post
+from labels.manual import set_manual_label
+from labels.rules import label_for, split_for
 from scraper.characters import add_characters
 from tests.support.pipeline import post_row, run_pipeline, side_by_side, store_post
 from tests.support.testdata import data_file, raw_image, raw_names

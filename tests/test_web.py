@@ -1,5 +1,5 @@
 """The web page over real HTTP (uvicorn in a thread), on SQLite and PostgreSQL: every route, the label
-actions and undo through crop.labels, images by id, login, CSRF, and every bad input answered with a 4xx
+actions and undo through labels.manual, images by id, login, CSRF, and every bad input answered with a 4xx
 and a message. Pictures are drawn here (tests/support/drawn.py); the browser test uses real crops."""
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from PIL import Image
 from sqlmodel import select
 
 from core.settings import get_settings, reset_settings_cache
-from crop.labels import label_faces, undo
 from db.engine import session_scope
 from db.models import (
     Face,
@@ -31,6 +30,7 @@ from db.models import (
     Post,
     PostState,
 )
+from labels.manual import label_faces, undo
 from tests.support.env import PROJECT_ROOT
 from tests.support.web import BOX, Web, face, make_collection, store_file
 from train.registry import labelled_count

@@ -10,7 +10,7 @@ from sqlmodel import Session, col, func, select
 from core.settings import Settings
 from db.models import Face, FaceState, LabelSource, ModelStatus, ModelVersion
 
-# trained on and evaluated on; a `tag` face with a doubt (train.weak) is neither until the doubt is gone
+# trained on and evaluated on; a `tag` face with a doubt (labels.weak) is neither until the doubt is gone
 TRAINABLE = (LabelSource.tag, LabelSource.manual)
 # trained on in the train split only, never evaluated on: the model's own guess from the post's tags
 TRAIN_ONLY = (LabelSource.inferred,)

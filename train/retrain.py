@@ -157,11 +157,11 @@ class Trained:
 
 
 def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
-    from train.weak import flag_doubtful_tags, infer_labels
+    from train.weak_inputs import infer_with_model, judge_tag_labels
 
     # first judge the tag labels: a face the classical model (trained without it) calls someone else is
-    # left out of this retrain until a person decides (train.weak)
-    doubts = flag_doubtful_tags(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
+    # left out of this retrain until a person decides (labels.weak)
+    doubts = judge_tag_labels(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
     config = train_config(settings, overrides)
     data = load_retrain_data(settings)
     version_id = register_candidate(data, config)
@@ -175,7 +175,7 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
     summary = promote(settings, data, config, version_id, trained)
     # then let the current model (new or kept) label the ambiguous faces it can tell apart clearly
     summary["doubtful"] = doubts
-    summary["inferred"] = infer_labels(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
+    summary["inferred"] = infer_with_model(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
     log.info(
         kv(
             "retrain finished",

@@ -197,7 +197,7 @@ def face_summary(session: Session) -> dict[str, Any]:
         "label_sources": {str(k): int(v) for k, v in by_source.items() if k},
         "per_character": dict(sorted(per_label.items())),  # tag and manual labels per split
         "inferred_per_character": dict(sorted(inferred.items())),
-        "doubtful": int(doubtful),  # tag labels a model trained without them doubts (train.weak)
+        "doubtful": int(doubtful),  # tag labels a model trained without them doubts (labels.weak)
         "posts_without_face": int(no_face),
         "near_duplicates": int(duplicates),
     }
