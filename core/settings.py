@@ -187,6 +187,12 @@ class Settings(BaseSettings):
         description="`imagenet` (Keras download cached under <data dir>/keras; when it cannot be had the retrain "
         "trains from scratch and records why), a local no-top MobileNetV2 weights file, or `none`",
     )
+    weights_retry_s: float = Field(
+        86400.0,
+        ge=0,
+        description="After a failed ImageNet weights download, seconds before a retrain tries again (remembered "
+        "in the worker and beside the cache under <data dir>/keras)",
+    )
     retrain_interval: float = Field(86400.0, gt=0, description="Seconds between two scheduled retrain checks")
     retrain_min_new_faces: int = Field(
         50, ge=0, description="Labelled faces that must arrive since the current model for a scheduled retrain"

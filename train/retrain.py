@@ -82,6 +82,7 @@ def train_config(settings: Settings, overrides: dict[str, Any] | None = None):
     extra: dict[str, Any] = {
         "cache_dir": str((settings.data_dir / "keras").resolve()),
         "cnn_budget_s": settings.train_cnn_budget_s,
+        "weights_retry_s": settings.weights_retry_s,
     }
     if settings.train_epochs:
         extra["epochs"] = settings.train_epochs

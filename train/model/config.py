@@ -71,6 +71,8 @@ class TrainConfig:
     threads: int | None = 2  # TensorFlow intra-op threads (inter-op 1): the service has 2 cores
     tta: bool = True
     cache_dir: str | None = None  # where ImageNet weights are downloaded to / looked for
+    weights_url: str = MOBILENET_URL  # where the ImageNet no-top files are downloaded from
+    weights_retry_s: float = 86400.0  # after a failed download, no new attempt for this long (process and disk)
     plan: str = ""  # how input_size/epochs were chosen (filled by resolved())
 
     @classmethod
