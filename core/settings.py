@@ -176,7 +176,18 @@ class Settings(BaseSettings):
     )
     face_size: int = Field(96, ge=16, le=1024, description="Side of the square face crops in pixels")
     face_margin: float = Field(0.2, ge=0, le=2, description="Crop margin around a face box, share of its side")
-    test_fraction: float = Field(0.15, gt=0, lt=1, description="Share of faces in the test split (by hash)")
+    test_fraction: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="Share of faces in the test split: per character for labelled faces, by hash for the others",
+    )
+    min_train_faces: int = Field(
+        10,
+        ge=1,
+        description="Training faces a character needs before any of its faces goes to the test split; the "
+        "status and models page warn about characters with fewer",
+    )
     near_duplicate_distance: int = Field(
         6, ge=0, le=32, description="Max pHash Hamming distance for two faces to count as the same picture"
     )

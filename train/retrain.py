@@ -158,8 +158,11 @@ class Trained:
 
 
 def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
+    from labels.splits import rebalance_splits
     from train.weak_inputs import infer_with_model, judge_tag_labels
 
+    # a character under WAIFU_MIN_TRAIN_FACES gets its test faces back for training (labels.splits)
+    splits = rebalance_splits(settings)
     # first judge the tag labels: a face the classical model (trained without it) calls someone else is
     # left out of this retrain until a person decides (labels.weak)
     doubts = judge_tag_labels(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
@@ -176,6 +179,7 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
     summary = promote(settings, data, config, version_id, trained)
     # then let the current model (new or kept) label the ambiguous faces it can tell apart clearly
     summary["doubtful"] = doubts
+    summary["splits"] = splits
     summary["inferred"] = infer_with_model(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
     log.info(
         kv(

@@ -45,6 +45,9 @@ class TrainConfig:
     warmup_epochs: int = 1
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    # class-balanced loss (CNN and classical part): a small class weighs up to this many times a big one's
+    # face (train.model.data.class_weights); 1 = unweighted
+    class_weight_cap: float = 10.0
     dropout: float = 0.2
     stem: int = 24
     widths: tuple[int, ...] = (32, 64, 128, 256)
