@@ -1,6 +1,7 @@
 """Splits per character: how many train and test faces each character has, and the move that gives a
-character whose test split holds more than labels.rules.allowed_test_faces back to training (test -> train only,
-with its near-duplicates: a face once trained on never goes to test). The retrain runs it first."""
+character under the minimum of training faces (or with far too many test faces) test faces back to
+training, down to labels.rules.allowed_test_faces: test -> train only, with near-duplicates, so a face once
+trained on never goes to test. The retrain runs it first."""
 
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ def split_counts(session: Session) -> dict[str, dict[str, int]]:
     return out
 
 
+def needs_rebalance(train: int, test: int, test_fraction: float, min_train: int) -> bool:
+    """A character's split is redone when it has test faces but fewer than `min_train` training faces, or
+    more than twice `test_fraction` of its faces in test; a share near the fraction is left alone (moving
+    one face back and forth for rounding would only churn today's test split)."""
+    return test > 0 and (train < min_train or test > 2 * test_fraction * (train + test))
+
+
 def rebalance_splits(settings: Settings) -> dict[str, Any]:
     """Moves test faces to train for every character over its allowed test count (newest first, each with
     its near-duplicates), one short transaction per character. Returns {"moved": n, "characters": {...}}."""
@@ -54,11 +62,10 @@ def rebalance_splits(settings: Settings) -> dict[str, Any]:
         counts = split_counts(session)
     moved: dict[str, int] = {}
     for tag, n in sorted(counts.items()):
-        excess = n["test"] - allowed_test_faces(
-            n["train"] + n["test"], settings.test_fraction, settings.min_train_faces
-        )
-        if excess <= 0:
+        fraction, minimum = settings.test_fraction, settings.min_train_faces
+        if not needs_rebalance(n["train"], n["test"], fraction, minimum):
             continue
+        excess = n["test"] - allowed_test_faces(n["train"] + n["test"], fraction, minimum)
         with session_scope() as session:
             now, done = utcnow(), 0
             candidates = session.exec(

@@ -53,6 +53,8 @@ def test_a_small_class_gets_its_test_faces_back_and_none_leave_train(service_env
     # issue 19: 14 labelled faces, 9 of them in test by the hash rule, 5 in train
     small = faces(["train"] * 5 + ["test"] * 9, "small", 1000)
     faces(["train"] * 85 + ["test"] * 15, "big", 2000)
+    faces(["train"] * 30 + ["test"] * 6, "mid", 4000)  # 16.7%: near enough, left alone
+    faces(["train"] * 12 + ["test"] * 8, "skewed", 5000)  # 40%: redone
     with session_scope() as session:  # a near-duplicate of a test face, labelled by hand
         session.add(Post(id=3000, md5=f"{3000:032x}", file_url="https://safebooru.org//x", state="done"))
         session.flush()
@@ -69,7 +71,9 @@ def test_a_small_class_gets_its_test_faces_back_and_none_leave_train(service_env
     # 15 faces: 2 may stay in test, 13 train (>= WAIFU_MIN_TRAIN_FACES); the big class is untouched
     assert counts["small"] == {"train": 13, "test": 2}
     assert counts["big"] == {"train": 85, "test": 15}
-    assert result["characters"] == {"small": 8}
+    assert counts["mid"] == {"train": 30, "test": 6}
+    assert counts["skewed"] == {"train": 17, "test": 3}
+    assert result["characters"] == {"small": 8, "skewed": 5}
     assert all(rows[i] == Split.train for i in small[:5])  # trained-on faces stayed
     assert rows[small[-1]] == rows[dup_id]  # the duplicate moved with its original
     # stable: a second run moves nothing, and nothing went from train to test
