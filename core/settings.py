@@ -211,6 +211,19 @@ class Settings(BaseSettings):
     weak_labels: bool = Field(
         True, description="After each retrain infer labels for ambiguous faces, before it doubt tag labels (labels)"
     )
+    selftrain_max_rounds: int = Field(
+        3,
+        ge=0,
+        description="Follow-up retrains in a row at most, each scheduled when the last retrain's inference "
+        "pass changed the inferred labels enough (0: never)",
+    )
+    selftrain_min_change: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of the inferred labels a retrain's inference pass must change (new, relabelled or "
+        "reverted) for a follow-up retrain",
+    )
     train_epochs: int | None = Field(None, ge=1, description="Epochs of the CNN (default: the chosen design's)")
     train_threads: int | None = Field(None, ge=1, description="TensorFlow threads (default: 2)")
     train_cnn_budget_s: float = Field(

@@ -279,6 +279,12 @@ class ModelVersion(SQLModel, table=True):
     counts: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))  # JSON: per class
     hyperparameters: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))  # JSON
     labelled_faces: int = 0  # labelled faces in the database when training started
+    # the self-training loop (train.selftrain, migration 0009): inferred labels in this version's training set;
+    # inferred labels the inference pass after it changed (new, relabelled or reverted); its place in a
+    # chain of follow-up retrains (0: asked for by the beat, the CLI or the web page)
+    inferred_trained: int | None = None
+    inferred_changed: int | None = None
+    loop_round: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0, server_default="0"))
     duration_s: float | None = None
     code_version: str = Field(default="", sa_column=Column(String(64), nullable=False, default=""))
     artifact_dir: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # relative to data dir

@@ -51,3 +51,19 @@ def current_version(session: Session) -> ModelVersion | None:
     return session.exec(
         select(ModelVersion).where(ModelVersion.status == ModelStatus.current).order_by(col(ModelVersion.id).desc())
     ).first()
+
+
+def inferred_trained_count(session: Session) -> int:
+    """Inferred labels a retrain would train on now (train split, not doubtful)."""
+    return int(
+        session.exec(
+            select(func.count())
+            .select_from(Face)
+            .where(
+                Face.state == FaceState.ready,
+                col(Face.label).is_not(None),
+                Face.label_source == LabelSource.inferred,
+                Face.split == "train",
+            )
+        ).one()
+    )
