@@ -1,4 +1,4 @@
-"""How often inferred labels and doubt flags (train.weak) are right, on data where the truth is known.
+"""How often inferred labels and doubt flags (labels.weak) are right, on data where the truth is known.
 
 Needs holoen-faces (20 look-alike characters, 96x96 crops): WAIFU_TEST_DATA must name the folder holding
 `holoen-faces/` (the shared test data, as for bench/recognition). Usage::
@@ -14,13 +14,13 @@ each. Synthetic posts are built from the *test* crops:
   missed", every inference there is wrong);
 - two tracked characters tagged, one face each ("k=2"), and with one of them missed ("k=2 missed").
 
-The model's probabilities go through the rule train.weak uses (crop.rules.inferred_pairs). For each margin
+The model's probabilities go through the rule labels.weak uses (labels.rules.inferred_pairs). For each margin
 threshold: coverage (share of posts that got at least one inferred label) and precision (inferred labels
 that are right), per kind of post and over a mix with `--missed` of the posts missed.
 
 **Doubt flags.** `--per-class` train crops per tracked character labelled by "tag", `--wrong` of them
 replaced by a face of another character (any of the other 19) with the label kept. Out-of-fold probabilities
-as train.weak computes them; for each probability threshold: precision and recall of the flag against the
+as labels.weak computes them; for each probability threshold: precision and recall of the flag against the
 injected wrong labels (and on a test split judged by a model fitted on all train faces).
 """
 
@@ -86,7 +86,7 @@ def make_posts(
 
 
 def bench_inferred(args: argparse.Namespace, holo: Path, rng: np.random.Generator) -> None:
-    from crop.rules import inferred_pairs
+    from labels.rules import inferred_pairs
     from train.features import load_images
     from train.model import Dataset, TrainConfig, predict, train
 
@@ -145,8 +145,9 @@ def bench_inferred(args: argparse.Namespace, holo: Path, rng: np.random.Generato
 
 # ------------------------------------------------------------------------------- doubtful ----
 def bench_doubt(args: argparse.Namespace, holo: Path, rng: np.random.Generator) -> None:
+    from labels.weak import doubt_for
     from train.features import FeatureConfig, extract, load_images
-    from train.weak import doubt_for, doubt_probabilities
+    from train.weak_inputs import doubt_probabilities
 
     train_files, test_files = files(holo, "train"), files(holo, "test")
     names = sorted(train_files)

@@ -35,9 +35,9 @@ def main() -> int:
     from core.images import open_image
     from core.settings import Settings
     from crop.imaging import crop_face
-    from crop.rules import split_for
     from detect.boxes import square_crop_box
     from detect.detectors import find_faces, pin_opencv_threads
+    from labels.rules import split_for
     from predict.classify import classify_image
     from tests.support.testdata import raw_images
     from train.model import TrainConfig, load_dataset, train

@@ -5,7 +5,7 @@ memory included). A run does what the retrain task does, minus the database: loa
 their files, train with the service's settings (``train.retrain.train_config``: by default
 WAIFU_BACKBONE_WEIGHTS=imagenet, which offline falls back to weights=none after one quick failed download,
 and the CNN's size/epochs planned for the number of faces), judge every label as the doubt check does
-(train.weak), load and evaluate the test faces (about 15% of the train count, stratified, like the
+(labels.weak), load and evaluate the test faces (about 15% of the train count, stratified, like the
 service's split), save the artifacts and draw the two PNGs.
 
     WAIFU_TEST_DATA=/path/to/shared/data python -m bench.train_cost [--sizes 300,3000] [--json out.json]
@@ -59,11 +59,12 @@ def run_one(n: int) -> dict:
     import numpy as np
 
     from core.settings import Settings
+    from labels.weak import DOUBT_FOLDS
     from train.features import FeatureConfig, extract, load_images
     from train.model import evaluate, load_dataset, save_artifacts, train
     from train.pictures import confusion_png, training_curves_png
     from train.retrain import accuracy_on, train_config
-    from train.weak import DOUBT_FOLDS, doubt_probabilities
+    from train.weak_inputs import doubt_probabilities
 
     holo = holoen_root()
     train_items = stratified_items(holo / "train", n)
@@ -77,7 +78,7 @@ def run_one(n: int) -> dict:
         test_set = load_dataset(test_items, classes)
         all_test = load_images([str(p) for p, _ in test_items], 96)
         load_s = time.perf_counter() - t0
-        # the retrain first judges every tag label (train.weak.flag_doubtful_tags): features of every face,
+        # the retrain first judges every tag label (labels.weak.flag_doubtful_tags): features of every face,
         # then out-of-fold probabilities for the train faces and a full fit for the test faces
         t_doubt = time.perf_counter()
         feature_config = FeatureConfig()

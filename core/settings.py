@@ -176,7 +176,18 @@ class Settings(BaseSettings):
     )
     face_size: int = Field(96, ge=16, le=1024, description="Side of the square face crops in pixels")
     face_margin: float = Field(0.2, ge=0, le=2, description="Crop margin around a face box, share of its side")
-    test_fraction: float = Field(0.15, gt=0, lt=1, description="Share of faces in the test split (by hash)")
+    test_fraction: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="Share of faces in the test split: per character for labelled faces, by hash for the others",
+    )
+    min_train_faces: int = Field(
+        10,
+        ge=1,
+        description="Training faces a character needs before any of its faces goes to the test split; the "
+        "status and models page warn about characters with fewer",
+    )
     near_duplicate_distance: int = Field(
         6, ge=0, le=32, description="Max pHash Hamming distance for two faces to count as the same picture"
     )
@@ -187,12 +198,31 @@ class Settings(BaseSettings):
         description="`imagenet` (Keras download cached under <data dir>/keras; when it cannot be had the retrain "
         "trains from scratch and records why), a local no-top MobileNetV2 weights file, or `none`",
     )
+    weights_retry_s: float = Field(
+        86400.0,
+        ge=0,
+        description="After a failed ImageNet weights download, seconds before a retrain tries again (remembered "
+        "in the worker and beside the cache under <data dir>/keras)",
+    )
     retrain_interval: float = Field(86400.0, gt=0, description="Seconds between two scheduled retrain checks")
     retrain_min_new_faces: int = Field(
         50, ge=0, description="Labelled faces that must arrive since the current model for a scheduled retrain"
     )
     weak_labels: bool = Field(
-        True, description="After each retrain infer labels for ambiguous faces, before it doubt tag labels (train.weak)"
+        True, description="After each retrain infer labels for ambiguous faces, before it doubt tag labels (labels)"
+    )
+    selftrain_max_rounds: int = Field(
+        3,
+        ge=0,
+        description="Follow-up retrains in a row at most, each scheduled when the last retrain's inference "
+        "pass changed the inferred labels enough (0: never)",
+    )
+    selftrain_min_change: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of the inferred labels a retrain's inference pass must change (new, relabelled or "
+        "reverted) for a follow-up retrain",
     )
     train_epochs: int | None = Field(None, ge=1, description="Epochs of the CNN (default: the chosen design's)")
     train_threads: int | None = Field(None, ge=1, description="TensorFlow threads (default: 2)")

@@ -18,10 +18,11 @@ from core.logs import kv
 from core.outcome import StepOutcome
 from core.settings import Settings
 from crop.neardup import find_near_duplicate, index_face, perceptual_hash
-from crop.rules import label_for, split_for
 from db.claims import claim, new_token, peek, state_of, still_claimed
 from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, utcnow
 from db.states import transition
+from labels.rules import label_for, split_for, split_for_labelled
+from labels.splits import character_splits
 
 log = logging.getLogger("waifu.crop")
 
@@ -80,10 +81,16 @@ def crop_face(face_id: int, settings: Settings, token: str | None = None) -> Ste
         face.sha256, face.path, face.phash = sha256, relative, phash
         original = find_near_duplicate(session, face.id, phash, settings.near_duplicate_distance)
         face.duplicate_of = original.id if original else None
-        face.split = original.split if original and original.split else split_for(sha256, settings.test_fraction)
         if face.label_source != LabelSource.manual:
             # post.faces counts the faces the check accepted: a filtered detection does not make it ambiguous
             face.label, face.label_source = label_for(tracked_tags(session, post.id), post.faces or 0)
+        if original and original.split:
+            face.split = original.split  # a near-duplicate never sits across the split from its original
+        elif face.label:
+            train, test = character_splits(session, face.label)
+            face.split = split_for_labelled(train, test, settings.test_fraction, settings.min_train_faces)
+        else:
+            face.split = split_for(sha256, settings.test_fraction)
         face.state, face.updated_at = FaceState.ready, utcnow()
         index_face(session, face)
         log.info(

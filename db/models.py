@@ -146,7 +146,7 @@ class LabelSource(StrEnum):
     tag = "tag"  # the post names exactly one tracked character and holds exactly one face
     ambiguous = "ambiguous"  # several characters or several faces: kept, not trained on
     manual = "manual"  # set by `waifu faces label`
-    # train.weak: the current model picked this face as the post's tagged character with a clear margin
+    # labels.weak: the current model picked this face as the post's tagged character with a clear margin
     # over the post's other faces; recomputed after every retrain, trained on in the train split only
     inferred = "inferred"
 
@@ -191,9 +191,9 @@ class Face(SQLModel, table=True):
     # the classifier's guess for ambiguous faces: a suggestion, never a label
     suggestion: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
     suggestion_score: float | None = None
-    # inferred labels (train.weak): the margin by which this face beat the post's other faces
+    # inferred labels (labels.weak): the margin by which this face beat the post's other faces
     inferred_margin: float | None = None
-    # a `tag` label a model trained without this face calls another character (train.weak): why, and that
+    # a `tag` label a model trained without this face calls another character (labels.weak): why, and that
     # model's probability for the other character; never trained or evaluated on while set
     doubt: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     doubt_score: float | None = None
@@ -279,6 +279,12 @@ class ModelVersion(SQLModel, table=True):
     counts: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))  # JSON: per class
     hyperparameters: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))  # JSON
     labelled_faces: int = 0  # labelled faces in the database when training started
+    # the self-training loop (train.selftrain, migration 0009): inferred labels in this version's training set;
+    # inferred labels the inference pass after it changed (new, relabelled or reverted); its place in a
+    # chain of follow-up retrains (0: asked for by the beat, the CLI or the web page)
+    inferred_trained: int | None = None
+    inferred_changed: int | None = None
+    loop_round: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0, server_default="0"))
     duration_s: float | None = None
     code_version: str = Field(default="", sa_column=Column(String(64), nullable=False, default=""))
     artifact_dir: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # relative to data dir

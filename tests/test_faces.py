@@ -14,12 +14,12 @@ from PIL import Image
 from sqlmodel import select
 
 from core.settings import get_settings
-from crop.labels import set_manual_label
-from crop.rules import label_for, split_for
 from crop.step import crop_face
 from db.engine import session_scope
 from db.models import Face, FaceState, LabelSource, PostState, Split
 from detect.step import detect_post
+from labels.manual import set_manual_label
+from labels.rules import label_for, split_for
 from scraper.characters import add_characters
 from tests.support.pipeline import post_row, run_pipeline, side_by_side, store_post
 from tests.support.testdata import data_file, raw_image, raw_names
@@ -46,7 +46,8 @@ def test_one_character_one_face_is_labelled_by_tag(chars, picture, tag) -> None:
     face = faces[0]
     assert face.state == FaceState.ready
     assert face.label == tag and face.label_source == LabelSource.tag
-    assert face.split in (Split.train, Split.test) and face.split == split_for(face.sha256, 0.15)
+    # the character's first labelled face: training, whatever its hash (WAIFU_MIN_TRAIN_FACES)
+    assert face.split == Split.train
     crop = get_settings().data_dir / face.path
     assert crop.name == f"{face.sha256}.png"
     assert hashlib.sha256(crop.read_bytes()).hexdigest() == face.sha256
@@ -136,10 +137,14 @@ def test_split_is_stable_across_runs_with_new_data_in_between(chars) -> None:
         every = session.exec(select(Face)).all()
     assert now == before
     assert repost.duplicate_of == first[0].id and repost.split == first[0].split
-    # and no face's split depends on what arrived before it: the hash alone, or its original's
+    # an unlabelled face's split is its hash's; a labelled one's its character's count (under
+    # WAIFU_MIN_TRAIN_FACES: train); a near-duplicate's its original's
     originals = {f.id: f for f in every}
     for face in every:
-        expected = originals[face.duplicate_of].split if face.duplicate_of else split_for(face.sha256, 0.15)
+        if face.duplicate_of:
+            expected = originals[face.duplicate_of].split
+        else:
+            expected = Split.train if face.label else split_for(face.sha256, 0.15)
         assert face.split == expected, face
 
 
@@ -240,3 +245,18 @@ def test_faces_of_one_post_finished_concurrently_close_the_post(chars, monkeypat
         states = list(pool.map(lambda f: crop_face(f, settings).state, face_ids))
     assert set(states) == {FaceState.ready}
     assert post_row(post_id).state == PostState.done
+
+
+def test_a_labelled_face_goes_to_test_once_its_character_has_enough_training_faces(chars) -> None:
+    from db.models import Post
+    from tests.support.rows import ready_face
+
+    with session_scope() as session:  # 10 training faces of maki already (WAIFU_MIN_TRAIN_FACES)
+        for i in range(10):
+            session.add(Post(id=500 + i, md5=f"{500 + i:032x}", file_url="https://safebooru.org//x", state="done"))
+            session.flush()
+            session.add(ready_face(500 + i, f"faces/{i}.png", "train", "nishikino_maki", LabelSource.tag))
+    [face] = run_pipeline(store_post(1, raw_image(MAKI).read_bytes(), ["nishikino_maki"]))
+    assert face.label == "nishikino_maki" and face.split == Split.test  # the 11th: about 15% go to test
+    [riko] = run_pipeline(store_post(2, raw_image(RIKO).read_bytes(), ["sakurauchi_riko"], suffix="jpg"))
+    assert riko.split == Split.train  # riko's first face

@@ -1,5 +1,5 @@
 """The web page over real HTTP (uvicorn in a thread), on SQLite and PostgreSQL: every route, the label
-actions and undo through crop.labels, images by id, login, CSRF, and every bad input answered with a 4xx
+actions and undo through labels.manual, images by id, login, CSRF, and every bad input answered with a 4xx
 and a message. Pictures are drawn here (tests/support/drawn.py); the browser test uses real crops."""
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from PIL import Image
 from sqlmodel import select
 
 from core.settings import get_settings, reset_settings_cache
-from crop.labels import label_faces, undo
 from db.engine import session_scope
 from db.models import (
     Face,
@@ -31,6 +30,7 @@ from db.models import (
     Post,
     PostState,
 )
+from labels.manual import label_faces, undo
 from tests.support.env import PROJECT_ROOT
 from tests.support.web import BOX, Web, face, make_collection, store_file
 from train.registry import labelled_count
@@ -139,6 +139,9 @@ def test_models_page_shows_versions_and_serves_their_pictures(web: Web, faces) -
                 metrics=json.dumps(metrics),
                 artifact_dir="models/v1",
                 labelled_faces=72,
+                inferred_trained=12,
+                inferred_changed=3,
+                loop_round=1,
             )
         )
         session.add(ModelVersion(status=ModelStatus.failed, reason="NotEnoughData: need 2 characters"))
@@ -150,6 +153,13 @@ def test_models_page_shows_versions_and_serves_their_pictures(web: Web, faces) -
     served = web.get("/models/1/training_curves.png")
     assert served.status_code == 200 and served.content == picture.getvalue()
     assert web.get("/models/retrain/status").json() == {"phase": "idle", "task": None}
+    # the self-training loop's record of the version
+    assert '<td>inferred labels trained on</td><td class="num">12</td>' in page.text
+    assert '<td>inferred labels changed after it</td><td class="num">3</td>' in page.text
+    assert '<td>self-training follow-up</td><td class="num">1</td>' in page.text
+    # the characters as the next retrain sees them: few faces, so a warning; the current model's F1
+    row = page.text.split('id="character-nishikino_maki"', 1)[1].split("</tr>", 1)[0]
+    assert "0.67" in row and "collect more, or label by hand on the faces page" in row
 
 
 def test_images_are_served_by_face_id(web: Web, faces) -> None:

@@ -10,7 +10,7 @@ from sqlmodel import Session, col, func, select
 from core.settings import Settings
 from db.models import Face, FaceState, LabelSource, ModelStatus, ModelVersion
 
-# trained on and evaluated on; a `tag` face with a doubt (train.weak) is neither until the doubt is gone
+# trained on and evaluated on; a `tag` face with a doubt (labels.weak) is neither until the doubt is gone
 TRAINABLE = (LabelSource.tag, LabelSource.manual)
 # trained on in the train split only, never evaluated on: the model's own guess from the post's tags
 TRAIN_ONLY = (LabelSource.inferred,)
@@ -51,3 +51,19 @@ def current_version(session: Session) -> ModelVersion | None:
     return session.exec(
         select(ModelVersion).where(ModelVersion.status == ModelStatus.current).order_by(col(ModelVersion.id).desc())
     ).first()
+
+
+def inferred_trained_count(session: Session) -> int:
+    """Inferred labels a retrain would train on now (train split, not doubtful)."""
+    return int(
+        session.exec(
+            select(func.count())
+            .select_from(Face)
+            .where(
+                Face.state == FaceState.ready,
+                col(Face.label).is_not(None),
+                Face.label_source == LabelSource.inferred,
+                Face.split == "train",
+            )
+        ).one()
+    )

@@ -23,7 +23,7 @@ from core.logs import kv
 from core.settings import Settings
 from db.engine import session_scope
 from db.models import ModelStatus, ModelVersion, utcnow
-from train.registry import current_version, labelled_count, labelled_faces
+from train.registry import current_version, inferred_trained_count, labelled_count, labelled_faces
 
 log = logging.getLogger("waifu.retrain")
 
@@ -82,6 +82,7 @@ def train_config(settings: Settings, overrides: dict[str, Any] | None = None):
     extra: dict[str, Any] = {
         "cache_dir": str((settings.data_dir / "keras").resolve()),
         "cnn_budget_s": settings.train_cnn_budget_s,
+        "weights_retry_s": settings.weights_retry_s,
     }
     if settings.train_epochs:
         extra["epochs"] = settings.train_epochs
@@ -117,13 +118,15 @@ def run_retrain(
     settings: Settings,
     progress: Callable[[dict[str, Any]], None] | None = None,
     overrides: dict[str, Any] | None = None,
+    loop_round: int = 0,
 ) -> dict[str, Any]:
-    """Trains one version under the lock; returns a summary (status, metrics, reason)."""
+    """Trains one version under the lock; returns a summary (status, metrics, reason). `loop_round`: its
+    place in a chain of follow-up retrains (train.selftrain), recorded on the version."""
     lock = retrain_lock()
     if not lock.acquire(blocking=False):
         raise RetrainBusy("a retrain is already running")
     try:
-        return _retrain(settings, progress, overrides)
+        return _retrain(settings, progress, overrides, loop_round)
     finally:
         try:
             lock.release()
@@ -142,6 +145,7 @@ class RetrainData:
     true_names: list[str]
     labelled: int
     current: ModelVersion | None
+    inferred: int = 0  # inferred labels among the training faces
 
 
 @dataclass
@@ -156,15 +160,18 @@ class Trained:
     unreadable: str  # why the current model could not be scored, or ''
 
 
-def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
-    from train.weak import flag_doubtful_tags, infer_labels
+def _retrain(settings: Settings, progress, overrides, loop_round: int = 0) -> dict[str, Any]:
+    from labels.splits import rebalance_splits
+    from train.weak_inputs import infer_with_model, judge_tag_labels
 
+    # a character under WAIFU_MIN_TRAIN_FACES gets its test faces back for training (labels.splits)
+    splits = rebalance_splits(settings)
     # first judge the tag labels: a face the classical model (trained without it) calls someone else is
-    # left out of this retrain until a person decides (train.weak)
-    doubts = flag_doubtful_tags(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
+    # left out of this retrain until a person decides (labels.weak)
+    doubts = judge_tag_labels(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
     config = train_config(settings, overrides)
     data = load_retrain_data(settings)
-    version_id = register_candidate(data, config)
+    version_id = register_candidate(data, config, loop_round)
     try:
         trained = fit_and_evaluate(settings, data, config, version_id, progress)
     except Exception as exc:
@@ -175,7 +182,10 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
     summary = promote(settings, data, config, version_id, trained)
     # then let the current model (new or kept) label the ambiguous faces it can tell apart clearly
     summary["doubtful"] = doubts
-    summary["inferred"] = infer_labels(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
+    summary["splits"] = splits
+    summary["inferred"] = infer_with_model(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
+    summary["loop_round"], summary["inferred_trained"] = loop_round, data.inferred
+    record_inferred_change(version_id, summary["inferred"])
     log.info(
         kv(
             "retrain finished",
@@ -188,6 +198,15 @@ def _retrain(settings: Settings, progress, overrides) -> dict[str, Any]:
     return summary
 
 
+def record_inferred_change(version_id: int, counts: dict[str, Any]) -> None:
+    """The version's `inferred_changed`: what the inference pass after it changed (None: no pass ran)."""
+    from train.selftrain import inferred_change
+
+    with session_scope() as session:
+        row = session.get(ModelVersion, version_id)
+        row.inferred_changed = None if "reason" in counts else inferred_change(counts)[0]
+
+
 def load_retrain_data(settings: Settings) -> RetrainData:
     """The labelled train and test faces; refuses (NotEnoughData) when there is nothing to learn or judge."""
     from train.features import load_images
@@ -198,6 +217,7 @@ def load_retrain_data(settings: Settings) -> RetrainData:
         test_items = labelled_faces(session, settings, "test")
         labelled = labelled_count(session)
         current = current_version(session)
+        inferred = inferred_trained_count(session)
     counts: dict[str, int] = {}
     for _, label in train_items:
         counts[label] = counts.get(label, 0) + 1
@@ -212,10 +232,11 @@ def load_retrain_data(settings: Settings) -> RetrainData:
     test_set = load_dataset(test_items, classes, size=size)
     # faces of characters the new model cannot know still count against it, as for the current model
     test_images = load_images([str(p) for p, _ in test_items], size)
-    return RetrainData(classes, train_set, test_set, test_images, [label for _, label in test_items], labelled, current)
+    true_names = [label for _, label in test_items]
+    return RetrainData(classes, train_set, test_set, test_images, true_names, labelled, current, inferred)
 
 
-def register_candidate(data: RetrainData, config) -> int:
+def register_candidate(data: RetrainData, config, loop_round: int = 0) -> int:
     """A `candidate` model version row, so a retrain that dies is still on record; returns its id."""
     with session_scope() as session:
         version = ModelVersion(
@@ -223,6 +244,8 @@ def register_candidate(data: RetrainData, config) -> int:
             hyperparameters=json.dumps(config.to_dict()),
             counts=json.dumps(data.train_set.counts()),
             labelled_faces=data.labelled,
+            inferred_trained=data.inferred,
+            loop_round=loop_round,
             code_version=code_version(),
         )
         session.add(version)

@@ -414,7 +414,7 @@ FACE_ID = typer.Argument(min=1, max=2**63 - 1, help="face id (waifu status, the 
 @faces_app.command("label")
 def faces_label(face_id: Annotated[int, FACE_ID], tag: str) -> None:
     """Give a face a character by hand (overrides the automatic label)."""
-    from crop.labels import set_manual_label
+    from labels.manual import set_manual_label
 
     _ensure_db()
     try:
@@ -428,7 +428,7 @@ def faces_label(face_id: Annotated[int, FACE_ID], tag: str) -> None:
 @faces_app.command("reject")
 def faces_reject(face_id: Annotated[int, FACE_ID]) -> None:
     """Mark a detection as not a usable face (never trained on)."""
-    from crop.labels import set_manual_label
+    from labels.manual import set_manual_label
 
     _ensure_db()
     try:
@@ -444,7 +444,7 @@ def faces_undo(
     face_id: Annotated[int | None, typer.Argument(min=1, max=2**63 - 1, help="only this face's latest change")] = None,
 ) -> None:
     """Undo the latest label/reject/accept (all faces of a bulk action), or FACE_ID's latest change."""
-    from crop.labels import undo
+    from labels.manual import undo
 
     _ensure_db()
     try:

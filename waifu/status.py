@@ -18,6 +18,7 @@ from core.settings import Settings
 from core.sites import DEFAULT_SITE
 from db.engine import session_scope
 from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, ScrapeCursor
+from train.characters import character_report
 from waifu.stalls import stalls_summary
 from worker.app import QUEUES
 
@@ -71,6 +72,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             reasons[category] += 1
             examples.setdefault(category, reason)
         faces = face_summary(session)
+        characters_model = character_report(session, settings)
         cursor_rows = session.exec(select(ScrapeCursor).order_by(ScrapeCursor.site, ScrapeCursor.tag)).all()
         cursors = [
             {
@@ -103,6 +105,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             {"reason": cat, "count": n, "example": examples[cat]} for cat, n in reasons.most_common(TOP_REASONS)
         ],
         "faces": faces,
+        # per character: faces available, train (tag and manual; inferred apart), test, F1 of the current model
+        "recognition": characters_model,
         "queues": queue_lengths(settings),
         "cursors": cursors,
         "recent_failures": recent,
@@ -197,7 +201,7 @@ def face_summary(session: Session) -> dict[str, Any]:
         "label_sources": {str(k): int(v) for k, v in by_source.items() if k},
         "per_character": dict(sorted(per_label.items())),  # tag and manual labels per split
         "inferred_per_character": dict(sorted(inferred.items())),
-        "doubtful": int(doubtful),  # tag labels a model trained without them doubts (train.weak)
+        "doubtful": int(doubtful),  # tag labels a model trained without them doubts (labels.weak)
         "posts_without_face": int(no_face),
         "near_duplicates": int(duplicates),
     }

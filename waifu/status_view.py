@@ -48,14 +48,19 @@ def render_status(console: Console, data: dict[str, Any]) -> None:
             str(faces.get("doubtful", 0)),
         )
         console.print(table)
-        inferred = faces.get("inferred_per_character", {})
-        if faces["per_character"] or inferred:
-            split = Table(title="labelled faces per character (inferred: the model's guesses, trained in train only)")
-            for column in ("character", "train", "test", "inferred"):
-                split.add_column(column, justify="right" if column != "character" else "left")
-            for tag in sorted(set(faces["per_character"]) | set(inferred)):
-                counts = faces["per_character"].get(tag, {})
-                split.add_row(tag, str(counts.get("train", 0)), str(counts.get("test", 0)), str(inferred.get(tag, 0)))
+        recognition = data.get("recognition", [])
+        if recognition:
+            split = Table(title="recognition per character (train/test: tag and manual labels; inferred: train only)")
+            for column in ("character", "faces", "train", "test", "inferred", "F1", "warning"):
+                split.add_column(column, justify="left" if column in ("character", "warning") else "right")
+            for row in recognition:
+                f1 = "-" if row["f1"] is None else f"{row['f1']:.2f}"
+                split.add_row(
+                    row["character"],
+                    *(str(row[k]) for k in ("available", "train", "test", "inferred")),
+                    f1,
+                    f"[yellow]{row['warning']}[/yellow]" if row["warning"] else "",
+                )
             console.print(split)
 
     queues = Table(title="queues (messages waiting)")

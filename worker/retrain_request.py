@@ -46,3 +46,13 @@ def request_retrain(force: bool) -> RetrainRequest:
         result = app.send_task(job.task, kwargs={"force": force})
         client.set(LAST_TASK_KEY, result.id, ex=24 * 3600)
     return RetrainRequest(True, f"retrain enqueued (task {result.id})", result.id)
+
+
+def schedule_follow_up(loop_round: int) -> str:
+    """Enqueue a follow-up retrain of the self-training loop (force: no new labels needed) as the last
+    requested retrain, so the CLI and the web page see it waiting. Returns its task id."""
+    from worker.app import app
+
+    result = app.send_task(JOBS["retrain"].task, kwargs={"force": True, "loop_round": loop_round})
+    redis_client().set(LAST_TASK_KEY, result.id, ex=24 * 3600)
+    return result.id

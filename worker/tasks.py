@@ -111,8 +111,10 @@ def reconcile() -> dict[str, int]:
     return reconcile_stuck(get_settings())
 
 
-def _retrain_outcome(force: bool, progress=None) -> dict:
+def _retrain_outcome(force: bool, progress=None, loop_round: int = 0) -> dict:
     from train.retrain import NotEnoughData, RetrainBusy, run_retrain, should_retrain
+    from train.selftrain import follow_up
+    from worker.retrain_request import schedule_follow_up
 
     settings = get_settings()
     if not force:
@@ -120,13 +122,19 @@ def _retrain_outcome(force: bool, progress=None) -> dict:
         if not go:
             return {"status": "skipped", "reason": why}
     try:
-        summary = run_retrain(settings, progress=progress)
+        summary = run_retrain(settings, progress=progress, loop_round=loop_round)
     except RetrainBusy as exc:
         return {"status": "busy", "reason": str(exc)}
     except NotEnoughData as exc:
         return {"status": "skipped", "reason": str(exc)}
     if summary["status"] == "current":
         app.send_task(JOBS["classify"].task)  # a new model: refresh the suggestions on ambiguous faces
+    # the self-training loop: the inferred labels moved enough that a retrain on them may do better
+    go, why = follow_up(summary, loop_round, settings)
+    summary["follow_up"] = {"scheduled": go, "reason": why}
+    if go:
+        summary["follow_up"]["task"] = schedule_follow_up(loop_round + 1)
+    log.info(kv("retrain follow-up", scheduled=go, round=loop_round, reason=why))
     return summary
 
 
@@ -139,16 +147,17 @@ def classify(face_ids: list[int] | None = None) -> int:
 
 
 @app.task(name=JOBS["retrain"].task, bind=True)
-def retrain(self, force: bool = True) -> dict:
+def retrain(self, force: bool = True, loop_round: int = 0) -> dict:
     """Train, evaluate against the current model, promote if better (queue `train`, solo pool).
 
     Flower: `POST /api/task/async-apply/worker.tasks.retrain`. One at a time: a second answers `busy`.
+    `loop_round` > 0: a follow-up the self-training loop scheduled (train.selftrain).
     """
 
     def progress(info: dict) -> None:
         self.update_state(state="PROGRESS", meta={k: v for k, v in info.items() if isinstance(v, int | float | str)})
 
-    return _retrain_outcome(force, progress)
+    return _retrain_outcome(force, progress, loop_round)
 
 
 @app.task(name=JOBS["maybe_retrain"].task)

@@ -4,8 +4,10 @@ TensorFlow is imported inside the functions only (Celery's parent and the CLI st
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,6 @@ from train.model.config import (
     BACKBONES,
     BN_MOMENTUM,
     DOWNLOAD_TIMEOUT_S,
-    MOBILENET_URL,
     WEIGHTS_SETTING,
     BackboneWeightsError,
     TrainConfig,
@@ -78,9 +79,16 @@ def mobilenet_file_name(width: float, size: int) -> str:
     return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(width)}_{size}_no_top.h5"
 
 
+# a failed ImageNet download, per weights file: (when, why); also written beside the file (FAILED_SUFFIX) so
+# a new worker process does not try again either, until weights_retry_s has passed
+_FAILED: dict[str, tuple[float, str]] = {}
+FAILED_SUFFIX = ".unavailable"
+
+
 def obtain_weights(config: TrainConfig) -> tuple[str | None, str]:
     """(local weights file or None, what happened). Never raises and never waits long: 'imagenet' is
-    looked for under cache_dir, then downloaded there with a short socket timeout and no retries."""
+    looked for under cache_dir, then downloaded there with a short socket timeout and no retries; after a
+    failure, not tried again for config.weights_retry_s seconds (remembered in-process and on disk)."""
     w = config.weights
     if w in ("none", "", None):
         return None, f"{WEIGHTS_SETTING}=none"
@@ -93,18 +101,54 @@ def obtain_weights(config: TrainConfig) -> tuple[str | None, str]:
     cached = cache / "models" / name
     if cached.is_file() and cached.stat().st_size > 0:
         return str(cached), f"ImageNet weights from the cache {cached}"
+    failed = recent_failure(cached, config.weights_retry_s)
+    if failed is not None:
+        when, why = failed
+        ago = time.time() - when
+        return None, (
+            f"ImageNet weights unavailable ({why}; not tried again: the download failed {ago:.0f}s ago, "
+            f"next attempt after {config.weights_retry_s:.0f}s); trained with weights=none"
+        )
     keras = _keras(config.threads)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        path = keras.utils.get_file(name, MOBILENET_URL + name, cache_subdir="models", cache_dir=str(cache))
+        path = keras.utils.get_file(name, config.weights_url + name, cache_subdir="models", cache_dir=str(cache))
         return str(path), f"ImageNet weights downloaded to {path}"
     except Exception as exc:  # offline, proxy, disk: the retrain goes on from scratch
         cached.unlink(missing_ok=True)
         why = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        remember_failure(cached, why)
         return None, f"ImageNet weights unavailable ({why}); trained with weights=none"
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def remember_failure(cached: Path, why: str) -> None:
+    now = time.time()
+    _FAILED[str(cached)] = (now, why)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.with_name(cached.name + FAILED_SUFFIX).write_text(json.dumps({"at": now, "why": why}))
+    except OSError:  # a read-only cache: the in-process memory still holds
+        pass
+
+
+def recent_failure(cached: Path, retry_s: float) -> tuple[float, str] | None:
+    """(when, why) of a download failure of this file less than `retry_s` ago, from this process or disk."""
+    found = [_FAILED.get(str(cached))]
+    try:
+        raw = json.loads(cached.with_name(cached.name + FAILED_SUFFIX).read_text())
+        found.append((float(raw["at"]), str(raw["why"])))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    recent = [f for f in found if f is not None and time.time() - f[0] < retry_s]
+    return max(recent) if recent else None
+
+
+def forget_failures() -> None:
+    """Clears the in-process memory (the disk marker stays until it expires or is deleted)."""
+    _FAILED.clear()
 
 
 def build_model(

@@ -94,10 +94,13 @@ def _linear_proba(linear: LinearModel, feats: list[np.ndarray]) -> np.ndarray:
 
 
 def _fit_linear(feats: list[np.ndarray], labels: np.ndarray, k: int, config: TrainConfig) -> LinearModel:
+    from train.model.data import class_weights
+
     x, y = feats[0], labels
     if config.flip_train and len(feats) > 1:
         x, y = np.concatenate(feats), np.concatenate([labels] * len(feats))
-    return fit_linear(x, y, k, config.C)
+    weights = class_weights(y, k, config.class_weight_cap)
+    return fit_linear(x, y, k, config.C, sample_weight=None if np.all(weights == 1) else weights[y])
 
 
 def predict(classifier: Classifier, images: np.ndarray | Sequence[str | Path], tta: bool | None = None) -> np.ndarray:

@@ -45,6 +45,9 @@ class TrainConfig:
     warmup_epochs: int = 1
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    # class-balanced loss (CNN and classical part): a small class weighs up to this many times a big one's
+    # face (train.model.data.class_weights); 1 = unweighted
+    class_weight_cap: float = 10.0
     dropout: float = 0.2
     stem: int = 24
     widths: tuple[int, ...] = (32, 64, 128, 256)
@@ -71,6 +74,8 @@ class TrainConfig:
     threads: int | None = 2  # TensorFlow intra-op threads (inter-op 1): the service has 2 cores
     tta: bool = True
     cache_dir: str | None = None  # where ImageNet weights are downloaded to / looked for
+    weights_url: str = MOBILENET_URL  # where the ImageNet no-top files are downloaded from
+    weights_retry_s: float = 86400.0  # after a failed download, no new attempt for this long (process and disk)
     plan: str = ""  # how input_size/epochs were chosen (filled by resolved())
 
     @classmethod

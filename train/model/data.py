@@ -56,3 +56,14 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
         val.extend(idx[:n_val])
         train.extend(idx[n_val:])
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+
+
+def class_weights(labels: np.ndarray, num_classes: int, cap: float) -> np.ndarray:
+    """A weight per class for the training loss: a class with fewer faces weighs more, as if it had as many
+    as the largest, but at most `cap` times a face of the largest class (cap <= 1: all 1). Normalised so that
+    the average face weighs 1 (the loss keeps its scale)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    if cap <= 1 or len(labels) == 0:
+        return np.ones(num_classes)
+    weights = np.where(counts > 0, np.minimum(cap, counts.max() / np.maximum(counts, 1)), 0.0)
+    return weights * len(labels) / float((weights * counts).sum())

@@ -13,7 +13,7 @@ from train.model.backbones import _keras, build_model, build_resnet, obtain_weig
 from train.model.calibration import _nll, choose_weight, fit_temperature, sharpen, unknown_threshold
 from train.model.classifier import Classifier, _features, _fit_linear, _linear_proba
 from train.model.config import MAX_EPOCHS, TrainConfig
-from train.model.data import Dataset, stratified_split
+from train.model.data import Dataset, class_weights, stratified_split
 
 
 def _augment_fn(config: TrainConfig, size: int, num_classes: int) -> Callable[[Any, Any], tuple[Any, Any]]:
@@ -67,11 +67,14 @@ def _fit_keras(
 
     # small sets: smaller batches, so an epoch still has a few steps (at least 16 faces a batch)
     bs = max(1, min(config.batch_size, max(16, len(images) // 8), len(images)))
+    augment = _augment_fn(config, size, num_classes)
+    # class-balanced loss: each face weighs its class's weight (class_weights, capped)
+    weights = class_weights(labels, num_classes, config.class_weight_cap)[labels].astype(np.float32)
     ds = (
-        tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+        tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32), weights))
         .shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True)
         .batch(bs, drop_remainder=True)  # a last tiny batch would give noisy BatchNorm statistics
-        .map(_augment_fn(config, size, num_classes), num_parallel_calls=1)
+        .map(lambda x, y, w: (*augment(x, y), w), num_parallel_calls=1)
         .prefetch(2)
     )
     steps = max(1, len(images) // bs)

@@ -16,7 +16,7 @@ from db.models import Face, FaceState, LabelSource, Post
 
 # what an export takes unless asked otherwise: labels from the post's tag, by hand, or inferred by the model
 DEFAULT_SOURCES = frozenset({LabelSource.tag.value, LabelSource.manual.value, LabelSource.inferred.value})
-# left out unless asked for: tag labels a model doubts (train.weak), faces a person rejected
+# left out unless asked for: tag labels a model doubts (labels.weak), faces a person rejected
 OPT_IN_SOURCES = frozenset({"doubtful", "rejected"})
 KNOWN_SOURCES = DEFAULT_SOURCES | OPT_IN_SOURCES
 REJECTED_CLASS = "_rejected"  # a rejected face has no character: its folder in an imagefolder export

@@ -1,5 +1,5 @@
 """The faces page: a paged, filtered grid of crops; label, reject, accept the suggestion, undo (one face
-or a selection), all through crop.labels, the functions `waifu faces` uses."""
+or a selection), all through labels.manual, the functions `waifu faces` uses."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from core.errors import Refused
-from crop import labels
 from db.engine import session_scope
+from labels import manual as labels
 from waifu.web.pictures import NotFound, crop_path, source_png
 from waifu.web.queries import COUNT_CAP, SOURCES, STATES, BadInput, face_cards, faces_page, parse_filter, parse_id
 from waifu.web.rendering import done, refuse, render, same_site_only

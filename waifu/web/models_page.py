@@ -1,5 +1,5 @@
-"""The models page: every model version with its metrics, counts, status and pictures; the retrain button
-and its progress."""
+"""The models page: the characters as the next retrain sees them (train.characters), every model version
+with its metrics, counts, status and pictures; the retrain button and its progress."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from db.engine import session_scope
+from train.characters import character_report
 from waifu.web.pictures import NotFound, model_picture
 from waifu.web.queries import BadInput, model_versions, parse_id
 from waifu.web.rendering import done, refuse, render
@@ -20,11 +21,11 @@ async def models(request: Request) -> Response:
 
     def load():
         with session_scope(readonly=True) as session:
-            return model_versions(session, settings.data_dir)
+            return model_versions(session, settings.data_dir), character_report(session, settings)
 
-    versions = await run_in_threadpool(load)
+    versions, characters = await run_in_threadpool(load)
     status = await run_in_threadpool(retrain_status)
-    return render(request, "models.html", versions=versions, retrain=status)
+    return render(request, "models.html", versions=versions, retrain=status, characters=characters)
 
 
 def picture(request: Request) -> Response:

@@ -42,7 +42,7 @@ class FaceFilter:
     split: str | None = None
     state: str | None = FaceState.ready.value  # ready / rejected / None: both
     suggested: bool | None = None
-    doubtful: bool | None = None  # a tag label train.weak doubts (yes) or not (no)
+    doubtful: bool | None = None  # a tag label labels.weak doubts (yes) or not (no)
     below: float | None = None  # suggestion probability under this
     post: int | None = None
     after: int | None = None  # keyset paging by face id
@@ -153,7 +153,7 @@ class FaceCard:
     split: str | None
     suggestion: str | None
     suggestion_score: float | None
-    doubt: str | None = None  # why train.weak doubts a tag label
+    doubt: str | None = None  # why labels.weak doubts a tag label
     doubt_score: float | None = None
     inferred_margin: float | None = None  # an inferred label's margin over the post's other faces
     post_tags: list[str] = field(default_factory=list)  # the post's tracked characters

@@ -1,12 +1,15 @@
 """Weak supervision: more labels from the posts' tags, and doubt about the labels the tags gave.
 
-Design notes: docs/architecture.md, `train/weak.py`.
+Pure over what a model gives: `infer_labels` takes a `Scorer` (class names and a function of face paths to
+probabilities), `flag_doubtful_tags` an `OutOfFold` function; train/weak_inputs.py builds both from the
+models. Design notes: docs/architecture.md, "Inferred and doubtful labels".
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,10 +17,9 @@ from sqlmodel import col, select
 
 from core.logs import kv
 from core.settings import Settings
-from crop.rules import inferred_pairs
 from db.engine import session_scope
 from db.models import Character, Face, FaceState, LabelSource, PostCharacter, utcnow
-from train.registry import current_version
+from labels.rules import inferred_pairs
 
 log = logging.getLogger("waifu.weak")
 
@@ -27,7 +29,6 @@ INFER_MIN_PROBABILITY = 0.6  # the face's own probability for the character
 DOUBT_MIN_PROBABILITY = 0.8
 DOUBT_FOLDS = 5
 DOUBT_MIN_PER_CLASS = 5  # a character with fewer train faces is neither modelled nor judged
-DOUBT_C = 0.1  # stronger than the classifier's 0.03: fewer faces per fold, judged one at a time
 CHUNK = 500  # ids per IN (...) and faces per prediction batch
 OPEN = (LabelSource.ambiguous.value, LabelSource.inferred.value)  # what inference may (re)write
 
@@ -38,24 +39,29 @@ def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
 
 
 # ------------------------------------------------------------------------------ inferred ----
+@dataclass
+class Scorer:
+    """A model as inference sees it: its version id, its class names, and probabilities (faces x classes)
+    for a list of face image paths."""
+
+    model: int | None
+    class_names: Sequence[str]
+    probabilities: Callable[[list[str]], np.ndarray]
+
+
 def infer_labels(
     settings: Settings,
+    scorer: Scorer | None,
     min_margin: float = INFER_MIN_MARGIN,
     min_probability: float = INFER_MIN_PROBABILITY,
-    classifier: Any = None,
 ) -> dict[str, Any]:
-    """Recomputes every inferred label with the current model (or `classifier`); returns counts."""
-    from train.features import load_images
-    from train.model import load_artifacts, predict
-
+    """Recomputes every inferred label with `scorer` (None: no model, labels left as they are); returns
+    counts."""
     with session_scope(readonly=True) as session:
-        version = current_version(session)
-        version_id = version.id if version else None
-        artifact_dir = version.artifact_dir if version else None
         posts = _open_posts(session)
         previous = set(session.exec(select(Face.id).where(Face.label_source == LabelSource.inferred)).all())
     counts: dict[str, Any] = {
-        "model": version_id,
+        "model": scorer.model if scorer else None,
         "min_margin": min_margin,
         "min_probability": min_probability,
         "posts": 0,
@@ -66,13 +72,11 @@ def infer_labels(
         "reverted": 0,
         "kept_manual": 0,
     }
-    if classifier is None:
-        if not artifact_dir:
-            counts["reason"] = "no current model: inferred labels left as they are"
-            log.info(kv("inference skipped", reason=counts["reason"]))
-            return counts
-        classifier = load_artifacts(settings.data_dir / artifact_dir)
-    known = {name: i for i, name in enumerate(classifier.class_names)}
+    if scorer is None:
+        counts["reason"] = "no current model: inferred labels left as they are"
+        log.info(kv("inference skipped", reason=counts["reason"]))
+        return counts
+    known = {name: i for i, name in enumerate(scorer.class_names)}
 
     # which posts can be judged: every face cropped, every remaining character known to the model
     work: list[tuple[list[int], list[str]]] = []  # (candidate face ids, characters) per post
@@ -95,8 +99,7 @@ def infer_labels(
         batch.append(item)
         if sum(len(ids) for ids, _ in batch) >= CHUNK or index == len(work) - 1:
             ids = [face_id for face_ids, _ in batch for face_id in face_ids]
-            images = load_images([str(settings.data_dir / paths[i]) for i in ids], settings.face_size)
-            probabilities = predict(classifier, images)
+            probabilities = scorer.probabilities([str(settings.data_dir / paths[i]) for i in ids])
             row = dict(zip(ids, probabilities, strict=True))
             for face_ids, characters in batch:
                 scores = np.stack([row[i][[known[c] for c in characters]] for i in face_ids])
@@ -163,50 +166,14 @@ def _open_posts(session) -> list[tuple[list[tuple[int, str, str | None, str | No
 
 
 # ------------------------------------------------------------------------------- doubtful ----
-def doubt_probabilities(
-    features: np.ndarray,
-    labels: np.ndarray,
-    groups: np.ndarray,
-    num_classes: int,
-    judge: np.ndarray | None = None,
-    folds: int = DOUBT_FOLDS,
-    C: float = DOUBT_C,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Out-of-fold class probabilities for every training row (a model never fitted on that row, nor on
-    a row of its group), and, for the rows of `judge`, probabilities from a model fitted on all of them."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    counts = np.bincount(labels, minlength=num_classes)
-    splits = int(min(folds, counts[counts > 0].min()))
-    if splits < 2:
-        raise ValueError("every class needs at least 2 faces for out-of-fold predictions")
-    out = np.zeros((len(labels), num_classes))
-    for fit_rows, held in StratifiedGroupKFold(n_splits=splits, shuffle=True, random_state=0).split(
-        features, labels, groups
-    ):
-        if len(np.unique(labels[fit_rows])) < 2:  # near-duplicate groups left one class: no judgement
-            out[held] = labels_onehot(labels[held], num_classes)
-            continue
-        out[held] = _fit(features[fit_rows], labels[fit_rows], num_classes, C)(features[held])
-    judged = _fit(features, labels, num_classes, C)(judge) if judge is not None and len(judge) else None
-    return out, judged
+# (train paths, train labels, groups, number of classes, test paths, folds) -> (out-of-fold probabilities of
+# the train rows, probabilities of the test rows from a model fitted on all train rows, or None)
+OutOfFold = Callable[[list[str], np.ndarray, np.ndarray, int, list[str], int], tuple[np.ndarray, np.ndarray | None]]
 
 
 def labels_onehot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Probability 1 for the label itself: a row nothing could judge is never doubtful."""
     return np.eye(num_classes)[labels]
-
-
-def _fit(x: np.ndarray, y: np.ndarray, num_classes: int, C: float):
-    """The classifier's own linear model (train.features.fit_linear), classes weighted to equal total
-    weight (as scikit-learn's class_weight="balanced"): a small class is judged as fairly as a big one."""
-    from train.features import fit_linear, softmax
-
-    counts = np.bincount(y, minlength=num_classes)
-    present = int((counts > 0).sum())
-    weight = len(y) / (present * counts[y])
-    model = fit_linear(x, y, num_classes, C, sample_weight=weight)
-    return lambda z: softmax(model.logits(z))
 
 
 def doubt_for(
@@ -225,11 +192,13 @@ def doubt_for(
 
 
 def flag_doubtful_tags(
-    settings: Settings, min_probability: float = DOUBT_MIN_PROBABILITY, folds: int = DOUBT_FOLDS
+    settings: Settings,
+    out_of_fold: OutOfFold,
+    min_probability: float = DOUBT_MIN_PROBABILITY,
+    folds: int = DOUBT_FOLDS,
 ) -> dict[str, Any]:
-    """Recomputes the doubt of every `tag` face (see the module's doc); returns counts."""
-    from train.features import FeatureConfig, extract, load_images
-
+    """Recomputes the doubt of every `tag` face: a face `out_of_fold` (a model never fitted on it) calls
+    another character with at least `min_probability` is doubtful. Returns counts."""
     with session_scope(readonly=True) as session:
         rows = session.exec(
             select(Face.id, Face.label, Face.label_source, Face.split, Face.path, Face.duplicate_of)
@@ -258,20 +227,15 @@ def flag_doubtful_tags(
     }
     decisions: dict[int, tuple[str, float] | None] = {}
     if len(class_names) >= 2:
-        config = FeatureConfig()
-
-        def features(selected: list) -> np.ndarray:
-            parts = [
-                extract(load_images([str(settings.data_dir / r[4]) for r in chunk], settings.face_size), config)
-                for chunk in _chunks(selected)
-            ]
-            return np.concatenate(parts) if parts else np.zeros((0, 1))
-
-        x_train, x_test = features(train_rows), features(test_rows)
         y = np.array([index[r[1]] for r in train_rows])
         groups = np.array([r[5] or r[0] for r in train_rows])  # a near-duplicate stays with its original
-        oof, judged = doubt_probabilities(
-            x_train, y, groups, len(class_names), x_test if len(test_rows) else None, folds
+        oof, judged = out_of_fold(
+            [str(settings.data_dir / r[4]) for r in train_rows],
+            y,
+            groups,
+            len(class_names),
+            [str(settings.data_dir / r[4]) for r in test_rows],
+            folds,
         )
         for r, p in zip(train_rows, oof, strict=True):
             if r[2] == LabelSource.tag:

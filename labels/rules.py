@@ -1,5 +1,9 @@
 """The rules that give a crop its label and its split, and that infer labels from a model's scores: pure
-functions, no database."""
+functions, no database.
+
+A labelled face's split is stratified by character (`split_for_labelled`): no test face before the character
+has `min_train` training faces, then about `test_fraction` of its faces in test. A split, once given, is
+stored and never computed again; only labels.splits may move a face from test to train (never the reverse)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,17 @@ def split_for(sha256: str, test_fraction: float) -> Split:
     """A stable function of the crop's hash: adding data or retraining never moves a face."""
     bucket = int(sha256[:12], 16) / float(1 << 48)
     return Split.test if bucket < test_fraction else Split.train
+
+
+def allowed_test_faces(faces: int, test_fraction: float, min_train: int) -> int:
+    """How many of a character's `faces` (labelled) may be test faces: about `test_fraction` of them, and
+    never so many that fewer than `min_train` are left for training."""
+    return max(0, min(int(test_fraction * faces + 0.5), faces - min_train))
+
+
+def split_for_labelled(train: int, test: int, test_fraction: float, min_train: int) -> Split:
+    """The split of a new labelled face of a character that has `train` and `test` faces already."""
+    return Split.test if test + 1 <= allowed_test_faces(train + test + 1, test_fraction, min_train) else Split.train
 
 
 def label_for(tracked_tags: list[str], faces_in_post: int) -> tuple[str | None, LabelSource]:

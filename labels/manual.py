@@ -1,7 +1,7 @@
 """Manual cleaning: a person names or rejects a face, accepts the model's suggestion, or undoes. The CLI
 (`waifu faces`) and the web page both go through these functions.
 
-Design notes: docs/architecture.md, `crop/labels.py`.
+Design notes: docs/architecture.md.
 """
 
 from __future__ import annotations
