@@ -13,7 +13,7 @@ the detector (every label there is wrong). Every face of every post is open (amb
 Each method gives per post (face, character, margin, score) pairs through the post's assignment
 (crop.rules.inferred_pairs: only the post's characters, each to at most one face). The posts are split in
 two halves: on the *validation* half the thresholds (min margin, min score) with the most right labels at
-precision >= `--precision` are chosen, and those thresholds are reported on the *report* half: labels made,
+precision >= `--precision` (the lower end of its 90% interval) are chosen, and those thresholds are reported on the *report* half: labels made,
 precision, coverage (right labels / faces that are one of their post's tagged characters, the most any
 method could label). `both` takes the model's labels and adds spreading's for the faces the model left
 open (a face the two disagree on gets none); `mean` runs the assignment on the average of the model's
@@ -72,13 +72,24 @@ def stats(results) -> tuple[int, int]:
     return len(labels), sum(r[4] for r in labels)
 
 
+def lower_bound(right: int, made: int, z: float = 1.28) -> float:
+    """Wilson score interval's lower end (one-sided 90%): a precision the next posts should still reach."""
+    if not made:
+        return 0.0
+    p = right / made
+    centre = p + z * z / (2 * made)
+    spread = z * np.sqrt(p * (1 - p) / made + z * z / (4 * made * made))
+    return (centre - spread) / (1 + z * z / made)
+
+
 def choose(results, posts, target: float) -> tuple[float, float] | None:
-    """The (margin, score) thresholds with the most right labels at precision >= target (on these posts)."""
+    """The (margin, score) thresholds with the most right labels whose precision on these posts is at least
+    `target` with 90% confidence (the best of many settings on one half is optimistic on the other)."""
     best, best_right = None, -1
     for m in MARGINS:
         for s in SCORES:
             made, right = stats(kept(results, m, s))
-            if made and right / made >= target and right > best_right:
+            if made and lower_bound(right, made) >= target and right > best_right:
                 best, best_right = (m, s), right
     return best
 
