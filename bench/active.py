@@ -1,4 +1,4 @@
-"""What a person's 50 labels are worth: faces chosen "most useful first" (crop.priority, the faces page's
+"""What a person's 50 labels are worth: faces chosen "most useful first" (labels.priority, the faces page's
 order) against faces chosen at random, on holoen-faces where the truth is known. Usage::
 
     WAIFU_TEST_DATA=/work/shared/data .venv/bin/python -m bench.active [--seeds 5] [--budget 50]
@@ -7,15 +7,15 @@ A collection as the service holds it after a retrain, per seed: `--tracked` char
 uneven `tag` faces (`--counts`, shuffled over the characters; `--wrong` of them someone else's face),
 and synthetic posts from the other train crops (one or two tracked characters tagged, 1-3 untracked faces
 beside them, `--missed` of the posts without the tagged face) whose faces are ambiguous. As the retrain
-does: tag labels a model trained without them calls someone else are doubtful (train.weak, left out of
+does: tag labels a model trained without them calls someone else are doubtful (labels.weak, left out of
 training); a model on the other tag labels suggests a character for every ambiguous face and infers
-labels (crop.rules.inferred_pairs, production thresholds); the next model trains on tag + inferred labels.
+labels (labels.rules.inferred_pairs, production thresholds); the next model trains on tag + inferred labels.
 The model is the classical part (train.features: HOG + colour histograms, logistic regression), for speed.
 
 A simulated person then takes `--budget` faces in one order and gives each its true character (a manual
 label), or rejects it when it is no tracked character. The gain is the next model's accuracy on the
 tracked characters' holoen *test* crops minus the accuracy without the person. Orders: `useful`
-(crop.priority.usefulness), `uncertain` (the same without rarity and the post's tags), `random` (any
+(labels.priority.usefulness), `uncertain` (the same without rarity and the post's tags), `random` (any
 face the page shows: tag, inferred, ambiguous) and `random-open` (any ambiguous, inferred or doubtful face).
 """
 
@@ -73,10 +73,11 @@ def accuracy(x, y, x_test, y_test, k) -> float:
 
 
 def run_seed(args, holo, seed: int) -> dict[str, float]:
-    from crop.priority import usefulness
-    from crop.rules import inferred_pairs
+    from labels.priority import usefulness
+    from labels.rules import inferred_pairs
+    from labels.weak import DOUBT_MIN_PROBABILITY, INFER_MIN_MARGIN, INFER_MIN_PROBABILITY
     from train.features import FeatureConfig, extract, fit_linear, load_images, softmax
-    from train.weak import DOUBT_MIN_PROBABILITY, INFER_MIN_MARGIN, INFER_MIN_PROBABILITY, doubt_probabilities
+    from train.weak_inputs import doubt_probabilities
 
     rng = np.random.default_rng(seed)
     train_files, test_files = files(holo, "train"), files(holo, "test")

@@ -1,5 +1,5 @@
-"""Inferred labels for ambiguous faces: the model's assignment (train.weak today) against label spreading
-over a k-nearest-neighbour graph of the faces (crop.spreading), and both, on holoen-faces where the truth
+"""Inferred labels for ambiguous faces: the model's assignment (labels.weak today) against label spreading
+over a k-nearest-neighbour graph of the faces (labels.spreading), and both, on holoen-faces where the truth
 is known. Usage::
 
     WAIFU_TEST_DATA=/work/shared/data .venv/bin/python -m bench.spreading [--tracked 8] [--per-class 80]
@@ -11,11 +11,11 @@ tagged, 1-3 faces of untracked characters beside them), `--missed` of them with 
 the detector (every label there is wrong). Every face of every post is open (ambiguous).
 
 Each method gives per post (face, character, margin, score) pairs through the post's assignment
-(crop.rules.inferred_pairs: only the post's characters, each to at most one face). The posts are split in
+(labels.rules.inferred_pairs: only the post's characters, each to at most one face). The posts are split in
 two halves: on the *validation* half the thresholds (min margin, min score) with the most right labels at
-precision >= `--precision` (the lower end of its 90% interval) are chosen, and those thresholds are reported on the *report* half: labels made,
-precision, coverage (right labels / faces that are one of their post's tagged characters, the most any
-method could label). `both` takes the model's labels and adds spreading's for the faces the model left
+precision >= `--precision` (the lower end of its 90% interval) are chosen, and those thresholds are
+reported on the *report* half: labels made, precision, coverage (right labels / faces that are one of
+their post's tagged characters, the most any method could label). `both` takes the model's labels and adds spreading's for the faces the model left
 open (a face the two disagree on gets none); `mean` runs the assignment on the average of the model's
 probabilities and the spread distribution.
 """
@@ -45,7 +45,7 @@ def mixed_posts(rng, test, tracked, untracked, n: int, missed: float) -> list[di
 
 def pairs_for(posts, scores_of, min_margin: float = 0.0, min_score: float = 0.0) -> list[list[tuple]]:
     """Per post: (face path, tag, margin, score, right) for the pairs the assignment keeps."""
-    from crop.rules import inferred_pairs
+    from labels.rules import inferred_pairs
 
     out = []
     for post in posts:
@@ -122,10 +122,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from crop.spreading import SpreadConfig, spread
+    from labels.spreading import SpreadConfig, spread
+    from labels.weak import INFER_MIN_MARGIN, INFER_MIN_PROBABILITY
     from train.features import FeatureConfig, extract, load_images
     from train.model import Dataset, TrainConfig, predict, train
-    from train.weak import INFER_MIN_MARGIN, INFER_MIN_PROBABILITY
 
     rng = np.random.default_rng(args.seed)
     holo = holoen_root()
@@ -183,7 +183,8 @@ def main() -> None:
         faces = len({r[0] for post in res for r in post})
         return f"{name:<24} {thresholds:>11} {made:7d} {faces:7d} {prec:7.3f} {cover:7.3f}"
 
-    print(f"\n== {part_sizes(parts)}; resolvable faces (truly a tagged character): report {resolvable(parts['report'])} ==")
+    report = resolvable(parts["report"])
+    print(f"\n== {part_sizes(parts)}; resolvable faces (truly a tagged character): report {report} ==")
     print(f"{'method':<24} {'margin/score':>11} {'labels':>7} {'faces':>7} {'prec':>7} {'cover':>7}")
     chosen_results = {}
     production = {

@@ -5,7 +5,7 @@ A face's k nearest neighbours (cosine, on standardised features reduced by PCA) 
 faces (seeds) spread their characters over it (Zhou et al. 2004, "Learning with local and global
 consistency": F <- alpha S F + (1 - alpha) Y with S the symmetrically normalised affinity). Each open post
 then gives its faces only the characters it is tagged with, each character to at most one face, by the
-same assignment and margin as the model's inferred labels (crop.rules.inferred_pairs).
+same assignment and margin as the model's inferred labels (labels.rules.inferred_pairs).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crop.rules import inferred_pairs
+from labels.rules import inferred_pairs
 
 # chosen with bench/spreading.py on holoen-faces (docs/model.md, "Label spreading")
 SPREAD_NEIGHBOURS = 10
@@ -103,7 +103,7 @@ def post_labels(
     min_score: float,
 ) -> list[list[tuple[int, int, float]]]:
     """Per post (open face indices, the classes of its tracked characters still to place): the pairs
-    (face index, class, margin) the post's assignment keeps, as crop.rules.inferred_pairs on the spread
+    (face index, class, margin) the post's assignment keeps, as labels.rules.inferred_pairs on the spread
     distribution restricted to the post's characters."""
     out = []
     for faces, classes in posts:
