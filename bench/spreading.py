@@ -13,11 +13,11 @@ the detector (every label there is wrong). Every face of every post is open (amb
 Each method gives per post (face, character, margin, score) pairs through the post's assignment
 (labels.rules.inferred_pairs: only the post's characters, each to at most one face). The posts are split in
 two halves: on the *validation* half the thresholds (min margin, min score) with the most right labels at
-precision >= `--precision` (the lower end of its 90% interval) are chosen, and those thresholds are
-reported on the *report* half: labels made, precision, coverage (right labels / faces that are one of
-their post's tagged characters, the most any method could label). `both` takes the model's labels and adds spreading's for the faces the model left
-open (a face the two disagree on gets none); `mean` runs the assignment on the average of the model's
-probabilities and the spread distribution.
+precision >= `--precision` (the lower end of its 90% interval) are chosen, and those thresholds are reported
+on the *report* half: labels made, precision, coverage (right labels / faces that are one of their post's
+tagged characters, the most any method could label). `both` takes the model's labels and adds spreading's for
+the faces the model left open (a face the two disagree on gets none); `mean` runs the assignment on the
+average of the model's probabilities and the spread distribution.
 """
 
 from __future__ import annotations
