@@ -187,9 +187,7 @@ def main() -> None:
     print(f"\n== {part_sizes(parts)}; resolvable faces (truly a tagged character): report {report} ==")
     print(f"{'method':<24} {'margin/score':>11} {'labels':>7} {'faces':>7} {'prec':>7} {'cover':>7}")
     chosen_results = {}
-    production = {
-        part: kept(results["model"][part], INFER_MIN_MARGIN, INFER_MIN_PROBABILITY) for part in parts
-    }
+    production = {part: kept(results["model"][part], INFER_MIN_MARGIN, INFER_MIN_PROBABILITY) for part in parts}
     print(row("model, production thr.", "report", production["report"], f"{INFER_MIN_MARGIN}/{INFER_MIN_PROBABILITY}"))
     for name in ("model", "spreading", "mean"):
         picked = choose(results[name]["validation"], parts["validation"], args.precision)

@@ -68,9 +68,7 @@ def knn_affinity(unit: np.ndarray, neighbours: int):
     return w.maximum(w.T).tocsr()
 
 
-def spread(
-    features: np.ndarray, seeds: np.ndarray, num_classes: int, config: SpreadConfig | None = None
-) -> np.ndarray:
+def spread(features: np.ndarray, seeds: np.ndarray, num_classes: int, config: SpreadConfig | None = None) -> np.ndarray:
     """Per face, a distribution over the classes (rows sum to 1; a face no seed reaches gets zeros).
     `seeds[i]` is face i's class index, or -1 for a face to label."""
     from scipy import sparse
