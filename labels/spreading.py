@@ -114,6 +114,41 @@ def post_labels(
     return out
 
 
+def spread_with_posts(
+    features: np.ndarray,
+    seeds: np.ndarray,
+    num_classes: int,
+    posts: Sequence[tuple[Sequence[int], Sequence[int]]],
+    prior: np.ndarray | None = None,
+    config: SpreadConfig | None = None,
+    rounds: int = 2,
+    sure_margin: float = 0.6,
+) -> np.ndarray:
+    """Scores per face (faces x classes) for the posts' assignment: the spread distribution, averaged with
+    `prior` (a model's probabilities for the same faces) when given. With `rounds` > 1 the faces a post's
+    assignment places with at least `sure_margin` join the seeds and the labels spread again: a face
+    settled by its own post's tags helps its look-alikes in other posts."""
+    config = config or SpreadConfig()
+    current = np.asarray(seeds).copy()
+    scores = np.zeros((len(current), num_classes))
+    for round_ in range(max(1, rounds)):
+        distribution = spread(features, current, num_classes, config)
+        scores = distribution if prior is None else (distribution + prior) / 2
+        if round_ == rounds - 1:
+            break
+        placed: dict[int, int] = {}
+        clash: set[int] = set()
+        for pairs in post_labels(scores, posts, sure_margin, config.min_score):
+            for face, cls, _ in pairs:
+                if placed.get(face, cls) != cls:
+                    clash.add(face)
+                placed[face] = cls
+        for face, cls in placed.items():
+            if face not in clash and current[face] < 0:
+                current[face] = cls
+    return scores
+
+
 def spread_labels(
     features: np.ndarray,
     seeds: np.ndarray,

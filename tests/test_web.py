@@ -9,6 +9,7 @@ import html
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -86,6 +87,45 @@ def test_faces_page_filters_and_pages(web: Web, faces) -> None:
     assert 'id="previous-page"' in second.text and 'id="next-page"' in second.text
     back = web.get(f"/faces?size=2&before={card_ids(second.text)[0]}")
     assert card_ids(back.text) == card_ids(first.text)
+
+
+def test_faces_most_useful_first_and_its_paging(web: Web, faces) -> None:
+    a0, a1, a2, a3 = faces["ambiguous"]  # post 101, tagged maki and riko
+    t0, t1 = faces["tag"]  # maki (post 102, test split), hifumi (post 103)
+    with session_scope() as session:
+        doubtful = session.get(Face, t1)  # a tag label a model trained without it doubts: likely wrong
+        doubtful.doubt, doubtful.doubt_score = "a model trained without this face calls it nishikino_maki", 0.9
+        inferred = session.get(Face, a3)  # an inferred label with a low margin
+        inferred.label, inferred.label_source, inferred.inferred_margin = "nishikino_maki", "inferred", 0.3
+        untagged = session.get(Face, a2)  # unsure, but of a character its post is not tagged with
+        untagged.suggestion, untagged.suggestion_score = "takimoto_hifumi", 0.2
+    # worth (labels.priority): t1 0.9 (hifumi has no undoubted label), a3 0.7 x 20/22 (maki: t0 and a3),
+    # a1 0.58 (riko: none), a2 0.8 x 0.25, a0 0.09 x 20/22, t0 0 (a tag label nobody doubts)
+    expected = [t1, a3, a1, a2, a0, t0]
+    page = web.get("/faces?order=useful")
+    assert page.status_code == 200
+    assert card_ids(page.text) == expected
+    assert card_ids(web.get("/faces").text) == sorted(expected), "the default order is still the face id"
+    assert "worth 0.90" in page.text and "worth 0.64" in page.text and "worth 0.58" in page.text
+    assert '<option value="useful" selected>' in page.text
+
+    def link(text: str, name: str) -> str:
+        found = re.search(rf'href="([^"]+)" id="{name}"', text)
+        assert found, f"no {name} link"
+        return html.unescape(found.group(1))
+
+    first = web.get("/faces?order=useful&size=2").text
+    second = web.get(link(first, "next-page")).text
+    third = web.get(link(second, "next-page")).text
+    assert [card_ids(first), card_ids(second), card_ids(third)] == [expected[0:2], expected[2:4], expected[4:6]]
+    assert 'id="next-page"' not in third and 'id="previous-page"' not in first
+    assert card_ids(web.get(link(second, "previous-page")).text) == expected[0:2]
+    assert card_ids(web.get("/faces?order=useful&source=ambiguous").text) == [a1, a2, a0], "filters still apply"
+
+    # a person labels the first page: those faces drop to the end, and the next page skips nobody
+    label_faces([t1, a3], "takimoto_hifumi")
+    assert card_ids(web.get(link(first, "next-page")).text) == [a1, a2]
+    assert card_ids(web.get("/faces?order=useful").text) == [a1, a2, a0, *sorted([a3, t0, t1])]
 
 
 def test_collection_page_shows_status_and_tracks_characters(web: Web, faces) -> None:
@@ -341,6 +381,8 @@ BAD_GETS = [
     ("/faces?after=x1", 400, "after must be a positive whole number"),
     ("/faces?size=100000", 400, "size must be at most 500"),
     ("/faces?suggested=maybe", 400, "suggested must be one of yes, no"),
+    ("/faces?order=best", 400, "order must be one of id, useful"),
+    ("/faces?order=useful&after=3&at=x", 400, "at must be a number"),
     ("/models/7/training_curves.png", 404, "no model version 7"),
     ("/models/x/training_curves.png", 404, "model version must be a positive whole number"),
     ("/models/1/waifu.db", 404, "no picture 'waifu.db'; there are training_curves.png, confusion_matrix.png"),

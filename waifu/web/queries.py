@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, or_
 from sqlmodel import Session, col, select
 
-from db.models import Character, Face, FaceState, ModelVersion, PostCharacter, Split
+from db.models import Character, Face, FaceState, LabelSource, ModelVersion, PostCharacter, Split
+from labels.priority import usefulness
 
 PAGE_SIZE = 200
 MAX_PAGE_SIZE = 500
@@ -20,6 +22,7 @@ MAX_ID = 2**63 - 1  # post ids are BIGINT; a larger number is no id at all
 SOURCES = ("ambiguous", "inferred", "tag", "manual", "none")
 STATES = (FaceState.ready.value, FaceState.rejected.value)
 COUNT_CAP = 10_000  # counting stops here: "more than 10,000 match" costs the same at any size
+ORDERS = ("id", "useful")  # face id, or most useful to label first (labels.priority)
 
 
 class BadInput(ValueError):
@@ -48,6 +51,8 @@ class FaceFilter:
     after: int | None = None  # keyset paging by face id
     before: int | None = None
     size: int = PAGE_SIZE
+    order: str = "id"
+    at: float | None = None  # order=useful: the usefulness of the `after`/`before` face (keyset)
 
     def query(self, **changes: Any) -> dict[str, str]:
         """The filter as query parameters (for links), with `changes` applied; paging is dropped unless given."""
@@ -61,6 +66,7 @@ class FaceFilter:
             "below": self.below,
             "post": self.post,
             "size": self.size if self.size != PAGE_SIZE else None,
+            "order": self.order if self.order != "id" else None,
         }
         values.update(changes)
         return {k: str(v) for k, v in values.items() if v is not None and v != ""}
@@ -78,6 +84,15 @@ def parse_filter(params: Mapping[str, str]) -> FaceFilter:
         return value
 
     source = choice("source", SOURCES)
+    order = choice("order", ORDERS) or "id"
+    at = None
+    if order == "useful" and (params.get("at") or "").strip():
+        try:
+            at = float(params["at"])
+        except ValueError:
+            raise BadInput(f"at must be a number, not {params['at'][:40]!r}") from None
+        if not 0 <= at <= 1:
+            raise BadInput(f"at must be between 0 and 1, not {at}")
     split = choice("split", tuple(s.value for s in Split))
     state_text = (params.get("state") or "").strip()
     state = None if state_text == "any" else choice("state", STATES) if state_text else FaceState.ready.value
@@ -112,6 +127,8 @@ def parse_filter(params: Mapping[str, str]) -> FaceFilter:
         doubtful=None if doubtful_text is None else doubtful_text == "yes",
         below=below,
         size=size,
+        order=order,
+        at=at,
         **optional_id,
     )
 
@@ -156,6 +173,7 @@ class FaceCard:
     doubt: str | None = None  # why labels.weak doubts a tag label
     doubt_score: float | None = None
     inferred_margin: float | None = None  # an inferred label's margin over the post's other faces
+    usefulness: float | None = None  # order=useful: what labelling this face is worth (labels.priority)
     post_tags: list[str] = field(default_factory=list)  # the post's tracked characters
     choices: list[str] = field(default_factory=list)  # label choices: the post's characters first, then the rest
 
@@ -198,6 +216,8 @@ CARD_COLUMNS = (
 
 def faces_page(session: Session, f: FaceFilter) -> FacePage:
     """One page of faces in id order (keyset: `after`/`before` an id), the total matching, paging links."""
+    if f.order == "useful":
+        return useful_page(session, f)
     conditions = _conditions(f)
     query = select(*CARD_COLUMNS).where(*conditions)
     if f.before is not None:
@@ -211,17 +231,88 @@ def faces_page(session: Session, f: FaceFilter) -> FacePage:
         more_before = bool(rows) and f.after is not None and _exists(session, conditions, Face.id < rows[0][0])
     capped = select(Face.id).where(*conditions).limit(COUNT_CAP + 1).subquery()
     total = session.exec(select(func.count()).select_from(capped)).one()
-    characters = tracked_characters(session)
-    cards = [FaceCard(*row) for row in rows]
-    tags = post_tags(session, {card.post_id for card in cards})
-    for card in cards:
-        card.post_tags = tags.get(card.post_id, [])
-        card.choices = card.post_tags + [c for c in characters if c not in card.post_tags]
-    page = FacePage(replace(f, after=None, before=None), cards, int(total), characters)
+    page = _page(session, f, [FaceCard(*row) for row in rows], int(total))
     if rows and more_before:
         page.previous = f.query(before=rows[0][0])
     if rows and more_after:
         page.next = f.query(after=rows[-1][0])
+    return page
+
+
+def _page(session: Session, f: FaceFilter, cards: list[FaceCard], total: int) -> FacePage:
+    characters = tracked_characters(session)
+    tags = post_tags(session, {card.post_id for card in cards})
+    for card in cards:
+        card.post_tags = tags.get(card.post_id, [])
+        card.choices = card.post_tags + [c for c in characters if c not in card.post_tags]
+    return FacePage(replace(f, after=None, before=None, at=None), cards, total, characters)
+
+
+def usefulness_order(session: Session, f: FaceFilter) -> list[tuple[float, int]]:
+    """Every face the filter matches as (-usefulness, id), sorted: most useful to label first, then by id.
+    Computed here from the rows (labels.priority.usefulness, the function bench/active.py measures): one
+    read of the matching faces' scores, the labelled faces per character and whether the post is tagged
+    with the face's suggestion."""
+    tagged = (
+        select(PostCharacter.post_id)
+        .join(Character, Character.id == PostCharacter.character_id)
+        .where(PostCharacter.post_id == Face.post_id, Character.tag == Face.suggestion)
+        .exists()
+    )
+    rows = session.exec(
+        select(
+            Face.id,
+            Face.label_source,
+            Face.label,
+            Face.suggestion,
+            Face.suggestion_score,
+            Face.inferred_margin,
+            Face.doubt_score,
+            tagged,
+        ).where(*_conditions(f))
+    ).all()
+    labelled = dict(
+        session.exec(
+            select(Face.label, func.count())
+            .where(
+                Face.state == FaceState.ready,
+                col(Face.label_source).in_([LabelSource.tag, LabelSource.manual, LabelSource.inferred]),
+                col(Face.doubt_score).is_(None),
+                col(Face.label).is_not(None),
+            )
+            .group_by(Face.label)
+        ).all()
+    )
+    keys = []
+    for face_id, source, label, suggestion, score, margin, doubt, is_tagged in rows:
+        character = suggestion if source in (None, LabelSource.ambiguous) else label
+        value = usefulness(source, score, margin, doubt, labelled.get(character, 0), bool(is_tagged))
+        keys.append((-value, face_id))
+    return sorted(keys)
+
+
+def useful_page(session: Session, f: FaceFilter) -> FacePage:
+    """One page in the most-useful-first order; keyset paging by (usefulness, id) of the page's last or
+    first face, so labelling the faces of one page (they drop to the end) skips no other face."""
+    keys = usefulness_order(session, f)
+    if f.before is not None:
+        end = bisect_left(keys, (-(f.at or 0.0), f.before))
+        start = max(0, end - f.size)
+    else:
+        start = bisect_right(keys, (-(f.at or 0.0), f.after)) if f.after is not None else 0
+        end = start + f.size
+    chosen = keys[start:end]
+    by_id = {row[0]: row for row in session.exec(select(*CARD_COLUMNS).where(col(Face.id).in_([i for _, i in chosen])))}
+    cards = []
+    for value, face_id in chosen:
+        card = FaceCard(*by_id[face_id])
+        card.usefulness = -value
+        cards.append(card)
+    page = _page(session, f, cards, min(len(keys), COUNT_CAP + 1))
+    if chosen and start > 0:
+        page.previous = f.query(before=chosen[0][1], at=repr(-chosen[0][0]))
+    if chosen and end < len(keys):
+        page.next = f.query(after=chosen[-1][1], at=repr(-chosen[-1][0]))
     return page
 
 
