@@ -21,8 +21,8 @@ from labels.rules import inferred_pairs
 SPREAD_NEIGHBOURS = 10
 SPREAD_ALPHA = 0.9
 SPREAD_DIMS = 64
-SPREAD_MIN_MARGIN = 0.5
-SPREAD_MIN_SCORE = 0.5
+SPREAD_MIN_MARGIN = 0.3
+SPREAD_MIN_SCORE = 0.3
 
 
 @dataclass(frozen=True)
