@@ -162,7 +162,8 @@ class Trained:
 
 def _retrain(settings: Settings, progress, overrides, loop_round: int = 0) -> dict[str, Any]:
     from labels.splits import rebalance_splits
-    from train.weak_inputs import infer_with_model, judge_tag_labels
+    from train.spread_inputs import infer_with_spreading
+    from train.weak_inputs import judge_tag_labels
 
     # a character under WAIFU_MIN_TRAIN_FACES gets its test faces back for training (labels.splits)
     splits = rebalance_splits(settings)
@@ -180,10 +181,12 @@ def _retrain(settings: Settings, progress, overrides, loop_round: int = 0) -> di
             row.status, row.reason = ModelStatus.failed, f"{type(exc).__name__}: {exc}"[:2000]
         raise
     summary = promote(settings, data, config, version_id, trained)
-    # then let the current model (new or kept) label the ambiguous faces it can tell apart clearly
+    # then let the current model (new or kept), spread over the faces' graph, label the ambiguous faces it
+    # can tell apart clearly
     summary["doubtful"] = doubts
     summary["splits"] = splits
-    summary["inferred"] = infer_with_model(settings) if settings.weak_labels else {"reason": "WAIFU_WEAK_LABELS=false"}
+    off = {"reason": "WAIFU_WEAK_LABELS=false"}
+    summary["inferred"] = infer_with_spreading(settings) if settings.weak_labels else off
     summary["loop_round"], summary["inferred_trained"] = loop_round, data.inferred
     record_inferred_change(version_id, summary["inferred"])
     log.info(
