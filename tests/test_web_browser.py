@@ -221,3 +221,34 @@ def test_a_person_sorts_faces_and_retrains(collection: list[int], browser, start
         wait.until(lambda d: d.find_element(By.ID, "growth-chart").get_attribute("naturalWidth") not in (None, "0"))
         assert "takimoto_hifumi" in driver.find_element(By.ID, "per-character").text
         screens.shoot("web-collection", 1250)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_person_orders_the_faces_most_useful_first(labelled_db: list[str], browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with session_scope() as session:  # the last three real crops: ambiguous, the model less and less sure
+        faces = list(session.exec(select(Face).order_by(Face.id)).all())
+        for face, score in zip(faces[-3:], (0.9, 0.6, 0.3), strict=True):
+            face.suggestion, face.suggestion_score = face.label, score
+            face.label, face.label_source = None, LabelSource.ambiguous
+        unsure = [f.id for f in faces[-3:]][::-1]
+    driver = browser
+    with serving_in_thread(get_settings()) as base:
+        driver.get(f"{base}/faces")
+
+        def grid() -> list[int]:
+            return [int(e.get_attribute("data-id")) for e in driver.find_elements(By.CSS_SELECTOR, "#grid .face")]
+
+        assert grid()[:3] == [f.id for f in faces[:3]], "face id order first"
+        Select(driver.find_element(By.ID, "filter-order")).select_by_value("useful")
+        driver.find_element(By.ID, "filter-apply").click()
+        WebDriverWait(driver, WAIT).until(ec.url_contains("order=useful"))
+        assert grid()[:3] == unsure, "the face the model is least sure of first"
+        assert "worth " in driver.find_element(By.ID, f"face-{unsure[0]}").text
+        chosen = Select(driver.find_element(By.ID, "filter-order")).first_selected_option
+        assert chosen.get_attribute("value") == "useful"
+        Screens(driver, tmp_path / "screenshots").shoot("faces-most-useful-first")
