@@ -13,10 +13,12 @@ labels (labels.rules.inferred_pairs, production thresholds); the next model trai
 The model is the classical part (train.features: HOG + colour histograms, logistic regression), for speed.
 
 A simulated person then takes `--budget` faces in one order and gives each its true character (a manual
-label), or rejects it when it is no tracked character. The gain is the next model's accuracy on the
-tracked characters' holoen *test* crops minus the accuracy without the person. Orders: `useful`
-(labels.priority.usefulness), `uncertain` (the same without rarity and the post's tags), `random` (any
-face the page shows: tag, inferred, ambiguous) and `random-open` (any ambiguous, inferred or doubtful face).
+label), or rejects it when it is no tracked character. The gain is the next model's accuracy on the tracked
+characters' holoen *test* crops minus the accuracy without the person. Orders: `useful`
+(labels.priority.usefulness), `uncertain` (the same without rarity and the post's tags), `doubt-first`
+(`useful`, but the doubtful tag labels first, by doubt), `random` (any face the page shows: tag, inferred,
+ambiguous) and `random-open` (any ambiguous, inferred or doubtful face). Per order: the faces that became
+labels and the picks as doubtful tag / inferred / ambiguous faces.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from bench.inferred import files, holoen_root
 
-ORDERS = ("useful", "uncertain", "random", "random-open")
+ORDERS = ("useful", "uncertain", "doubt-first", "random", "random-open")
 
 
 def build(rng, train_files, tracked, untracked, counts, wrong, posts, missed):
@@ -131,6 +133,8 @@ def run_seed(args, holo, seed: int) -> dict[str, float]:
     def value(i: int, rare: bool) -> float:
         f = faces[i]
         character = f["label"] if f["source"] != "ambiguous" else f["suggestion"]
+        if rare == "doubt-first" and f.get("doubt") is not None:  # the doubtful tag labels before all else
+            return 1.0 + f["doubt"]
         return usefulness(
             f["source"],
             f["score"],
@@ -145,6 +149,7 @@ def run_seed(args, holo, seed: int) -> dict[str, float]:
     picks = {
         "useful": sorted(shown, key=lambda i: (-value(i, True), i))[: args.budget],
         "uncertain": sorted(shown, key=lambda i: (-value(i, False), i))[: args.budget],
+        "doubt-first": sorted(shown, key=lambda i: (-value(i, "doubt-first"), i))[: args.budget],
         "random": [int(i) for i in rng.choice(shown, size=args.budget, replace=False)],
         "random-open": [int(i) for i in rng.choice(open_faces, size=args.budget, replace=False)],
     }
@@ -154,6 +159,15 @@ def run_seed(args, holo, seed: int) -> dict[str, float]:
         rows, ys = training(person)
         out[order] = accuracy(x[rows], ys, x_test, y_test, k) - base
         out[f"{order}-useful-labels"] = sum(v is not None for v in person.values())
+        out[f"{order}-kinds"] = "/".join(
+            str(
+                sum(
+                    (faces[i].get("doubt") is not None) == (kind == "doubtful") and faces[i]["source"] == source
+                    for i in chosen
+                )
+            )
+            for kind, source in (("doubtful", "tag"), ("", "inferred"), ("", "ambiguous"))
+        )
     out["faces"], out["doubtful"] = len(faces), sum(f.get("doubt") is not None for f in faces)
     return out
 
@@ -177,7 +191,7 @@ def main() -> None:
         print(
             f"seed {seed}: {r['faces']} faces ({r['doubtful']} doubtful tag, {r['inferred']} inferred of which "
             f"{r['wrong_inferred']} wrong); accuracy without the person {r['base']:.3f}; gain "
-            + ", ".join(f"{o} {r[o]:+.3f} ({r[o + '-useful-labels']} labels)" for o in ORDERS)
+            + ", ".join(f"{o} {r[o]:+.3f} ({r[o + '-useful-labels']} labels, {r[o + '-kinds']})" for o in ORDERS)
             + f"  [{time.perf_counter() - t0:.0f}s]",
             flush=True,
         )

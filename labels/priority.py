@@ -4,9 +4,10 @@ inferred label's margin, a tag label's doubt) and how many labelled faces its ch
 
 usefulness = doubt x rarity x plausibility, in [0, 1]:
 
-- doubt: how likely the face's current state is wrong or unknown to the model: an ambiguous face
-  1 - its suggestion's probability (0.5 with no suggestion yet), an inferred label 1 - its margin, a
-  doubtful tag label its doubt score (the probability of another character); any other label 0;
+- doubt: how much a person's word would change what the model trains on: an ambiguous face 1 - its
+  suggestion's probability (0.5 with no suggestion yet), an inferred label 1 - its margin (the chance it
+  is wrong), a doubtful tag label (left out of training) 1 - its doubt score (the chance the tag was right
+  after all and the face goes back in); any other label 0;
 - rarity: `RARE / (RARE + n)` with n the labelled faces of the face's character (its label, else its
   suggestion): a face of a character with few faces teaches the model most;
 - plausibility: an ambiguous face suggested as a character its post is not tagged with is most likely
@@ -38,7 +39,7 @@ def usefulness(
     elif label_source == "inferred":
         doubt = 1.0 - min(1.0, float(inferred_margin or 0.0))
     elif label_source == "tag" and doubt_score is not None:
-        doubt = float(doubt_score)
+        doubt = 1.0 - float(doubt_score)
     else:
         return 0.0
     return max(0.0, doubt) * RARE / (RARE + max(0, labelled))

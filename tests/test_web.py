@@ -99,14 +99,14 @@ def test_faces_most_useful_first_and_its_paging(web: Web, faces) -> None:
         inferred.label, inferred.label_source, inferred.inferred_margin = "nishikino_maki", "inferred", 0.3
         untagged = session.get(Face, a2)  # unsure, but of a character its post is not tagged with
         untagged.suggestion, untagged.suggestion_score = "takimoto_hifumi", 0.2
-    # worth (labels.priority): t1 0.9 (hifumi has no undoubted label), a3 0.7 x 20/22 (maki: t0 and a3),
-    # a1 0.58 (riko: none), a2 0.8 x 0.25, a0 0.09 x 20/22, t0 0 (a tag label nobody doubts)
-    expected = [t1, a3, a1, a2, a0, t0]
+    # worth (labels.priority): a3 0.7 x 20/22 (maki: t0 and a3), a1 0.58 (riko: no label), a2 0.8 x 0.25,
+    # t1 1 - 0.9 (hifumi: no undoubted label), a0 0.09 x 20/22, t0 0 (a tag label nobody doubts)
+    expected = [a3, a1, a2, t1, a0, t0]
     page = web.get("/faces?order=useful")
     assert page.status_code == 200
     assert card_ids(page.text) == expected
     assert card_ids(web.get("/faces").text) == sorted(expected), "the default order is still the face id"
-    assert "worth 0.90" in page.text and "worth 0.64" in page.text and "worth 0.58" in page.text
+    assert "worth 0.64" in page.text and "worth 0.58" in page.text and "worth 0.10" in page.text
     assert '<option value="useful" selected>' in page.text
 
     def link(text: str, name: str) -> str:
@@ -123,9 +123,9 @@ def test_faces_most_useful_first_and_its_paging(web: Web, faces) -> None:
     assert card_ids(web.get("/faces?order=useful&source=ambiguous").text) == [a1, a2, a0], "filters still apply"
 
     # a person labels the first page: those faces drop to the end, and the next page skips nobody
-    label_faces([t1, a3], "takimoto_hifumi")
-    assert card_ids(web.get(link(first, "next-page")).text) == [a1, a2]
-    assert card_ids(web.get("/faces?order=useful").text) == [a1, a2, a0, *sorted([a3, t0, t1])]
+    label_faces([a3, a1], "takimoto_hifumi")
+    assert card_ids(web.get(link(first, "next-page")).text) == [a2, t1]
+    assert card_ids(web.get("/faces?order=useful").text) == [a2, t1, a0, *sorted([a1, a3, t0])]
 
 
 def test_collection_page_shows_status_and_tracks_characters(web: Web, faces) -> None:
