@@ -108,6 +108,9 @@ def test_faces_most_useful_first_and_its_paging(web: Web, faces) -> None:
     assert card_ids(web.get("/faces").text) == sorted(expected), "the default order is still the face id"
     assert "worth 0.64" in page.text and "worth 0.58" in page.text and "worth 0.10" in page.text
     assert '<option value="useful" selected>' in page.text
+    api = web.get("/api/faces?order=useful&size=2").json()  # the API pages the same order
+    assert [card["id"] for card in api["faces"]] == expected[:2] and api["faces"][1]["usefulness"] == pytest.approx(0.58)
+    assert [card["id"] for card in web.get(api["next"]).json()["faces"]] == expected[2:4]
 
     def link(text: str, name: str) -> str:
         found = re.search(rf'href="([^"]+)" id="{name}"', text)

@@ -231,7 +231,7 @@ def test_openapi_describes_exactly_the_api_routes(served: str) -> None:
     assert described == routes
     faces_params = {p["name"] for p in spec["paths"]["/api/faces"]["get"]["parameters"]}
     assert faces_params == {"source", "character", "split", "state", "suggested", "doubtful", "below", "post",
-                            "after", "before", "size"}  # fmt: skip
+                            "after", "before", "size", "order", "at"}  # fmt: skip
     body = spec["paths"]["/api/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert set(body["properties"]) == {"picture", "url"}
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"

@@ -80,6 +80,7 @@ async def faces(request: Request) -> Response:
                     "post_id": card.post_id,
                     "post_characters": card.post_tags,
                     "doubt": card.doubt,
+                    **({"usefulness": card.usefulness} if card.usefulness is not None else {}),
                     "crop_url": f"/faces/{card.id}/crop.png",
                 }
                 for card in page.cards

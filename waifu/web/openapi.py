@@ -8,7 +8,7 @@ from typing import Any
 
 from core.settings import Settings
 from db.models import ModelStatus, Split
-from waifu.web.queries import MAX_PAGE_SIZE, SOURCES, STATES
+from waifu.web.queries import MAX_PAGE_SIZE, ORDERS, SOURCES, STATES
 
 
 def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +56,17 @@ def description(settings: Settings) -> dict[str, Any]:
         _query("post", "faces of this post", ids),
         _query("after", "keyset paging: faces with a larger id (see `next`)", ids),
         _query("before", "keyset paging: faces with a smaller id (see `previous`)", ids),
+        _query(
+            "order",
+            "id (default), or useful: most useful to label first (uncertain faces of characters with few "
+            "labels, inferred labels with a low margin); each face then carries its `usefulness`",
+            {"type": "string", "enum": list(ORDERS)},
+        ),
+        _query(
+            "at",
+            "order=useful keyset paging: the usefulness of the `after`/`before` face (see `next`)",
+            {"type": "number", "minimum": 0, "maximum": 1},
+        ),
         _query("size", "faces per page", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE, "default": 200}),
     ]
     secured = [{"bearer": []}, {"session": []}, {"basic": []}]
