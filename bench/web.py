@@ -39,6 +39,8 @@ SCENARIOS = {
     "one post": "post=20000&state=any",
     "deep page (after id 90,000)": "after=90000",
     "page before id 50,000, ambiguous": "source=ambiguous&before=50000",
+    "most useful first (order=useful)": "order=useful",
+    "most useful first, ambiguous": "source=ambiguous&order=useful",
 }
 INDEXES = {
     "ix_face_source_state_id": ["label_source", "state", "id"],
