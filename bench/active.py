@@ -181,10 +181,11 @@ def main() -> None:
     ap.add_argument("--missed", type=float, default=0.15)
     ap.add_argument("--budget", type=int, default=50, help="faces the person labels")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0)
     args = ap.parse_args()
     holo = holoen_root()
     results = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         t0 = time.perf_counter()
         r = run_seed(args, holo, seed)
         results.append(r)
