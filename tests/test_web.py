@@ -32,6 +32,7 @@ from db.models import (
     PostState,
 )
 from labels.manual import label_faces, undo
+from labels.priority import usefulness
 from tests.support.env import PROJECT_ROOT
 from tests.support.web import BOX, Web, face, make_collection, store_file
 from train.registry import labelled_count
@@ -108,8 +109,26 @@ def test_faces_most_useful_first_and_its_paging(web: Web, faces) -> None:
     assert card_ids(web.get("/faces").text) == sorted(expected), "the default order is still the face id"
     assert "worth 0.64" in page.text and "worth 0.58" in page.text and "worth 0.10" in page.text
     assert '<option value="useful" selected>' in page.text
+    # the database computes the rule of labels.priority (the function bench/active.py measures)
+    with session_scope() as session:
+        rows = {f.id: f for f in session.exec(select(Face)).all()}
+        tags = {101: {"nishikino_maki", "sakurauchi_riko"}, 102: {"nishikino_maki"}, 103: {"takimoto_hifumi"}}
+        python = {
+            i: usefulness(
+                f.label_source,
+                f.suggestion_score,
+                f.inferred_margin,
+                f.doubt_score,
+                {"nishikino_maki": 2}.get(f.label if f.label_source != "ambiguous" else f.suggestion, 0),
+                f.suggestion in tags[f.post_id],
+            )
+            for i, f in rows.items()
+        }
+    served = web.get("/api/faces?order=useful").json()["faces"]
+    assert {card["id"]: card["usefulness"] for card in served} == pytest.approx({i: python[i] for i in expected})
     api = web.get("/api/faces?order=useful&size=2").json()  # the API pages the same order
-    assert [card["id"] for card in api["faces"]] == expected[:2] and api["faces"][1]["usefulness"] == pytest.approx(0.58)
+    assert [card["id"] for card in api["faces"]] == expected[:2]
+    assert api["faces"][1]["usefulness"] == pytest.approx(0.58)
     assert [card["id"] for card in web.get(api["next"]).json()["faces"]] == expected[2:4]
 
     def link(text: str, name: str) -> str:

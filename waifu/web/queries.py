@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, or_
+from sqlalchemy import ColumnElement, Float, and_, case, cast, func, literal, or_
 from sqlmodel import Session, col, select
 
 from db.models import Character, Face, FaceState, LabelSource, ModelVersion, PostCharacter, Split
-from labels.priority import usefulness
 
 PAGE_SIZE = 200
 MAX_PAGE_SIZE = 500
@@ -248,71 +246,92 @@ def _page(session: Session, f: FaceFilter, cards: list[FaceCard], total: int) ->
     return FacePage(replace(f, after=None, before=None, at=None), cards, total, characters)
 
 
-def usefulness_order(session: Session, f: FaceFilter) -> list[tuple[float, int]]:
-    """Every face the filter matches as (-usefulness, id), sorted: most useful to label first, then by id.
-    Computed here from the rows (labels.priority.usefulness, the function bench/active.py measures): one
-    read of the matching faces' scores, the labelled faces per character and whether the post is tagged
-    with the face's suggestion."""
+def usefulness_column(session: Session):
+    """labels.priority.usefulness as a SQL expression over a face row (the same rule, computed by the
+    database so a page reads only its own faces): doubt x rarity x plausibility."""
+    from labels.priority import NO_SUGGESTION, RARE, UNTAGGED
+
+    one = literal(1.0, Float)
+    labelled = (
+        select(Face.label.label("character"), cast(func.count(), Float).label("n"))
+        .where(
+            Face.state == FaceState.ready,
+            col(Face.label_source).in_([LabelSource.tag, LabelSource.manual, LabelSource.inferred]),
+            col(Face.doubt_score).is_(None),
+            col(Face.label).is_not(None),
+        )
+        .group_by(Face.label)
+        .subquery()
+    )
+    open_face = or_(col(Face.label_source).is_(None), Face.label_source == LabelSource.ambiguous)
     tagged = (
         select(PostCharacter.post_id)
         .join(Character, Character.id == PostCharacter.character_id)
         .where(PostCharacter.post_id == Face.post_id, Character.tag == Face.suggestion)
         .exists()
     )
-    rows = session.exec(
-        select(
-            Face.id,
-            Face.label_source,
-            Face.label,
-            Face.suggestion,
-            Face.suggestion_score,
-            Face.inferred_margin,
-            Face.doubt_score,
-            tagged,
-        ).where(*_conditions(f))
-    ).all()
-    labelled = dict(
-        session.exec(
-            select(Face.label, func.count())
-            .where(
-                Face.state == FaceState.ready,
-                col(Face.label_source).in_([LabelSource.tag, LabelSource.manual, LabelSource.inferred]),
-                col(Face.doubt_score).is_(None),
-                col(Face.label).is_not(None),
-            )
-            .group_by(Face.label)
-        ).all()
+    doubt = case(
+        (
+            open_face,
+            case(
+                (col(Face.suggestion_score).is_(None), literal(NO_SUGGESTION, Float)),
+                else_=(one - Face.suggestion_score) * case((tagged, one), else_=literal(UNTAGGED, Float)),
+            ),
+        ),
+        (
+            Face.label_source == LabelSource.inferred,
+            case(
+                (func.coalesce(Face.inferred_margin, 0.0) >= one, literal(0.0, Float)),
+                else_=one - func.coalesce(Face.inferred_margin, 0.0),
+            ),
+        ),
+        (
+            and_(Face.label_source == LabelSource.tag, col(Face.doubt_score).is_not(None)),
+            one - Face.doubt_score,
+        ),
+        else_=literal(0.0, Float),
     )
-    keys = []
-    for face_id, source, label, suggestion, score, margin, doubt, is_tagged in rows:
-        character = suggestion if source in (None, LabelSource.ambiguous) else label
-        value = usefulness(source, score, margin, doubt, labelled.get(character, 0), bool(is_tagged))
-        keys.append((-value, face_id))
-    return sorted(keys)
+    character = case((open_face, Face.suggestion), else_=Face.label)
+    rare = literal(RARE, Float)
+    value = case((doubt > 0, doubt), else_=literal(0.0, Float)) * rare / (rare + func.coalesce(labelled.c.n, 0.0))
+    return value.label("usefulness"), labelled, labelled.c.character == character
 
 
 def useful_page(session: Session, f: FaceFilter) -> FacePage:
-    """One page in the most-useful-first order; keyset paging by (usefulness, id) of the page's last or
-    first face, so labelling the faces of one page (they drop to the end) skips no other face."""
-    keys = usefulness_order(session, f)
+    """One page in the most-useful-first order (labels.priority), ties by id; keyset paging by
+    (usefulness, id) of the page's last or first face, so labelling the faces of one page (they drop to
+    the end) skips no other face."""
+    value, labelled, joined = usefulness_column(session)
+    conditions = _conditions(f)
+    query = select(*CARD_COLUMNS, value).outerjoin(labelled, joined).where(*conditions)
+    at = literal(f.at or 0.0, Float)
     if f.before is not None:
-        end = bisect_left(keys, (-(f.at or 0.0), f.before))
-        start = max(0, end - f.size)
+        rows = list(
+            session.exec(
+                query.where(or_(value > at, and_(value == at, Face.id < f.before)))
+                .order_by(value, col(Face.id).desc())
+                .limit(f.size + 1)
+            )
+        )
+        more_before, rows = len(rows) > f.size, rows[: f.size][::-1]
+        more_after = bool(rows)
     else:
-        start = bisect_right(keys, (-(f.at or 0.0), f.after)) if f.after is not None else 0
-        end = start + f.size
-    chosen = keys[start:end]
-    by_id = {row[0]: row for row in session.exec(select(*CARD_COLUMNS).where(col(Face.id).in_([i for _, i in chosen])))}
+        start = query.where(or_(value < at, and_(value == at, Face.id > f.after))) if f.after is not None else query
+        rows = list(session.exec(start.order_by(value.desc(), Face.id).limit(f.size + 1)))
+        more_after, rows = len(rows) > f.size, rows[: f.size]
+        more_before = bool(rows) and f.after is not None
+    capped = select(Face.id).where(*conditions).limit(COUNT_CAP + 1).subquery()
+    total = session.exec(select(func.count()).select_from(capped)).one()
     cards = []
-    for value, face_id in chosen:
-        card = FaceCard(*by_id[face_id])
-        card.usefulness = -value
+    for row in rows:
+        card = FaceCard(*row[:-1])
+        card.usefulness = float(row[-1])
         cards.append(card)
-    page = _page(session, f, cards, min(len(keys), COUNT_CAP + 1))
-    if chosen and start > 0:
-        page.previous = f.query(before=chosen[0][1], at=repr(-chosen[0][0]))
-    if chosen and end < len(keys):
-        page.next = f.query(after=chosen[-1][1], at=repr(-chosen[-1][0]))
+    page = _page(session, f, cards, int(total))
+    if rows and more_before:
+        page.previous = f.query(before=cards[0].id, at=repr(cards[0].usefulness))
+    if rows and more_after:
+        page.next = f.query(after=cards[-1].id, at=repr(cards[-1].usefulness))
     return page
 
 
