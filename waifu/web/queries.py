@@ -293,7 +293,9 @@ def usefulness_column(session: Session):
     )
     character = case((open_face, Face.suggestion), else_=Face.label)
     rare = literal(RARE, Float)
-    value = case((doubt > 0, doubt), else_=literal(0.0, Float)) * rare / (rare + func.coalesce(labelled.c.n, 0.0))
+    # doubt is never negative (probabilities and margins are within 0..1): no clamp, so the post's EXISTS
+    # is evaluated once per face and not twice
+    value = doubt * rare / (rare + func.coalesce(labelled.c.n, 0.0))
     return value.label("usefulness"), labelled, labelled.c.character == character
 
 
