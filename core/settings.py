@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     requests_per_second: float = Field(1.0, gt=0, description="Ceiling for all requests to the API host")
     page_size: int = Field(100, ge=1, le=1000, description="Posts per API request (safebooru: max 100)")
     backfill_pages: int = Field(3, ge=0, description="Pages a tag's first sync walks back (0: none)")
+    deep_backfill_pages: int = Field(
+        1,
+        ge=0,
+        description="Pages each poll walks further back for a character under WAIFU_MIN_TRAIN_FACES labelled "
+        "training faces with no post still in the pipeline, until its oldest post (0: never; none either "
+        "when WAIFU_BACKFILL_PAGES is 0)",
+    )
     poll_interval: float = Field(300.0, gt=0, description="Seconds between two polls of every tag")
     api_retries: int = Field(5, ge=0, description="Retries of one API request on 429/5xx/malformed pages")
     api_backoff: float = Field(1.0, ge=0, description="First backoff delay in seconds (doubles, jittered)")

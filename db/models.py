@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
 from core.sites import DEFAULT_SITE
@@ -118,7 +118,8 @@ class ScrapeCursor(SQLModel, table=True):
     """How far one tag's polling on one site has got. `newest_id`: the newest id stored (a catch-up walks
     down to it); `oldest_id`: the tag's floor, the oldest post its first sync stored (or, with no backfill,
     one above the newest post when it started). A listed post between the two that is no row is still
-    taken (scraper.poller)."""
+    taken (scraper.poller). `history_done`: a walk back reached the tag's oldest post (a page came back not
+    full): nothing lies below the floor, and a small character's deeper backfill has nothing left to walk."""
 
     __tablename__ = "scrape_cursor"
 
@@ -127,6 +128,9 @@ class ScrapeCursor(SQLModel, table=True):
     newest_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     oldest_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     backfill_done: bool = Field(default=False, nullable=False)
+    history_done: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, default=False, server_default=false())
+    )
     requests: int = Field(default=0, nullable=False)
     last_poll_at: datetime | None = None
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

@@ -1,7 +1,7 @@
-"""Splits per character: how many train and test faces each character has, and the move that gives a
-character under the minimum of training faces (or with far too many test faces) test faces back to
-training, down to labels.rules.allowed_test_faces: test -> train only, with near-duplicates, so a face once
-trained on never goes to test. The retrain runs it first."""
+"""Splits per character: how many train and test faces each character has, which characters are short of
+them, and the move that gives a character under the minimum of training faces (or with far too many test
+faces) test faces back to training, down to labels.rules.allowed_test_faces: test -> train only, with
+near-duplicates, so a face once trained on never goes to test. The retrain runs it first."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sqlmodel import Session, col, func, or_, select
 from core.logs import kv
 from core.settings import Settings
 from db.engine import session_scope
-from db.models import Face, FaceState, LabelSource, Split, utcnow
+from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, Split, utcnow
 from labels.rules import allowed_test_faces
 
 log = logging.getLogger("waifu.splits")
@@ -90,3 +90,27 @@ def rebalance_splits(settings: Settings) -> dict[str, Any]:
     if moved:
         log.info(kv("splits rebalanced", moved=sum(moved.values()), characters=len(moved)))
     return {"moved": sum(moved.values()), "characters": moved}
+
+
+IN_FLIGHT = (PostState.discovered, PostState.downloaded, PostState.detected)  # posts whose faces may still come
+
+
+def short_of_faces(session: Session, settings: Settings) -> set[tuple[str, str]]:
+    """(site, tag) of every tracked character with fewer than WAIFU_MIN_TRAIN_FACES labelled training faces
+    and no post still in the pipeline: collecting deeper is what would help it (the poller's deeper
+    backfill). One with posts in flight waits for their faces first, so a walk never runs ahead of the
+    pipeline."""
+    counts = split_counts(session)
+    in_flight = set(
+        session.exec(
+            select(PostCharacter.character_id)
+            .join(Post, col(Post.id) == PostCharacter.post_id)
+            .where(col(Post.state).in_(IN_FLIGHT))
+            .distinct()
+        ).all()
+    )
+    return {
+        (c.site, c.tag)
+        for c in session.exec(select(Character)).all()
+        if c.id not in in_flight and counts.get(c.tag, {}).get("train", 0) < settings.min_train_faces
+    }

@@ -22,6 +22,7 @@ from core.settings import Settings
 from core.sites import DEFAULT_SITE
 from db.engine import session_scope
 from db.models import Character, ScrapeCursor, utcnow
+from labels.splits import short_of_faces
 from scraper.client import ApiPost, BooruClient, Page, Unusable
 from scraper.lock import only_scraper
 from scraper.store import rows_listed, store_listed
@@ -67,9 +68,11 @@ class TagPoller:
         characters: list[Character],
         settings: Settings,
         enqueue: Enqueue,
+        deeper: bool = False,
     ) -> None:
         self.client, self.character, self.characters = client, character, characters
         self.settings, self.enqueue = settings, enqueue
+        self.deeper = deeper  # short of faces: walk on back, past the first sync's backfill
         self.site = client.site.name
         self.page_size = min(settings.page_size, client.site.max_page)  # what a full page holds on this site
         self.query = f"{character.tag} {character.extra_terms}".strip()
@@ -115,8 +118,11 @@ class TagPoller:
     @staticmethod
     def _floor(cursor: ScrapeCursor) -> int:
         """The lowest id this tag takes: a listed post at or above it that is no row yet is wanted, whatever
-        the cursor says; below it lies what the backfill chose not to walk to. A cursor from before floors
-        were kept gets the cursor itself (never a walk back through the tag's whole history)."""
+        the cursor says; below it lies what the backfill chose not to walk to, or nothing once a walk reached
+        the tag's oldest post. A cursor from before floors were kept gets the cursor itself (never a walk back
+        through the tag's whole history)."""
+        if cursor.history_done:
+            return 1  # every post the tag has is wanted: one listed without its id at the bottom comes in later
         if cursor.oldest_id is None:
             floor = (cursor.newest_id or 0) + 1
             if cursor.backfill_done:
@@ -178,7 +184,17 @@ class TagPoller:
                 cursor.oldest_id = cursor.newest_id + 1  # the floor: nothing at or under it is taken
             cursor.backfill_done = True
             return
-        for _ in range(self.settings.backfill_pages):
+        await self._walk_back(cursor, self.settings.backfill_pages)
+        cursor.backfill_done = True
+        if cursor.newest_id is None:
+            cursor.newest_id = 0  # nothing posted yet: every future post is new
+        if cursor.oldest_id is None:
+            cursor.oldest_id = cursor.newest_id + 1
+
+    async def _walk_back(self, cursor: ScrapeCursor, pages: int) -> None:
+        """Up to `pages` pages down from the oldest id seen; the cursor moves page by page over what each
+        stored. A page that comes back not full is the tag's oldest: `history_done`."""
+        for _ in range(pages):
             upper = cursor.oldest_id
             terms = f"id:<{upper}" if upper is not None else ""
             page = await self._fetch(terms)
@@ -186,13 +202,30 @@ class TagPoller:
             if stored:
                 cursor.oldest_id = min(stored)
                 cursor.newest_id = max(cursor.newest_id or 0, *stored)
+            if page.listed < self.page_size:
+                cursor.history_done = True
             if not self._full(page, stored, terms or "newest"):
                 break
-        cursor.backfill_done = True
-        if cursor.newest_id is None:
-            cursor.newest_id = 0  # nothing posted yet: every future post is new
-        if cursor.oldest_id is None:
-            cursor.oldest_id = cursor.newest_id + 1
+
+    async def deeper_backfill(self, cursor: ScrapeCursor) -> None:
+        """A character short of labelled faces (labels.splits.short_of_faces) gets `deep_backfill_pages` more
+        pages of its history each poll, through the same polite client, until the oldest post. Never when
+        the first sync took no backfill (`backfill_pages` 0 means "from now on")."""
+        pages = self.settings.deep_backfill_pages
+        if not self.deeper or cursor.history_done or pages == 0 or self.settings.backfill_pages == 0:
+            return
+        before = cursor.oldest_id
+        await self._walk_back(cursor, pages)
+        log.info(
+            kv(
+                "deeper backfill",
+                site=self.site,
+                tag=self.character.tag,
+                was=before,
+                now=cursor.oldest_id,
+                history_done=cursor.history_done,
+            )
+        )
 
     def _failed(self, cursor: ScrapeCursor, message: str) -> None:
         """The cursor stays where the stored posts are; the next poll lists the rest again."""
@@ -207,6 +240,7 @@ class TagPoller:
         try:
             if cursor.newest_id is not None and cursor.backfill_done:
                 await self.catch_up(cursor)
+                await self.deeper_backfill(cursor)
             else:
                 if cursor.newest_id is not None:
                     await self.catch_up(cursor)  # an interrupted first sync: new posts first, then go on back
@@ -253,10 +287,15 @@ async def poll_once(
     if session is None:
         async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as http:
             return await poll_once(settings, enqueue, http, clients)
+    with session_scope(readonly=True) as db:
+        short = short_of_faces(db, settings)
     clients = clients if clients is not None else {}
     for site in {c.site for c in characters} - set(clients):
         clients[site] = BooruClient(session, settings, settings.site(site))
-    pollers = [TagPoller(clients[c.site], c, characters, settings, enqueue) for c in characters]
+    pollers = [
+        TagPoller(clients[c.site], c, characters, settings, enqueue, deeper=(c.site, c.tag) in short)
+        for c in characters
+    ]
     # every poll's outcome is taken: one failing where it cannot even save its cursor is reported and
     # logged, not dropped with the others' results
     results = await asyncio.gather(*(p.poll() for p in pollers), return_exceptions=True)

@@ -22,6 +22,7 @@ from tests.support.broker import queued_ids
 from tests.support.drawn import drawn_image
 from tests.support.fake_safebooru import FakePost, FakeSafebooru, publish
 from tests.support.limits import max_in_window
+from tests.support.rows import ready_face
 from waifu.cli import enqueue_downloads
 
 
@@ -774,7 +775,9 @@ async def test_stub_under_the_cursor_is_repaired_by_the_tags_own_listing(
 async def test_a_cursor_kept_before_floors_takes_no_old_posts(scrape_env, fake: FakeSafebooru) -> None:
     """A cursor saved before floors were kept (no `oldest_id`, as a sync with no backfill left it): its floor
     becomes the cursor itself, so the old posts listed on the newest page are not taken (a guard: the
-    fallback must not walk back through the tag's history), and a later post is."""
+    fallback must not walk back through the tag's history), and a later post is. (A character short of faces
+    may still walk back on purpose, a page a poll: that is the deeper backfill's test, off here.)"""
+    scrape_env = scrape_env.model_copy(update={"deep_backfill_pages": 0})
     add_characters(["miku"])
     add_posts(fake, "miku", range(1001, 1031))
     with session_scope() as session:
@@ -805,3 +808,79 @@ async def test_scrape_once_cli_stores_a_post_published_after_a_bogus_id(fake: Fa
     assert code == 0, out + err
     assert 1300 in rows(), "a real post published after the bogus id never became a row"
     assert rows()[1300].state == PostState.discovered
+
+
+def finish_posts(faces_for: dict[str, int] | None = None) -> None:
+    """Every stored post through the pipeline (`done`), and `faces_for[tag]` tag-labelled training faces on
+    that tag's posts: what the workers would have left behind."""
+    faces_for = faces_for or {}
+    with session_scope() as session:
+        posts = session.exec(select(Post)).all()
+        for post in posts:
+            post.state = PostState.done
+        for tag, n in faces_for.items():
+            tagged = [p for p in posts if tag in p.tags.split()]
+            for i in range(n):
+                session.add(ready_face(tagged[i % len(tagged)].id, f"faces/{tag}{i}.png", "train", tag, "tag"))
+
+
+async def test_character_short_of_faces_backfills_deeper_each_poll(
+    scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19: a character under WAIFU_MIN_TRAIN_FACES walks one more page of its history each poll once
+    its posts are through the pipeline, until its oldest post; one with enough faces, or with posts still in
+    flight, does not."""
+    monkeypatch.setenv("WAIFU_BACKFILL_PAGES", "1")
+    monkeypatch.setenv("WAIFU_DEEP_BACKFILL_PAGES", "1")
+    reset_settings_cache()
+    add_characters(["maki", "riko"])
+    maki = [new_post(fake, "maki", f"maki{i}") for i in range(50)]
+    riko = [new_post(fake, "riko", f"riko{i}") for i in range(50)]
+    report = await poll_once(get_settings(), enqueue_downloads)
+    assert report.new == 40, "the first sync: one page of 20 a tag"
+
+    # maki's posts are still in flight: no deeper walk yet; each tag costs its one catch-up request
+    fake.requests.clear()
+    report = await poll_once(get_settings(), enqueue_downloads)
+    assert report.new == 0 and len(fake.api_requests()) == 2
+
+    # through the pipeline: maki has no face, riko has the minimum
+    finish_posts({"riko": get_settings().min_train_faces})
+    fake.requests.clear()
+    report = await poll_once(get_settings(), enqueue_downloads)
+    by_tag = {t.tag: t for t in report.tags}
+    assert by_tag["maki"].new == 20 and by_tag["maki"].requests == 2
+    assert by_tag["riko"].new == 0 and by_tag["riko"].requests == 1
+    assert {p.id for p in maki[-40:]} <= set(rows()) and not {p.id for p in riko[:30]} & set(rows())
+    assert not cursor_of("maki").history_done
+
+    # the deeper posts are in flight again: maki waits for them
+    report = await poll_once(get_settings(), enqueue_downloads)
+    assert report.new == 0
+    finish_posts()
+    report = await poll_once(get_settings(), enqueue_downloads)
+    assert report.new == 10, "the last 10 of maki's 50: a page not full, the tag's oldest"
+    assert {p.id for p in maki} <= set(rows()) and cursor_of("maki").history_done
+    assert cursor_of("maki").oldest_id == maki[0].id and cursor_of("maki").last_error is None
+
+    # history done: no more walks back, one request per poll again
+    finish_posts()
+    fake.requests.clear()
+    report = await poll_once(get_settings(), enqueue_downloads)
+    assert report.new == 0 and len(fake.api_requests()) == 2
+
+
+async def test_no_deeper_backfill_when_the_first_sync_took_none(
+    scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WAIFU_BACKFILL_PAGES=0 means "from now on": a character short of faces does not walk back either."""
+    monkeypatch.setenv("WAIFU_BACKFILL_PAGES", "0")
+    reset_settings_cache()
+    add_characters(["maki"])
+    for i in range(30):
+        new_post(fake, "maki", f"old{i}")
+    await poll_once(get_settings(), enqueue_downloads)
+    finish_posts()
+    fake.requests.clear()
+    report = await poll_once(get_settings(), enqueue_downloads)
+    assert report.new == 0 and len(fake.api_requests()) == 1 and rows() == {}

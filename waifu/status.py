@@ -81,6 +81,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 "newest_id": c.newest_id,
                 "oldest_id": c.oldest_id,
                 "backfill_done": c.backfill_done,
+                "history_done": c.history_done,
                 "requests": c.requests,
                 "last_poll_at": c.last_poll_at.isoformat() if c.last_poll_at else None,
                 "last_error": c.last_error,

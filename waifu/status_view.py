@@ -90,7 +90,7 @@ def render_status(console: Console, data: dict[str, Any]) -> None:
             cursors.add_row(
                 c["tag"],
                 str(c["newest_id"] or "-"),
-                "done" if c["backfill_done"] else "pending",
+                backfill_word(c),
                 str(c["requests"]),
                 c["last_poll_at"] or "never",
                 c["last_error"] or "",
@@ -110,3 +110,10 @@ def time_limits_line(limits: dict[str, int]) -> str:
         f"time limits: {limits['failed']} rows failed, {limits['retrying']} waiting to be tried again; "
         f"{limits['crashed']} rows failed after their worker crashed on every attempt"
     )
+
+
+def backfill_word(cursor: dict) -> str:
+    """The first sync's backfill, and whether a walk back reached the tag's oldest post."""
+    if cursor.get("history_done"):
+        return "all history"
+    return "done" if cursor["backfill_done"] else "pending"
