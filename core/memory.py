@@ -1,17 +1,7 @@
-"""Memory a long-lived process frees goes back to the system (glibc's malloc, set through the environment,
-and a trim after work).
-
-- glibc serves large blocks from mmap only while they are above a threshold it raises after each free, so
-  after one big picture (a 76 MP 16-bit PNG decoded in an io thread) later big blocks came from the heap and
-  stayed there: an io worker grew from 223 to 525 MiB in a soak. A fixed threshold keeps every block of
-  4 MiB or more (Pillow's image blocks) in mmap, returned to the system when freed.
-- Each thread may get its own malloc arena (up to 8 per core); the io pool's 8 threads left freed memory
-  spread over many of them, and the io worker kept rising after bursts of downloads. Two arenas bound that.
-- Freed memory inside an arena is returned only by malloc_trim: `tidy()` calls it after tasks, at most once
-  a minute, and drops the source lines Python caches for tracebacks (linecache grows with each new file).
-
-The variables must be set before the process starts, so the supervisor puts them in its children's
-environment (and the image sets them too).
+"""Memory a long-lived process frees goes back to the system: glibc's malloc set through the environment
+(`returning_memory`: a fixed mmap threshold and two arenas; the supervisor puts it in its children's environment,
+the image sets it too) and `tidy()` after tasks, at most once a minute (malloc_trim, linecache cleared).
+Why each part: docs/architecture.md, `core/memory.py`.
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
 """Which faces a person should label first: the faces page's "most useful first" order, as a pure function
-of what a face row already holds (its label source, the model's suggestion and its probability, an
-inferred label's margin, a tag label's doubt) and how many labelled faces its character has.
-
-usefulness = doubt x rarity x plausibility, in [0, 1]:
-
-- doubt: how much a person's word would change what the model trains on: an ambiguous face 1 - its
-  suggestion's probability (0.5 with no suggestion yet), an inferred label 1 - its margin (the chance it
-  is wrong), a doubtful tag label (left out of training) 1 - its doubt score (the chance the tag was right
-  after all and the face goes back in); any other label 0;
-- rarity: `RARE / (RARE + n)` with n the labelled faces of the face's character (its label, else its
-  suggestion): a face of a character with few faces teaches the model most;
-- plausibility: an ambiguous face suggested as a character its post is not tagged with is most likely
-  someone untracked (labelling it teaches nothing): x `UNTAGGED`.
-
-Measured against labelling at random with bench/active.py (docs/model.md, "Most useful first").
+of what a face row already holds (label source, suggestion and its probability, an inferred label's margin,
+a tag label's doubt) and how many labelled faces its character has: usefulness = doubt x rarity x
+plausibility, in [0, 1]. The terms and their measurement: docs/model.md, "Most useful first".
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from db.engine import session_scope
 from db.models import ModelStatus, ModelVersion
 from waifu.web import openapi
 from waifu.web.naming import Busy, Namer, NoModel
-from waifu.web.queries import COUNT_CAP, MODEL_PICTURES, BadInput, _json, faces_page, parse_filter, parse_id
+from waifu.web.queries import COUNT_CAP, BadInput, faces_page, parse_filter, parse_id
 from waifu.web.uploads import BadUpload, picture_bytes
+from waifu.web.versions import MODEL_PICTURES, json_object
 
 MAX_K = 10
 MODELS_PAGE = 20
@@ -94,7 +95,7 @@ async def faces(request: Request) -> Response:
 
 
 def _version(v: ModelVersion, data_dir) -> dict[str, Any]:
-    metrics = _json(v.metrics)
+    metrics = json_object(v.metrics)
     pictures = [n for n in MODEL_PICTURES if v.artifact_dir and (data_dir / v.artifact_dir / n).is_file()]
     return {
         "id": v.id,
@@ -108,7 +109,7 @@ def _version(v: ModelVersion, data_dir) -> dict[str, Any]:
         "test_faces": metrics.get("n"),
         "per_class": metrics.get("per_class", {}),
         "unknown_threshold": (metrics.get("unknown") or {}).get("threshold"),
-        "train_faces": _json(v.counts),
+        "train_faces": json_object(v.counts),
         "labelled_faces": v.labelled_faces,
         "duration_s": v.duration_s,
         "code_version": v.code_version,

@@ -11,9 +11,10 @@ from starlette.routing import Route
 from db.engine import session_scope
 from train.characters import character_report
 from waifu.web.pictures import NotFound, model_picture
-from waifu.web.queries import BadInput, model_versions, parse_id
+from waifu.web.queries import BadInput, parse_id
 from waifu.web.rendering import done, refuse, render
 from waifu.web.retraining import BrokerUnreachable, retrain_status, start_retrain
+from waifu.web.versions import model_versions
 
 
 async def models(request: Request) -> Response:

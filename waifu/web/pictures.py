@@ -14,7 +14,7 @@ from core.images import open_image
 from core.settings import Settings
 from db.models import Face, ModelVersion, Post
 from waifu.web.picture_cache import PictureCache
-from waifu.web.queries import MODEL_PICTURES
+from waifu.web.versions import MODEL_PICTURES
 
 SOURCE_MAX_SIDE = 1024  # the illustration is scaled down for the browser
 

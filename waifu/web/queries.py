@@ -1,9 +1,8 @@
-"""What the pages show, as plain functions over the database (no HTTP here): the faces grid with its
-filters and keyset paging, the choices for labelling, the model versions."""
+"""What the faces pages show, as plain functions over the database (no HTTP here): the faces grid with its
+filters and keyset paging, and the choices for labelling. The model versions are in waifu.web.versions."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -12,7 +11,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Float, and_, case, cast, func, literal, or_
 from sqlmodel import Session, col, select
 
-from db.models import Character, Face, FaceState, LabelSource, ModelVersion, PostCharacter, Split
+from db.models import Character, Face, FaceState, LabelSource, PostCharacter, Split
 
 PAGE_SIZE = 200
 MAX_PAGE_SIZE = 500
@@ -373,39 +372,3 @@ def face_cards(session: Session, face_ids: list[int]) -> list[dict[str, Any]]:
     """Faces as the page's script redraws them after an action."""
     rows = session.exec(select(*CARD_COLUMNS).where(col(Face.id).in_(face_ids)).order_by(Face.id)).all()
     return [FaceCard(*row).to_json() for row in rows]
-
-
-# ---------------------------------------------------------------------------------- models ----
-@dataclass
-class VersionRow:
-    version: ModelVersion
-    counts: dict[str, int]
-    per_class: dict[str, dict[str, float]]
-    test_faces: int | None
-    pictures: list[str]  # artifact names that exist
-
-
-MODEL_PICTURES = ("training_curves.png", "confusion_matrix.png")
-
-
-def _json(text: str | None) -> dict:
-    try:
-        value = json.loads(text or "{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def model_versions(session: Session, data_dir) -> list[VersionRow]:
-    rows = []
-    for version in session.exec(select(ModelVersion).order_by(col(ModelVersion.id).desc())).all():
-        metrics = _json(version.metrics)
-        pictures = [
-            name
-            for name in MODEL_PICTURES
-            if version.artifact_dir and (data_dir / version.artifact_dir / name).is_file()
-        ]
-        rows.append(
-            VersionRow(version, _json(version.counts), metrics.get("per_class", {}), metrics.get("n"), pictures)
-        )
-    return rows
