@@ -21,7 +21,7 @@ def detect_paths(
     from core.images import open_image
     from core.settings import get_settings
     from detect.bounded import BoundedDetector, DetectionFailed
-    from waifu.annotated import prepare
+    from waifu.annotate_output import prepare
 
     results = []
     written: set[str] = set()
@@ -61,7 +61,7 @@ def detect_paths(
 
 def _entry(path: Path, image, detections: list, annotate_dir: Path | None, written: set[str]) -> dict:
     from detect.annotate import annotate
-    from waifu.annotated import output_path
+    from waifu.annotate_output import output_path
 
     faces = [
         {

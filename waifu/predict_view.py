@@ -20,7 +20,7 @@ def predict_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, c
     from detect.bounded import BoundedDetector, DetectionFailed
     from detect.detectors import Detection
     from predict.classify import classify_image, load_current
-    from waifu.annotated import output_path, prepare
+    from waifu.annotate_output import output_path, prepare
 
     settings = get_settings()
     version, classifier = load_current(settings)
