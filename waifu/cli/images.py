@@ -43,7 +43,7 @@ def detect_cmd(
         annotate_dir=annotate,
         detector=detector or settings.detector,
         console=console,
-        max_pixels=settings.max_image_pixels,
+        settings=settings,
     )
     if any("error" in entry for entry in results):
         raise typer.Exit(1)
