@@ -27,36 +27,16 @@ injected wrong labels (and on a test split judged by a model fitted on all train
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.holoen import files, holoen_root, sample
+
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 MIN_PROBABILITIES = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)
 PROBABILITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
-
-
-def holoen_root() -> Path:
-    root = os.environ.get("WAIFU_TEST_DATA")
-    if not root:
-        sys.exit("error: set WAIFU_TEST_DATA to the shared test-data folder (the one holding holoen-faces/)")
-    holo = Path(root) / "holoen-faces"
-    if not (holo / "train").is_dir() and (Path(root).parent / "holoen-faces" / "train").is_dir():
-        holo = Path(root).parent / "holoen-faces"  # WAIFU_TEST_DATA named transfer-learning-anime itself
-    if not (holo / "train").is_dir():
-        sys.exit(f"error: {holo}/train not found: WAIFU_TEST_DATA must name the folder holding holoen-faces/")
-    return holo
-
-
-def files(holo: Path, split: str) -> dict[str, list[Path]]:
-    return {d.name: sorted(d.iterdir()) for d in sorted((holo / split).iterdir()) if d.is_dir()}
-
-
-def sample(rng: np.random.Generator, paths: list[Path], n: int) -> list[Path]:
-    return [paths[i] for i in rng.choice(len(paths), size=min(n, len(paths)), replace=False)]
 
 
 # ------------------------------------------------------------------------------ inferred ----
