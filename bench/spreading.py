@@ -29,8 +29,7 @@ import time
 
 import numpy as np
 
-from bench.holoen import sample, seeded_crops
-from bench.inferred import make_posts
+from bench.holoen import make_posts, sample, seeded_crops
 
 KINDS = ("k1", "k1-missed", "k2", "k2-missed")
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
