@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from bench.inferred import files, holoen_root
+from bench.holoen import files, holoen_root
 
 ORDERS = ("useful", "uncertain", "doubt-first", "random", "random-open")
 

@@ -27,64 +27,19 @@ injected wrong labels (and on a test split judged by a model fitted on all train
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.holoen import files, holoen_root, make_posts, sample
 
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 MIN_PROBABILITIES = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)
 PROBABILITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 
 
-def holoen_root() -> Path:
-    root = os.environ.get("WAIFU_TEST_DATA")
-    if not root:
-        sys.exit("error: set WAIFU_TEST_DATA to the shared test-data folder (the one holding holoen-faces/)")
-    holo = Path(root) / "holoen-faces"
-    if not (holo / "train").is_dir() and (Path(root).parent / "holoen-faces" / "train").is_dir():
-        holo = Path(root).parent / "holoen-faces"  # WAIFU_TEST_DATA named transfer-learning-anime itself
-    if not (holo / "train").is_dir():
-        sys.exit(f"error: {holo}/train not found: WAIFU_TEST_DATA must name the folder holding holoen-faces/")
-    return holo
-
-
-def files(holo: Path, split: str) -> dict[str, list[Path]]:
-    return {d.name: sorted(d.iterdir()) for d in sorted((holo / split).iterdir()) if d.is_dir()}
-
-
-def sample(rng: np.random.Generator, paths: list[Path], n: int) -> list[Path]:
-    return [paths[i] for i in rng.choice(len(paths), size=min(n, len(paths)), replace=False)]
-
-
 # ------------------------------------------------------------------------------ inferred ----
-def make_posts(
-    rng: np.random.Generator, test: dict[str, list[Path]], tracked: list[str], untracked: list[str], n: int
-) -> list[dict]:
-    """Posts of four kinds: faces (path, true character) and the tagged characters."""
-    posts = []
-    for i in range(n):
-        kind = ("k1", "k1-missed", "k2", "k2-missed")[i % 4]
-        others = [(test[u][rng.integers(len(test[u]))], u) for u in rng.choice(untracked, size=3, replace=False)]
-        if kind.startswith("k1"):
-            tags = [str(rng.choice(tracked))]
-            faces = others[: int(rng.integers(1, 4))]
-            if kind == "k1":
-                faces.append((test[tags[0]][rng.integers(len(test[tags[0]]))], tags[0]))
-            else:
-                faces.append(others[-1])  # as many faces as a post with the character, none of them it
-        else:
-            tags = [str(t) for t in rng.choice(tracked, size=2, replace=False)]
-            faces = [(test[t][rng.integers(len(test[t]))], t) for t in tags]
-            if kind == "k2-missed":
-                faces[1] = others[0]
-        order = rng.permutation(len(faces))
-        posts.append({"kind": kind, "tags": tags, "faces": [faces[j] for j in order]})
-    return posts
-
-
 def bench_inferred(args: argparse.Namespace, holo: Path, rng: np.random.Generator) -> None:
     from labels.rules import inferred_pairs
     from train.features import load_images

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from bench.inferred import files, holoen_root
+from bench.holoen import seeded_crops
 
 
 def main() -> None:
@@ -39,9 +39,7 @@ def main() -> None:
     from train.model import Dataset, TrainConfig, evaluate, load_dataset, predict, train
     from train.selftrain import inferred_change
 
-    holo = holoen_root()
-    rng = np.random.default_rng(args.seed)
-    train_files, test_files = files(holo, "train"), files(holo, "test")
+    rng, train_files, test_files = seeded_crops(args.seed)
     tracked = sorted(rng.choice(sorted(train_files), size=args.tracked, replace=False).tolist())
     tag: list[tuple[str, str]] = []
     pool: list[tuple[str, str]] = []

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
-from bench.inferred import files, holoen_root, sample
+from bench.holoen import sample, seeded_crops
 
 
 def main() -> None:
@@ -31,9 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     from train.model import TrainConfig, evaluate, load_dataset, train
 
-    holo = holoen_root()
-    rng = np.random.default_rng(args.seed)
-    train_files, test_files = files(holo, "train"), files(holo, "test")
+    rng, train_files, test_files = seeded_crops(args.seed)
     others = [c for c in sorted(train_files) if c != args.small][: args.others]
     base = [(p, c) for c in others for p in sample(rng, train_files[c], args.per_class)]
     fourteen = sample(rng, train_files[args.small], 14)

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from bench.inferred import files, holoen_root, make_posts, sample
+from bench.holoen import make_posts, sample, seeded_crops
 
 KINDS = ("k1", "k1-missed", "k2", "k2-missed")
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -129,9 +129,7 @@ def main() -> None:
     from train.features import FeatureConfig, extract, load_images
     from train.model import Dataset, TrainConfig, predict, train
 
-    rng = np.random.default_rng(args.seed)
-    holo = holoen_root()
-    train_files, test_files = files(holo, "train"), files(holo, "test")
+    rng, train_files, test_files = seeded_crops(args.seed)
     names = sorted(train_files)
     tracked = sorted(str(t) for t in rng.choice(names, size=args.tracked, replace=False))
     untracked = [n for n in names if n not in tracked]

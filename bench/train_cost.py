@@ -60,9 +60,9 @@ def run_one(n: int) -> dict:
 
     from core.settings import Settings
     from labels.weak import DOUBT_FOLDS
+    from train.charts import confusion_png, training_curves_png
     from train.features import FeatureConfig, extract, load_images
     from train.model import evaluate, load_dataset, save_artifacts, train
-    from train.pictures import confusion_png, training_curves_png
     from train.retrain import accuracy_on, train_config
     from train.weak_inputs import doubt_probabilities
 

@@ -19,19 +19,10 @@ from db.models import Character, Face, LabelSource, ModelStatus, ModelVersion, P
 from labels.priority import RARE, UNTAGGED, usefulness
 from labels.spreading import SpreadConfig, post_labels, spread, spread_with_posts
 from scraper.characters import add_characters
+from tests.support.crops import HIFUMI, MAKI, RIKO, TRACKED, crops
 from tests.support.rows import ready_face
-from tests.support.testdata import IMAGE_SUFFIXES, crop_dirs
 from train.spread_inputs import infer_with_spreading
 from train.weak_inputs import infer_with_model
-
-MAKI, RIKO, HIFUMI = "nishikino_maki", "sakurauchi_riko", "takimoto_hifumi"  # hifumi is never tracked
-TRACKED = [MAKI, RIKO]
-
-
-def crops(split: str, tag: str) -> list[Path]:
-    train_dir, test_dir = crop_dirs()
-    folder = (train_dir if split == "train" else test_dir) / tag
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def features(paths: list[Path]) -> np.ndarray:

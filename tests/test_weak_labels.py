@@ -23,19 +23,10 @@ from labels.rules import inferred_pairs
 from labels.weak import DOUBT_MIN_PROBABILITY, INFER_MIN_MARGIN
 from predict.suggest import suggest_for_ambiguous
 from scraper.characters import add_characters
+from tests.support.crops import HIFUMI, MAKI, RIKO, TRACKED, crops
 from tests.support.rows import ready_face
-from tests.support.testdata import IMAGE_SUFFIXES, crop_dirs
 from train.registry import labelled_count, labelled_faces
 from train.weak_inputs import infer_with_model, judge_tag_labels
-
-MAKI, RIKO, HIFUMI = "nishikino_maki", "sakurauchi_riko", "takimoto_hifumi"  # hifumi is never tracked
-TRACKED = [MAKI, RIKO]
-
-
-def crops(split: str, tag: str) -> list[Path]:
-    train_dir, test_dir = crop_dirs()
-    folder = (train_dir if split == "train" else test_dir) / tag
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def test_crop(tag: str, number: int) -> Path:

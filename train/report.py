@@ -12,7 +12,7 @@ from sqlmodel import col, select
 from core.settings import Settings
 from db.engine import session_scope
 from db.models import Face, FaceState, ModelVersion
-from train.pictures import face_grid_png, growth_png
+from train.charts import face_grid_png, growth_png
 from train.registry import TRAINABLE, current_version
 
 GRID_FACES = 30
@@ -36,7 +36,7 @@ def growth_series(settings: Settings) -> dict[str, list[tuple]]:
     return series
 
 
-def test_grid(settings: Settings, version: ModelVersion, out: Path) -> Path | None:
+def test_split_grid(settings: Settings, version: ModelVersion, out: Path) -> Path | None:
     import numpy as np
 
     from train.features import load_images
@@ -78,7 +78,7 @@ def write_report(settings: Settings, out: Path) -> Path:
             if (source / name).exists():
                 shutil.copy(source / name, out / name)
                 pictures.insert(0, (title, name))
-        grid = test_grid(settings, version, out)
+        grid = test_split_grid(settings, version, out)
         if grid:
             pictures.insert(0, (f"{GRID_FACES} test faces: predicted (true)", grid.name))
         metrics = json.loads(version.metrics or "{}")

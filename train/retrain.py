@@ -268,8 +268,8 @@ def register_candidate(data: RetrainData, config, loop_round: int = 0) -> int:
 
 def fit_and_evaluate(settings: Settings, data: RetrainData, config, version_id: int, progress) -> Trained:
     """Train, evaluate and save the candidate, and score the current model on the same test faces."""
+    from train.charts import confusion_png, training_curves_png
     from train.model import evaluate, load_artifacts, save_artifacts, train
-    from train.pictures import confusion_png, training_curves_png
 
     result = train(data.train_set, config, progress)
     metrics = evaluate(result.classifier, data.test_set)

@@ -3,45 +3,30 @@ Imports neither Celery nor database code: it works with no broker and no databas
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import track
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from core.settings import Settings
+
 
 def detect_paths(
-    paths: list[Path], as_json: bool, annotate_dir: Path | None, detector: str, console: Console, max_pixels: int
+    paths: list[Path], as_json: bool, annotate_dir: Path | None, detector: str, console: Console, settings: Settings
 ) -> list[dict]:
     """One entry per path; a path that cannot be read, or whose detection overruns WAIFU_IMAGE_TIME_LIMIT_S,
     gets an `error` and the others go on."""
-    from core.errors import Refused
-    from core.images import open_image
-    from core.settings import get_settings
-    from detect.bounded import BoundedDetector, DetectionFailed
-    from waifu.annotated import prepare
+    from waifu.annotate_output import each_image
 
-    results = []
-    written: set[str] = set()
-    if annotate_dir:
-        prepare(annotate_dir)
-
-    def done(entry: dict) -> None:
-        results.append(entry)
-        if as_json:  # a line per file as soon as it is known: a long batch shows progress to a pipe
-            print(json.dumps(entry), flush=True)
-
-    with BoundedDetector(get_settings()) as bounded:
-        for path in track(paths, description="detecting", console=console, disable=as_json or len(paths) < 3):
-            try:
-                image = open_image(path, max_pixels)
-                detections = bounded.find(image, detector, str(path))
-            except (Refused, DetectionFailed) as exc:
-                done({"path": str(path), "error": str(exc), "faces": []})
-                continue
-            done(_entry(path, image, detections, annotate_dir, written))
+    progress = track(paths, description="detecting", console=console, disable=as_json or len(paths) < 3)
+    entries = each_image(
+        progress, settings, detector, _entry, as_json=as_json, annotate_dir=annotate_dir, kind="annotated"
+    )
+    results = list(entries)
     if as_json:
         return results
     table = Table(title=f"faces found ({detector})")
@@ -59,9 +44,8 @@ def detect_paths(
     return results
 
 
-def _entry(path: Path, image, detections: list, annotate_dir: Path | None, written: set[str]) -> dict:
+def _entry(path: Path, image, detections: list, out: Path | None) -> dict:
     from detect.annotate import annotate
-    from waifu.annotated import output_path
 
     faces = [
         {
@@ -72,8 +56,7 @@ def _entry(path: Path, image, detections: list, annotate_dir: Path | None, writt
         for d in detections
     ]
     entry = {"path": str(path), "width": image.width, "height": image.height, "faces": faces}
-    if annotate_dir:
-        out = output_path(annotate_dir, path, "annotated", written)
+    if out:
         annotate(image, detections).save(out)
         entry["annotated"] = str(out)
     return entry

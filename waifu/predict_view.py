@@ -3,7 +3,6 @@ under the model's threshold), show the top 3."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
@@ -14,53 +13,34 @@ from core.settings import get_settings
 
 
 def predict_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, console: Console) -> bool:
-    from core.errors import Refused
-    from core.images import open_image
-    from detect.annotate import annotate
-    from detect.bounded import BoundedDetector, DetectionFailed
-    from detect.detectors import Detection
-    from predict.classify import classify_image, load_current
-    from waifu.annotated import output_path, prepare
+    from predict.classify import load_current
+    from waifu.annotate_output import each_image
 
     settings = get_settings()
     version, classifier = load_current(settings)
     if classifier is None:  # on stderr: stdout stays JSON lines only under --json
         Console(stderr=True).print("[red]no current model yet: run `waifu retrain --force --wait` first[/red]")
         return False
-    results = []
-    written: set[str] = set()
-    if annotate_dir:
-        prepare(annotate_dir)
 
-    def done(entry: dict) -> None:
-        results.append(entry)
-        if as_json:  # a line per file as soon as it is known: a long batch shows progress to a pipe
-            print(json.dumps(entry), flush=True)
+    def describe(path: Path, image, detections: list, out: Path | None) -> dict:
+        from detect.annotate import annotate
+        from detect.detectors import Detection
+        from predict.classify import classify_image
 
-    with BoundedDetector(settings) as bounded:
-        for path in paths:
-            try:
-                image = open_image(path, settings.max_image_pixels)
-                # the detection, bounded in a child; the naming stays here, where the model is loaded
-                detections = bounded.find(image, settings.detector, str(path))
-            except (Refused, DetectionFailed) as exc:
-                done({"path": str(path), "error": str(exc), "faces": []})
-                continue
-            faces = classify_image(classifier, image, settings, detections=detections)
-            entry = {
-                "path": str(path),
-                "model": f"v{version.id}",
-                "width": image.width,
-                "height": image.height,
-                "faces": faces,
-            }
-            if annotate_dir:
-                boxes = [Detection(*f["box"], f["detector"]) for f in faces]
-                labels = [_label(f) for f in faces]
-                out = output_path(annotate_dir, path, "predicted", written)
-                annotate(image, boxes, labels).save(out)
-                entry["annotated"] = str(out)
-            done(entry)
+        # the detection ran bounded in a child; the naming stays here, where the model is loaded
+        faces = classify_image(classifier, image, settings, detections=detections)
+        size = {"width": image.width, "height": image.height}
+        entry = {"path": str(path), "model": f"v{version.id}", **size, "faces": faces}
+        if out:
+            boxes = [Detection(*f["box"], f["detector"]) for f in faces]
+            annotate(image, boxes, [_label(f) for f in faces]).save(out)
+            entry["annotated"] = str(out)
+        return entry
+
+    entries = each_image(
+        paths, settings, settings.detector, describe, as_json=as_json, annotate_dir=annotate_dir, kind="predicted"
+    )
+    results = list(entries)
     if as_json:
         return all("error" not in e for e in results)
     table = Table(title=f"predictions (model v{version.id})")

@@ -1,5 +1,5 @@
 """The collection page: what `waifu status` knows (waifu.status.collect_status; stalled steps on top), the
-growth of the faces per character as a picture (train.pictures.growth_png), and the tracked characters."""
+growth of the faces per character as a picture (train.charts.growth_png), and the tracked characters."""
 
 from __future__ import annotations
 

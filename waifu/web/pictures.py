@@ -92,10 +92,10 @@ def model_picture(session: Session, settings: Settings, version_id: int, name: s
 
 
 def growth_chart(settings: Settings) -> bytes:
-    """Faces per character over time, drawn by train.pictures.growth_png (matplotlib), at most once a minute."""
+    """Faces per character over time, drawn by train.charts.growth_png (matplotlib), at most once a minute."""
 
     def draw() -> bytes:
-        from train.pictures import growth_png
+        from train.charts import growth_png
         from train.report import growth_series
 
         with tempfile.TemporaryDirectory() as tmp:
