@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format docs bench clean compose-test compose-clean lock
+.PHONY: install run test test-fast lint format docs bench clean compose-test compose-clean lock
 
 install: $(STAMP)
 
@@ -27,8 +27,16 @@ ifneq ($(strip $(CHARACTERS)),)
 endif
 	$(VENV)/bin/waifu run $(RUN_ARGS)
 
+# deploy/test-services.sh starts Redis and PostgreSQL when they are down and, as root, installs the Debian
+# packages a few tests use; otherwise it says what is missing and which tests fail without it
 test: install
+	bash deploy/test-services.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the tests that start no process (Celery workers, `waifu run`, services, browsers): under 3 minutes
+test-fast: install
+	bash deploy/test-services.sh
+	$(PY) -m pytest -m "not processes" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

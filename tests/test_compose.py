@@ -32,8 +32,9 @@ def compose() -> dict:
 
 
 NO_COMPOSE = (
-    "neither docker-compose nor the docker compose plugin is installed: .ci/run installs Debian's "
-    "docker-compose (apt-get install docker-compose); Docker's own packages bring the plugin"
+    "neither docker-compose nor the docker compose plugin is installed: `make test` installs Debian's "
+    "docker-compose as root (deploy/test-services.sh; apt-get install docker-compose); Docker's own "
+    "packages bring the plugin"
 )
 
 

@@ -124,7 +124,9 @@ class Tmux:
 
     def __init__(self, env: dict[str, str]) -> None:
         binary = shutil.which("tmux")
-        assert binary, "tmux is missing: .ci/run installs it (apt-get install tmux)"
+        assert binary, (
+            "tmux is missing: `make test` installs it as root (deploy/test-services.sh; apt-get install tmux)"
+        )
         self.argv = [binary, "-L", f"waifu-test-{uuid.uuid4().hex[:8]}"]
         self.env = {**os.environ, **env}
 

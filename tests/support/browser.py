@@ -22,7 +22,7 @@ def browser(tmp_path: Path) -> Iterator:
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.fail(
             "the browser tests need Debian's chromium and chromium-driver: apt-get install -y chromium "
-            "chromium-driver (.ci/run does it)"
+            "chromium-driver (`make test` does it as root: deploy/test-services.sh)"
         )
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
