@@ -29,6 +29,7 @@ from tests.support.fixtures import (  # noqa: F401 - fixtures are found by name
     service_env,
     start_worker,
 )
+from tests.support.processes import _processes_checked  # noqa: F401 - autouse: the `processes` marker kept true
 from tests.support.testdata import ImagesUnavailable
 
 

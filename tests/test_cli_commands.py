@@ -28,7 +28,7 @@ from tests.support.drawn import drawn_image
 from tests.support.env import PROJECT_ROOT, TEST_REDIS_URL
 from tests.support.fake_safebooru import FakePost, FakeSafebooru
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 WIDE = {"COLUMNS": "250"}  # rich wraps tables at 80 columns when the output is not a terminal
 
 

@@ -31,7 +31,7 @@ from tests.support.cli import json_lines, run_cli_blocking
 from tests.support.env import PROJECT_ROOT, TEST_REDIS_URL
 from tests.support.testdata import IMAGE_SUFFIXES, crop_dirs, raw_image
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 # character -> an illustration of the test split where a face is found in every format below
 ILLUSTRATIONS = {

@@ -17,7 +17,7 @@ from db.models import Face, LabelSource
 from tests.support.cli import run_cli_blocking
 from tests.support.fixtures import add_faces
 
-pytestmark = pytest.mark.slow  # CLI processes, TensorFlow in the test process
+pytestmark = pytest.mark.processes  # CLI processes, TensorFlow in the test process
 
 
 def status_counts(env: dict[str, str]) -> dict[str, dict[str, int]]:

@@ -21,7 +21,7 @@ from tests.support.env import PROJECT_ROOT
 from tests.support.fake_safebooru import FakePost, FakeSafebooru, load_drawn, load_illustrations
 from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 TAGS = ["nishikino_maki", "sakurauchi_riko", "takimoto_hifumi"]
 
 

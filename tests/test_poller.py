@@ -564,7 +564,7 @@ async def test_oversize_page_is_refused_and_recorded_on_the_tag(
     assert report.errors == [] and set(rows()) == {post.id}
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 async def test_scrape_once_cli_stores_a_gap_with_a_malformed_entry(fake: FakeSafebooru, service_env) -> None:
     """The probe through the CLI: after a first sync of posts 901..1000, posts 1001..1250 appear, 1200 with
     a malformed md5 on the newest full page. One `waifu scrape --once` (100 a page) makes every one a row."""
@@ -801,7 +801,7 @@ async def test_a_cursor_kept_before_floors_takes_no_old_posts(scrape_env, fake: 
     assert (await poll_once(scrape_env, enqueue_downloads)).new == 1 and set(rows()) == {1031}
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 async def test_scrape_once_cli_stores_a_post_published_after_a_bogus_id(fake: FakeSafebooru, service_env) -> None:
     """The probe through the CLI, default settings: posts 1001..1010 and an entry with id 9,000,000,000
     are synced by one `waifu scrape --once`; a real post 1300 published afterwards becomes a row at the

@@ -36,7 +36,7 @@ from tests.support.testdata import raw_image
 from tests.support.waiting import wait_for, wait_until
 from worker.steps import STEPS
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def png(image: Image.Image) -> bytes:

@@ -51,7 +51,7 @@ def predict_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_retrain_promotes_only_a_better_version_and_predicts(labelled_db: list[str], tmp_path: Path) -> None:
     settings = get_settings()
     weak = run_retrain(settings, overrides=WEAK)
@@ -119,7 +119,7 @@ def test_retrain_promotes_only_a_better_version_and_predicts(labelled_db: list[s
     assert "unknown (best: nishikino_maki" in table.stdout and "< 1.01" in table.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_a_second_retrain_is_refused_while_one_runs(labelled_db) -> None:
     lock = retrain_lock(timeout=60)
     assert lock.acquire(blocking=False)
@@ -141,7 +141,7 @@ def test_a_second_retrain_is_refused_while_one_runs(labelled_db) -> None:
     assert versions() == []
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_beat_rule_counts_new_faces_since_the_current_model(
     labelled_db, monkeypatch: pytest.MonkeyPatch, start_worker, tmp_path: Path
 ) -> None:
@@ -188,7 +188,7 @@ def test_one_character_is_not_enough(service_env, monkeypatch: pytest.MonkeyPatc
     assert versions() == []
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_retrain_task_through_a_real_train_worker(labelled_db, start_worker) -> None:
     """`waifu retrain --force --wait`: the task runs on a solo-pool train worker and the CLI prints metrics."""
     start_worker(
@@ -208,7 +208,7 @@ def test_retrain_task_through_a_real_train_worker(labelled_db, start_worker) -> 
     assert [v.status for v in versions()] == [ModelStatus.current]
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_suggestions_for_ambiguous_faces_and_the_report(labelled_db, tmp_path: Path) -> None:
     from predict.suggest import suggest_for_ambiguous
 

@@ -27,7 +27,7 @@ from tests.support.cli import run_cli
 from tests.support.env import PROJECT_ROOT
 from tests.support.fake_safebooru import FakeSafebooru, load_drawn
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 CHILDREN = ("worker-io", "worker-cpu", "worker-train", "beat", "scraper", "web")
 # what Celery logs for every message: it belongs in the log file, not on the terminal
 RECEIVED = re.compile(r"Task worker\.tasks\.download\[[0-9a-f-]+\] received")

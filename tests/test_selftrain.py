@@ -98,7 +98,7 @@ def build_collection() -> dict[int, str]:
     return truth
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_the_loop_drops_injected_wrong_labels_and_stops(service_env, monkeypatch, start_worker) -> None:
     short_training(monkeypatch)
     loop = {"WAIFU_TRAIN_EPOCHS": "3", "WAIFU_SELFTRAIN_MAX_ROUNDS": "2", "WAIFU_SELFTRAIN_MIN_CHANGE": "0.05"}

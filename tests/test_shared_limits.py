@@ -18,7 +18,7 @@ from tests.support.fake_safebooru import FakePost, FakeSafebooru
 from tests.support.limits import max_in_window
 from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 async def test_a_second_scraper_refuses_to_start_while_one_runs(

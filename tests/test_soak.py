@@ -16,7 +16,7 @@ from bench.soak_report import Observer
 from tests.support.env import PROJECT_ROOT
 from tests.support.testdata import raw_images
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def rows_of(db: Path) -> dict[int, str]:

@@ -25,7 +25,7 @@ from tests.support.env import PROJECT_ROOT
 from tests.support.waiting import wait_until
 from worker.queue import enqueue
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 
 def downloaded_post() -> int:

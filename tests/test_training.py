@@ -105,7 +105,7 @@ def test_classical_alone_beats_chance_and_reloads(splits: tuple[Dataset, Dataset
     np.testing.assert_allclose(predict(load_artifacts(tmp_path), test_set.images), p, rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_train_evaluate_save_reload(trained, splits: tuple[Dataset, Dataset], tmp_path: Path) -> None:
     _, test_set = splits
     clf = trained.classifier
@@ -199,7 +199,7 @@ def test_cnn_plan_follows_the_number_of_faces() -> None:
     assert (cfg.input_size, cfg.epochs) == (48, 6) and "estimated 90s" in cfg.plan
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_pretrained_weights_from_the_cache_are_used_and_compared(
     splits: tuple[Dataset, Dataset], tmp_path: Path
 ) -> None:
@@ -245,7 +245,7 @@ def test_pretrained_weights_from_the_cache_are_used_and_compared(
     assert predict(result.classifier, small.images[:2]).shape == (2, 3)
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_unavailable_weights_fall_back_to_scratch(splits: tuple[Dataset, Dataset], tmp_path: Path) -> None:
     """A weights file that does not exist never fails the retrain: weights=none, with the reason."""
     train_set, _ = splits

@@ -21,7 +21,7 @@ from tests.support.pipeline import run_pipeline, side_by_side, store_post
 from tests.support.testdata import raw_names
 from waifu.web.server import serving_in_thread
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 USER, PASSWORD = "curator", "correct horse battery"
 WAIT = 30

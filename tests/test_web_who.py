@@ -31,7 +31,7 @@ from waifu.web.app import create_app
 from waifu.web.naming import Busy, Namer
 from waifu.web.server import serving_in_thread
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.processes
 
 USER, PASSWORD = "curator", "correct horse battery"
 TOKEN = "script-token-0123456789abcdef"

@@ -118,7 +118,7 @@ def states() -> dict[str, int]:
         return counts
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 async def test_worker_for_io_and_cpu_runs_a_threads_and_a_prefork_worker(
     fake: FakeSafebooru, service_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -153,7 +153,7 @@ async def test_worker_for_io_and_cpu_runs_a_threads_and_a_prefork_worker(
     assert all(fake.file_hits[p.id] == 1 for p in posts)
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 async def test_beat_schedules_reconcile_and_the_io_worker_runs_it(
     fake: FakeSafebooru, service_env: dict[str, str], redis_client, tmp_path: Path
 ) -> None:
