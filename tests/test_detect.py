@@ -14,8 +14,9 @@ from crop.imaging import crop_face
 from detect import detectors as detect
 from detect.annotate import annotate
 from detect.boxes import square_crop_box
-from detect.detectors import detect_animeface, detect_lbpcascade, find_faces, suppress
-from tests.support.testdata import raw_image, raw_images, raw_names
+from detect.detectors import find_faces, suppress
+from tests.support.raw_detections import raw_detections as computed_raw_detections
+from tests.support.testdata import raw_image, raw_names
 
 # illustrations in which both detectors find the face a person checked (tests/support/checked_detections.csv)
 KNOWN_FACES = ["nishikino_maki/1.png", "sakurauchi_riko/1.jpg", "takimoto_hifumi/1.jpg"]
@@ -28,17 +29,11 @@ def settings() -> Settings:
 
 
 @pytest.fixture(scope="module")
-def raw_detections(settings: Settings) -> dict[str, dict[str, list]]:
-    """Both detectors on every raw illustration, computed once (about a minute on one core)."""
-    out = {}
-    for _tag, path in raw_images():
-        image = to_rgb(Image.open(path))
-        out[str(path)] = {
-            "animeface": detect_animeface(image),
-            "lbpcascade": detect_lbpcascade(image, settings),
-            "size": image.size,
-        }
-    return out
+def raw_detections(request: pytest.FixtureRequest, settings: Settings) -> dict[str, dict[str, list]]:
+    """Both detectors on every raw illustration: about a minute and a half, or read back from pytest's cache
+    when neither the detector code, its libraries, its settings nor the pictures changed
+    (tests/support/raw_detections.py)."""
+    return computed_raw_detections(request.config, settings)
 
 
 def share_with_face(results: dict, key: str) -> float:
