@@ -1,11 +1,14 @@
 """The fake safebooru on its own, for trying `make run` or the README's quick start without the internet:
 
-    .venv/bin/python -m tests.serve_fake_safebooru --port 18765 --drawn nishikino_maki=5,sakurauchi_riko=5
+    .venv/bin/python -m tests.serve_fake_safebooru --port 18765
     WAIFU_SAFEBOORU_URL=http://127.0.0.1:18765 make run CHARACTERS="nishikino_maki sakurauchi_riko"
 
-`--illustrations` serves the real test illustrations instead (tests/support/testdata.py: a local copy or a fetch).
-In a container (the compose test, deploy/compose-test.override.yml): `--host 0.0.0.0 --public-url
-http://fake-safebooru:18765`, so the posts' file URLs name the host the workers reach.
+It serves the real test illustrations (tests/support/testdata.py: the copy WAIFU_TEST_DATA names, the
+download cache, or a fetch of the pinned set), 107 posts of three characters with faces to find; when they
+cannot be had it says so and serves pictures drawn with Pillow instead (no faces in them). `--illustrations`
+insists on the real ones; `--drawn TAG=N,...` asks for drawn ones. In a container (the compose test,
+deploy/compose-test.override.yml): `--host 0.0.0.0 --public-url http://fake-safebooru:18765`, so the posts'
+file URLs name the host the workers reach.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import asyncio
 import contextlib
 import signal
 
-from tests.support.fake_safebooru import FakeSafebooru, load_drawn, load_illustrations
+from tests.support.fake_safebooru import FakePost, FakeSafebooru, load_drawn, load_illustrations
+from tests.support.testdata import ImagesUnavailable
+
+DEFAULT_DRAWN = "nishikino_maki=5,sakurauchi_riko=5,takimoto_hifumi=5"
 
 
 def parse_counts(text: str) -> dict[str, int]:
@@ -26,11 +32,29 @@ def parse_counts(text: str) -> dict[str, int]:
     return counts
 
 
+def load_posts(site: FakeSafebooru, drawn: dict[str, int] | None, illustrations: bool) -> list[FakePost]:
+    """The real illustrations unless drawn pictures are asked for; drawn ones, with a note, when the real
+    ones cannot be had (unless `illustrations` insists on them)."""
+    if drawn is not None:
+        return load_drawn(site, drawn)
+    try:
+        return load_illustrations(site)
+    except ImagesUnavailable as exc:
+        if illustrations:
+            raise
+        print(
+            f"{exc}\nserving pictures drawn with Pillow instead: they hold no face, so `make run` will show "
+            "posts done and 0 faces",
+            flush=True,
+        )
+        return load_drawn(site, parse_counts(DEFAULT_DRAWN))
+
+
 async def serve(
-    port: int, drawn: dict[str, int], illustrations: bool, host: str = "127.0.0.1", public_url: str = ""
+    port: int, drawn: dict[str, int] | None, illustrations: bool, host: str = "127.0.0.1", public_url: str = ""
 ) -> None:
     site = FakeSafebooru()
-    posts = load_illustrations(site) if illustrations else load_drawn(site, drawn)
+    posts = load_posts(site, drawn, illustrations)
     url = await site.start(host=host, port=port)
     if public_url:  # file_url names the host clients reach, not the address listened on (0.0.0.0)
         site.base_url = url = public_url.rstrip("/")
@@ -54,12 +78,15 @@ def main() -> None:
     )
     parser.add_argument(
         "--drawn",
-        default="nishikino_maki=5,sakurauchi_riko=5,takimoto_hifumi=5",
-        help="TAG=N,...: N pictures drawn with Pillow per tag",
+        default=None,
+        help=f"TAG=N,...: N pictures drawn with Pillow per tag instead of the real ones, e.g. {DEFAULT_DRAWN}",
     )
-    parser.add_argument("--illustrations", action="store_true", help="serve the real test illustrations")
+    parser.add_argument(
+        "--illustrations", action="store_true", help="the real test illustrations or nothing (no drawn fallback)"
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.port, parse_counts(args.drawn), args.illustrations, args.host, args.public_url))
+    drawn = parse_counts(args.drawn) if args.drawn is not None else None
+    asyncio.run(serve(args.port, drawn, args.illustrations, args.host, args.public_url))
 
 
 if __name__ == "__main__":
