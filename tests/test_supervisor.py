@@ -7,6 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from waifu.supervisor import ChildLog, Supervisor, supervise
 
 SLEEPER = [sys.executable, "-c", "import time; print('sleeping', flush=True); time.sleep(120)"]
@@ -45,6 +47,7 @@ def test_sigterm_stops_every_child_and_ends_cleanly(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) == before, "the caller's handler is back"
 
 
+@pytest.mark.processes  # starts redis-server
 def test_the_embedded_redis_listens_at_the_configured_url_when_it_can(tmp_path: Path) -> None:
     import socket
 

@@ -23,7 +23,7 @@ MARKER = "processes"
 SERVICE_PROGRAMS = {"chromium", "chromedriver", "chrome", "tmux", "podman", "redis-server", "flower"}
 SERVICE_VERBS = {"run", "web", "worker", "beat", "scrape"}  # `waifu VERB`; `scrape --once` ends by itself
 CELERY_SERVICES = {"worker", "beat", "flower"}
-SERVICE_GRACE_S = 10.0
+SERVICE_GRACE_S = 60.0  # generous: a refused `waifu run` under a loaded machine still ends well within it
 
 
 def argv_of(args: object) -> list[str]:
