@@ -59,7 +59,10 @@ def ends_by_itself(pid: int, seconds: float) -> bool:
     """Whether process `pid` exits within `seconds`; it is not reaped (its Popen, or asyncio, does that)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # already reaped (asyncio's child watcher thread): it ended
             return True
         time.sleep(0.05)
     return False
