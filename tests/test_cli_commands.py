@@ -22,7 +22,7 @@ import pytest
 from sqlmodel import select
 
 from db.engine import session_scope
-from db.models import Character, Post, PostState, utcnow
+from db.models import Character, ModelStatus, ModelVersion, Post, PostState, utcnow
 from tests.support.cli import run_cli
 from tests.support.drawn import drawn_image
 from tests.support.env import PROJECT_ROOT, TEST_REDIS_URL
@@ -326,3 +326,18 @@ async def test_web_serves_the_collection_and_stops_on_sigterm(service_env: dict[
     output = log_path.read_text(errors="replace")
     assert proc.returncode == 0, output[-2000:]
     assert "Traceback" not in output
+
+
+def test_status_names_the_current_model_and_a_later_candidate(service_env: dict[str, str]) -> None:
+    """A person sees which model predictions use, and why the latest retrain did not replace it."""
+    none_yet = waifu(service_env, "status")
+    assert none_yet.returncode == 0, none_yet.stderr
+    assert "model: none yet" in none_yet.stdout and "waifu retrain" in none_yet.stdout
+    with session_scope() as session:
+        session.add(ModelVersion(status=ModelStatus.current, accuracy=0.8412, macro_f1=0.8, loop_round=1))
+        session.add(ModelVersion(status=ModelStatus.candidate, accuracy=0.81, reason="0.810 < 0.841 on today's split"))
+    text = " ".join(waifu(service_env, "status").stdout.split())
+    assert "model: v1 current (accuracy 0.841, macro-F1 0.800, loop round 1" in text, text
+    assert "latest retrain: v2 candidate: 0.810 < 0.841 on today's split" in text, text
+    data = json.loads(waifu(service_env, "status", "--json").stdout)
+    assert data["model"]["current"]["version"] == 1 and data["model"]["latest"]["status"] == "candidate"

@@ -153,6 +153,8 @@ def test_beat_rule_counts_new_faces_since_the_current_model(
     reset_settings_cache()
     go, why = should_retrain(get_settings())
     assert not go and f"only {N_TRAIN + N_TEST} new labelled faces" in why  # no model yet: all are new
+    # the first-model check applies the same rule while no version exists
+    assert should_retrain(get_settings(), first_only=True) == (go, why)
 
     summary = run_retrain(get_settings(), overrides={"epochs": 2})
     note = f"WAIFU_BACKBONE_WEIGHTS={str(missing)!r}: no such weights file; trained with weights=none"
@@ -172,6 +174,11 @@ def test_beat_rule_counts_new_faces_since_the_current_model(
     start_worker(queues="train", concurrency=1, pool="solo")
     outcome = app.send_task(JOBS["maybe_retrain"].task, queue=JOBS["maybe_retrain"].queue).get(timeout=120)
     assert outcome["status"] == "skipped" and outcome["reason"].startswith("only 7 new")
+    # the frequent first-model check stands down once a version exists, whatever the count
+    first = app.send_task(
+        JOBS["maybe_retrain"].task, kwargs={"first_only": True}, queue=JOBS["maybe_retrain"].queue
+    ).get(timeout=120)
+    assert first == {"status": "skipped", "reason": "a model version exists: the scheduled check decides"}
     monkeypatch.setenv("WAIFU_RETRAIN_MIN_NEW_FACES", "7")
     reset_settings_cache()
     assert should_retrain(get_settings()) == (True, "7 new labelled faces")

@@ -48,9 +48,13 @@ def retrain_running() -> bool:
     return bool(redis_client().exists(LOCK_NAME))
 
 
-def should_retrain(settings: Settings) -> tuple[bool, str]:
-    """The beat rule: retrain only when enough new labelled faces arrived since the current model."""
+def should_retrain(settings: Settings, first_only: bool = False) -> tuple[bool, str]:
+    """The beat rule: retrain only when enough new labelled faces arrived since the current model.
+    `first_only` (the frequent check that brings a new collection its first model within minutes, not at
+    the next daily check): only while no retrain has left a version of any status."""
     with session_scope(readonly=True) as session:
+        if first_only and session.exec(select(ModelVersion.id).limit(1)).first() is not None:
+            return False, "a model version exists: the scheduled check decides"
         now = labelled_count(session)
         current = current_version(session)
     before = current.labelled_faces if current else 0

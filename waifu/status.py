@@ -17,8 +17,19 @@ from sqlmodel import Session, col, select
 from core.settings import Settings
 from core.sites import DEFAULT_SITE
 from db.engine import session_scope
-from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, ScrapeCursor
+from db.models import (
+    Character,
+    Face,
+    FaceState,
+    LabelSource,
+    ModelVersion,
+    Post,
+    PostCharacter,
+    PostState,
+    ScrapeCursor,
+)
 from train.characters import character_report
+from train.registry import current_version
 from waifu.stalls import stalls_summary
 from worker.app import QUEUES
 
@@ -73,6 +84,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             examples.setdefault(category, reason)
         faces = face_summary(session)
         characters_model = character_report(session, settings)
+        models = model_summary(session)
         cursor_rows = session.exec(select(ScrapeCursor).order_by(ScrapeCursor.site, ScrapeCursor.tag)).all()
         cursors = [
             {
@@ -108,6 +120,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "faces": faces,
         # per character: faces available, train (tag and manual; inferred apart), test, F1 of the current model
         "recognition": characters_model,
+        "model": models,
         "queues": queue_lengths(settings),
         "cursors": cursors,
         "recent_failures": recent,
@@ -206,3 +219,24 @@ def face_summary(session: Session) -> dict[str, Any]:
         "posts_without_face": int(no_face),
         "near_duplicates": int(duplicates),
     }
+
+
+def _version(v: ModelVersion | None) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    return {
+        "version": v.id,
+        "status": v.status,
+        "accuracy": v.accuracy,
+        "macro_f1": v.macro_f1,
+        "loop_round": v.loop_round,
+        "reason": v.reason,
+        "created_at": v.created_at.isoformat(timespec="seconds"),
+    }
+
+
+def model_summary(session: Session) -> dict[str, Any]:
+    """The model predictions use, and the latest retrain when it is another (a candidate, a failure)."""
+    current = current_version(session)
+    latest = session.exec(select(ModelVersion).order_by(col(ModelVersion.id).desc())).first()
+    return {"current": _version(current), "latest": None if latest is current else _version(latest)}

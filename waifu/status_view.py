@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 SOURCES = ("tag", "ambiguous", "inferred", "manual")
@@ -63,6 +64,8 @@ def render_status(console: Console, data: dict[str, Any]) -> None:
                 )
             console.print(split)
 
+    console.print(model_line(data.get("model") or {}))
+
     queues = Table(title="queues (messages waiting)")
     for name in data["queues"]:
         queues.add_column(name, justify="right")
@@ -117,3 +120,23 @@ def backfill_word(cursor: dict) -> str:
     if cursor.get("history_done"):
         return "all history"
     return "done" if cursor["backfill_done"] else "pending"
+
+
+def _scores(v: dict) -> str:
+    acc = "-" if v["accuracy"] is None else f"{v['accuracy']:.3f}"
+    f1 = "-" if v["macro_f1"] is None else f"{v['macro_f1']:.3f}"
+    loop = f", loop round {v['loop_round']}" if v["loop_round"] else ""
+    return f"accuracy {acc}, macro-F1 {f1}{loop}, {v['created_at']}"
+
+
+def model_line(model: dict) -> str:
+    """The model predictions use, and the latest retrain when it was not promoted."""
+    current, latest = model.get("current"), model.get("latest")
+    if current:
+        line = f"model: v{current['version']} current ({_scores(current)})"
+    else:
+        line = "model: none yet (`waifu retrain` trains one now; the scheduled check waits for enough labelled faces)"
+    if latest:
+        why = f": {escape(latest['reason'])}" if latest.get("reason") else ""
+        line += f"\n  latest retrain: v{latest['version']} {latest['status']}{why}"
+    return line

@@ -61,6 +61,14 @@ def celery_config(settings: Settings) -> dict:
                 "schedule": settings.retrain_interval,
                 "options": {"queue": JOBS["maybe_retrain"].queue, "expires": settings.retrain_interval},
             },
+            # a new collection's first model as soon as it has the labelled faces, not a day later; a no-op
+            # (one indexed query) once any model version exists
+            "first-model": {
+                "task": JOBS["maybe_retrain"].task,
+                "schedule": settings.reconcile_interval,
+                "kwargs": {"first_only": True},
+                "options": {"queue": JOBS["maybe_retrain"].queue, "expires": settings.reconcile_interval},
+            },
         },
         "timezone": "UTC",
     }

@@ -111,14 +111,14 @@ def reconcile() -> dict[str, int]:
     return reconcile_stuck(get_settings())
 
 
-def _retrain_outcome(force: bool, progress=None, loop_round: int = 0) -> dict:
+def _retrain_outcome(force: bool, progress=None, loop_round: int = 0, first_only: bool = False) -> dict:
     from train.retrain import NotEnoughData, RetrainBusy, run_retrain, should_retrain
     from train.selftrain import follow_up
     from worker.retrain_request import schedule_follow_up
 
     settings = get_settings()
     if not force:
-        go, why = should_retrain(settings)
+        go, why = should_retrain(settings, first_only)
         if not go:
             return {"status": "skipped", "reason": why}
     try:
@@ -161,6 +161,7 @@ def retrain(self, force: bool = True, loop_round: int = 0) -> dict:
 
 
 @app.task(name=JOBS["maybe_retrain"].task)
-def maybe_retrain() -> dict:
-    """The beat trigger: retrains only when enough new labelled faces arrived (queue `train`)."""
-    return _retrain_outcome(force=False)
+def maybe_retrain(first_only: bool = False) -> dict:
+    """The beat trigger: retrains only when enough new labelled faces arrived (queue `train`). `first_only`:
+    the frequent check for a new collection's first model, which does nothing once any version exists."""
+    return _retrain_outcome(force=False, first_only=first_only)
