@@ -102,7 +102,7 @@ async def main() -> int:
 
     console = Console()
     fake = FakeSafebooru()
-    os.environ["WAIFU_SAFEBOORU_URL"] = await fake.start()
+    os.environ["WAIFU_DEFAULT_SITE_URL"] = await fake.start()
     reset_settings_cache()
     settings = get_settings()
     redis.Redis.from_url(settings.broker_url).flushdb()
@@ -265,7 +265,7 @@ async def pipeline_run(kind: str, files: list[tuple[str, Path]], args: argparse.
         per_tag.setdefault(tag, []).append((path.read_bytes(), path.suffix.lower()))
     posts = publish(fake, per_tag)
     os.environ.update(
-        {"WAIFU_DATA_DIR": str(data), "WAIFU_DATABASE_URL": database, "WAIFU_SAFEBOORU_URL": await fake.start()}
+        {"WAIFU_DATA_DIR": str(data), "WAIFU_DATABASE_URL": database, "WAIFU_DEFAULT_SITE_URL": await fake.start()}
     )
     reset_settings_cache()
     settings = get_settings()

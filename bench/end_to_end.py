@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--quiet", type=float, default=240.0, help="seconds with no new model version: steady")
-    parser.add_argument("--retrain-check", type=float, default=60.0, help="WAIFU_RETRAIN_INTERVAL for the run")
+    parser.add_argument("--retrain-check", type=float, default=60.0, help="WAIFU_RETRAIN_INTERVAL_S for the run")
     parser.add_argument("--keep", action="store_true", help="keep the data directory (printed)")
     return parser.parse_args()
 
@@ -175,8 +175,8 @@ def main() -> int:
         "WAIFU_BROKER_URL": redis_url,
         "WAIFU_REQUESTS_PER_SECOND": "5",
         "WAIFU_DOWNLOADS_PER_SECOND": "10",
-        "WAIFU_POLL_INTERVAL": "60",
-        "WAIFU_RETRAIN_INTERVAL": str(args.retrain_check),
+        "WAIFU_POLL_INTERVAL_S": "60",
+        "WAIFU_RETRAIN_INTERVAL_S": str(args.retrain_check),
         "WAIFU_BACKBONE_WEIGHTS": os.environ.get("WAIFU_BACKBONE_WEIGHTS", "none"),
         "PYTHONUNBUFFERED": "1",
     }
@@ -187,7 +187,7 @@ def main() -> int:
     tags = sorted({t for t, _ in published})
     started = time.time()
     with SiteThread(published) as url:
-        env["WAIFU_SAFEBOORU_URL"] = os.environ["WAIFU_SAFEBOORU_URL"] = url
+        env["WAIFU_DEFAULT_SITE_URL"] = os.environ["WAIFU_DEFAULT_SITE_URL"] = url
         subprocess.run([WAIFU, "characters", "add", *tags], env=env, check=True, capture_output=True)
         log = open(tmp / "run.log", "w")  # noqa: SIM115 (the service's whole life)
         service = subprocess.Popen([WAIFU, "run"], env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -55,7 +55,7 @@ DEFAULT_MAX_PIXELS = 80_000_000  # core.settings max_image_pixels default
 
 def recovery_bound() -> float:
     """The longest a row may wait with no progress, from the service's defaults (core.settings): a claim
-    outlived (claim_timeout 120 s), the stuck threshold (stuck_after 120 s), two reconcile periods (60 s each)
+    outlived (claim_timeout_s 120 s), the stuck threshold (stuck_after_s 120 s), two reconcile periods (60 s each)
     and one step's own run (240 s, the longest sensible step on 2 cores)."""
     return 120 + 120 + 2 * 60 + 240
 
@@ -88,15 +88,15 @@ def service_env(data_dir: Path, broker: str, site_url: str, db_url: str) -> dict
         "WAIFU_DATABASE_URL": db_url,  # "" = the embedded default, SQLite under the data dir
         "WAIFU_BROKER_URL": broker,
         "WAIFU_EMBEDDED_REDIS": "false",  # the soak's own Redis, which it restarts: never a substitute
-        "WAIFU_SAFEBOORU_URL": site_url,
+        "WAIFU_DEFAULT_SITE_URL": site_url,
         "WAIFU_REQUESTS_PER_SECOND": "5",
         "WAIFU_DOWNLOADS_PER_SECOND": "5",
         "WAIFU_PAGE_SIZE": str(PAGE_SIZE),
-        "WAIFU_POLL_INTERVAL": str(POLL_INTERVAL),
-        "WAIFU_DOWNLOAD_BACKOFF": "1",
-        "WAIFU_API_BACKOFF": "0.5",
-        "WAIFU_API_BACKOFF_MAX": "10",
-        "WAIFU_RETRAIN_INTERVAL": "100000000",  # no TensorFlow training in a soak of the collection
+        "WAIFU_POLL_INTERVAL_S": str(POLL_INTERVAL),
+        "WAIFU_DOWNLOAD_BACKOFF_S": "1",
+        "WAIFU_API_BACKOFF_S": "0.5",
+        "WAIFU_API_BACKOFF_MAX_S": "10",
+        "WAIFU_RETRAIN_INTERVAL_S": "100000000",  # no TensorFlow training in a soak of the collection
         "WAIFU_WEB_PORT": "0",
         "WAIFU_LOG_LEVEL": "INFO",
     }

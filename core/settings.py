@@ -11,12 +11,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.sites import DEFAULT_SITE, KNOWN_SITES, Site, configured
 
-DEFAULT_SAFEBOORU_URL = KNOWN_SITES[DEFAULT_SITE].url
+DEFAULT_SITE_URL = KNOWN_SITES[DEFAULT_SITE].url
+ENV_PREFIX = "WAIFU_"
+
+
+def _renamed(name: str, old: str) -> AliasChoices:
+    """The variables of a renamed field: its own name first (it wins when both are set), then the old name,
+    still read because scripts and compose files use it."""
+    return AliasChoices(f"{ENV_PREFIX}{name.upper()}", f"{ENV_PREFIX}{old.upper()}")
 
 
 class SiteOverride(BaseModel):
@@ -29,15 +36,20 @@ class SiteOverride(BaseModel):
 
 class Settings(BaseSettings):
     # a refused value is never repeated in the error: it may be a URL with its password, or a key
-    model_config = SettingsConfigDict(env_prefix="WAIFU_", env_file=".env", extra="ignore", hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", hide_input_in_errors=True, validate_by_name=True
+    )
 
     # --- storage -------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Where images, faces, models and the SQLite file live")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: a SQLite file `waifu.db` under the data dir"
     )
-    sqlite_busy_timeout: float = Field(
-        30.0, gt=0, description="Seconds a SQLite writer waits for the lock before 'database is locked' (then retried)"
+    sqlite_busy_timeout_s: float = Field(
+        30.0,
+        validation_alias=_renamed("sqlite_busy_timeout_s", "sqlite_busy_timeout"),
+        gt=0,
+        description="Seconds a SQLite writer waits for the lock before 'database is locked' (then retried)",
     )
 
     # --- broker --------------------------------------------------------------------------------
@@ -47,7 +59,11 @@ class Settings(BaseSettings):
     )
 
     # --- sites (Gelbooru-0.2 APIs, see core.sites) ----------------------------------------------
-    safebooru_url: str = Field(DEFAULT_SAFEBOORU_URL, description="Base URL of the default site (safebooru)")
+    default_site_url: str = Field(
+        DEFAULT_SITE_URL,
+        validation_alias=_renamed("default_site_url", "safebooru_url"),
+        description="Base URL of the default site (safebooru)",
+    )
     api_key: SecretStr | None = Field(None, description="Gelbooru-0.2 `api_key` for every site without its own")
     user_id: SecretStr | None = Field(None, description="Gelbooru-0.2 `user_id` for every site without its own")
     sites: dict[str, SiteOverride] = Field(
@@ -64,11 +80,31 @@ class Settings(BaseSettings):
         "training faces with no post still in the pipeline, until its oldest post (0: never; none either "
         "when WAIFU_BACKFILL_PAGES is 0)",
     )
-    poll_interval: float = Field(300.0, gt=0, description="Seconds between two polls of every tag")
+    poll_interval_s: float = Field(
+        300.0,
+        validation_alias=_renamed("poll_interval_s", "poll_interval"),
+        gt=0,
+        description="Seconds between two polls of every tag",
+    )
     api_retries: int = Field(5, ge=0, description="Retries of one API request on 429/5xx/malformed pages")
-    api_backoff: float = Field(1.0, ge=0, description="First backoff delay in seconds (doubles, jittered)")
-    api_backoff_max: float = Field(60.0, ge=0, description="Cap on one backoff or Retry-After wait")
-    http_timeout: float = Field(30.0, gt=0, description="Seconds before one HTTP request is abandoned")
+    api_backoff_s: float = Field(
+        1.0,
+        validation_alias=_renamed("api_backoff_s", "api_backoff"),
+        ge=0,
+        description="First backoff delay in seconds (doubles, jittered)",
+    )
+    api_backoff_max_s: float = Field(
+        60.0,
+        validation_alias=_renamed("api_backoff_max_s", "api_backoff_max"),
+        ge=0,
+        description="Cap on one backoff or Retry-After wait",
+    )
+    http_timeout_s: float = Field(
+        30.0,
+        validation_alias=_renamed("http_timeout_s", "http_timeout"),
+        gt=0,
+        description="Seconds before one HTTP request is abandoned",
+    )
     api_max_page_bytes: int = Field(
         16 * 1024 * 1024,
         gt=0,
@@ -84,12 +120,17 @@ class Settings(BaseSettings):
     max_download_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Size cap of one downloaded file")
     max_image_pixels: int = Field(80_000_000, gt=0, description="Pixel cap against decompression bombs")
     download_retries: int = Field(4, ge=0, description="Retries of a download on 429/5xx/network errors")
-    download_backoff: float = Field(5.0, ge=0, description="First retry delay of a download (doubles)")
+    download_backoff_s: float = Field(
+        5.0,
+        validation_alias=_renamed("download_backoff_s", "download_backoff"),
+        ge=0,
+        description="First retry delay of a download (doubles)",
+    )
     max_redirects: int = Field(5, ge=0, description="Redirect hops followed (each checked against the list)")
     download_min_rate: float = Field(
         65536.0,
         gt=0,
-        description="Slowest average rate in bytes/s a download may keep: one file gets WAIFU_HTTP_TIMEOUT plus its "
+        description="Slowest average rate in bytes/s a download may keep: one file gets WAIFU_HTTP_TIMEOUT_S plus its "
         "announced size (else WAIFU_MAX_DOWNLOAD_BYTES) divided by this rate, then it is abandoned and retried",
     )
     local_hosts: Annotated[list[str], NoDecode] = Field(
@@ -100,15 +141,29 @@ class Settings(BaseSettings):
     )
 
     # --- recovery ------------------------------------------------------------------------------
-    stuck_after: float = Field(
-        120.0, gt=0, description="Seconds an unclaimed row may wait with no queued message before reconcile"
+    stuck_after_s: float = Field(
+        120.0,
+        validation_alias=_renamed("stuck_after_s", "stuck_after"),
+        gt=0,
+        description="Seconds an unclaimed row may wait with no queued message before reconcile",
     )
-    reconcile_interval: float = Field(60.0, gt=0, description="Seconds between two reconcile runs (beat)")
-    claim_timeout: float = Field(
-        120.0, gt=0, description="Seconds a worker's claim on a row holds; a killed worker's row is retaken after it"
+    reconcile_interval_s: float = Field(
+        60.0,
+        validation_alias=_renamed("reconcile_interval_s", "reconcile_interval"),
+        gt=0,
+        description="Seconds between two reconcile runs (beat)",
     )
-    visibility_timeout: float = Field(
-        3600.0, gt=0, description="Seconds before Redis redelivers an unacknowledged message (Celery's default)"
+    claim_timeout_s: float = Field(
+        120.0,
+        validation_alias=_renamed("claim_timeout_s", "claim_timeout"),
+        gt=0,
+        description="Seconds a worker's claim on a row holds; a killed worker's row is retaken after it",
+    )
+    visibility_timeout_s: float = Field(
+        3600.0,
+        validation_alias=_renamed("visibility_timeout_s", "visibility_timeout"),
+        gt=0,
+        description="Seconds before Redis redelivers an unacknowledged message (Celery's default)",
     )
     max_attempts: int = Field(
         3,
@@ -133,8 +188,11 @@ class Settings(BaseSettings):
         description="Seconds `waifu worker` and `waifu run` wait for running tasks after SIGTERM; then the workers "
         "and their pool processes are killed (their rows are taken up again)",
     )
-    retry_after_max: float = Field(
-        600.0, ge=0, description="Cap on any wait a server asks for with Retry-After (API and downloads)"
+    retry_after_max_s: float = Field(
+        600.0,
+        validation_alias=_renamed("retry_after_max_s", "retry_after_max"),
+        ge=0,
+        description="Cap on any wait a server asks for with Retry-After (API and downloads)",
     )
     run_restart_limit: int = Field(
         5,
@@ -211,7 +269,12 @@ class Settings(BaseSettings):
         description="After a failed ImageNet weights download, seconds before a retrain tries again (remembered "
         "in the worker and beside the cache under <data dir>/keras)",
     )
-    retrain_interval: float = Field(86400.0, gt=0, description="Seconds between two scheduled retrain checks")
+    retrain_interval_s: float = Field(
+        86400.0,
+        validation_alias=_renamed("retrain_interval_s", "retrain_interval"),
+        gt=0,
+        description="Seconds between two scheduled retrain checks",
+    )
     retrain_min_new_faces: int = Field(
         50, ge=0, description="Labelled faces that must arrive since the current model for a scheduled retrain"
     )
@@ -311,7 +374,7 @@ class Settings(BaseSettings):
             raise ValueError("not a log level (DEBUG, INFO, WARNING, ERROR or CRITICAL)")
         return value.strip().upper()
 
-    @field_validator("safebooru_url")
+    @field_validator("default_site_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
@@ -328,7 +391,7 @@ class Settings(BaseSettings):
         if name not in KNOWN_SITES:
             raise ValueError(f"unknown site {name!r}; known: {', '.join(sorted(KNOWN_SITES))}")
         override = self.sites.get(name) or SiteOverride()
-        url = override.url or (self.safebooru_url if name == DEFAULT_SITE else None)
+        url = override.url or (self.default_site_url if name == DEFAULT_SITE else None)
         return configured(
             KNOWN_SITES[name],
             url=url,
@@ -375,7 +438,7 @@ def settings_problem(exc: Exception) -> str:
         lines = []
         for error in exc.errors(include_url=False):
             loc = error.get("loc") or ("?",)
-            name = f"WAIFU_{str(loc[0]).upper()}"
+            name = _variable(str(loc[0]))
             where = "".join(f"[{part!r}]" for part in loc[1:])
             lines.append(f"bad setting {name}{where}: {error.get('msg', 'invalid value')}")
         return "\n".join(lines)
@@ -384,6 +447,18 @@ def settings_problem(exc: Exception) -> str:
         cause = f": {exc.__cause__}" if exc.__cause__ else ""
         return f"bad setting WAIFU_{field.upper()}: not valid JSON{cause}"
     return f"bad settings: {exc}"
+
+
+def _variable(loc: str) -> str:
+    """The variable an error's location stands for; a renamed setting (located by its first alias) also gives
+    its old name, which may be the one that was set."""
+    if not loc.upper().startswith(ENV_PREFIX):
+        return f"{ENV_PREFIX}{loc.upper()}"
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices) and str(alias.choices[0]).upper() == loc.upper():
+            return " or ".join(str(choice).upper() for choice in alias.choices)
+    return loc.upper()
 
 
 def _secret(value: SecretStr | None) -> str | None:

@@ -2,7 +2,7 @@
 
 To add a site: add a `Site` here (its API URL, the hosts its files come from, how many posts a page may
 hold, whether it wants `api_key`/`user_id`, its rating words). Settings can point a known site at another
-URL or give it credentials (`WAIFU_SITES`), and `WAIFU_SAFEBOORU_URL` moves the default site.
+URL or give it credentials (`WAIFU_SITES`), and `WAIFU_DEFAULT_SITE_URL` moves the default site.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def crop_face(face_id: int, settings: Settings, token: str | None = None) -> Ste
     from crop.imaging import crop_face as cut
 
     token = token or new_token()
-    face = claim(Face, face_id, WAITING, token, settings.claim_timeout)
+    face = claim(Face, face_id, WAITING, token, settings.claim_timeout_s)
     if face is None:
         return state_of(Face, face_id)
     post = peek(Post, face.post_id)

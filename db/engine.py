@@ -29,7 +29,7 @@ def engine_for(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        busy_ms = int(get_settings().sqlite_busy_timeout * 1000)
+        busy_ms = int(get_settings().sqlite_busy_timeout_s * 1000)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_ms / 1000})
 
         @event.listens_for(engine, "connect")

@@ -47,10 +47,10 @@ WEB = ("curator", "curator-pw-1")
 POSTGRES_PASSWORD = "pg-pw-1"  # used raw in the compose file's URL and by the server: so no URL-special characters
 # Settings the test gives the stack through its .env, as a user would; everything else is .env.example's
 TEST_SETTINGS = {
-    "WAIFU_SAFEBOORU_URL": "http://fake-safebooru:18765",
+    "WAIFU_DEFAULT_SITE_URL": "http://fake-safebooru:18765",
     # a local mirror: its name resolves to a private container address, which downloads refuse otherwise
     "WAIFU_LOCAL_HOSTS": "localhost,fake-safebooru",
-    "WAIFU_POLL_INTERVAL": "5",  # a character added while the scraper waits is listed within seconds
+    "WAIFU_POLL_INTERVAL_S": "5",  # a character added while the scraper waits is listed within seconds
     # 36 posts take at least 72 s to download: on an idle machine they were otherwise collected within
     # 15 s, too quickly to restart a worker or kill Redis while work is in flight
     "WAIFU_DOWNLOADS_PER_SECOND": "0.5",
@@ -581,7 +581,7 @@ class ComposeTest:
 
         wait_until("redis restarted by its restart policy", back, 60, 1)
         wait_until(f"{tag}: every post done after the Redis kill", lambda: self.collected(tag), 1500, 2)
-        # a message Redis lost with its last second of writes waits for reconcile (WAIFU_STUCK_AFTER, 120 s)
+        # a message Redis lost with its last second of writes waits for reconcile (WAIFU_STUCK_AFTER_S, 120 s)
         self.fig.add("Redis SIGKILL to every post done again", f"{time.monotonic() - killed:.0f} s")
         self.check_crops()
         say(f"ok: {tag}: all {self.expected[tag]} posts done after Redis was killed with SIGKILL and came back")

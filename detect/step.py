@@ -33,7 +33,7 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
 
     pin_opencv_threads()
     token = token or new_token()
-    post = claim(Post, post_id, WAITING, token, settings.claim_timeout)
+    post = claim(Post, post_id, WAITING, token, settings.claim_timeout_s)
     if post is None:
         return state_of(Post, post_id)  # gone, past this step, or another worker has it now
     started = time.time()

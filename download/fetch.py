@@ -143,7 +143,7 @@ def fetch(url: str, settings: Settings, workdir: Path, allowed: frozenset[str]) 
     checked addresses, within the overall deadline; md5 computed on the way."""
     local_hosts = frozenset(h.lower() for h in settings.local_hosts)
     with httpx.Client(
-        timeout=settings.http_timeout,
+        timeout=settings.http_timeout_s,
         follow_redirects=False,
         headers={"User-Agent": USER_AGENT},
         verify=shared_context(),
@@ -166,12 +166,12 @@ def fetch(url: str, settings: Settings, workdir: Path, allowed: frozenset[str]) 
                         resp.status_code,
                         resp.reason_phrase,
                         resp.headers.get("retry-after"),
-                        settings.retry_after_max,
+                        settings.retry_after_max_s,
                         subject="file",
                     )
                     return stream_to_file(resp, settings, workdir, started)
             except httpx.TimeoutException as exc:
-                raise Retryable(f"timed out after {settings.http_timeout:.0f} s: {type(exc).__name__}") from exc
+                raise Retryable(f"timed out after {settings.http_timeout_s:.0f} s: {type(exc).__name__}") from exc
             except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 raise Retryable(f"connection broke off mid-body (truncated?): {exc}") from exc
             except httpx.DecodingError as exc:
@@ -186,7 +186,7 @@ def deadline_for(settings: Settings, started: float, announced: int | None) -> f
     slowest rate we accept. Every read is bounded by the timeout, so a host dripping a byte just inside it
     would otherwise hold the thread as long as it likes."""
     size = announced if announced is not None and announced <= settings.max_download_bytes else None
-    return started + settings.http_timeout + (size or settings.max_download_bytes) / settings.download_min_rate
+    return started + settings.http_timeout_s + (size or settings.max_download_bytes) / settings.download_min_rate
 
 
 def stream_to_file(resp: httpx.Response, settings: Settings, workdir: Path, started: float | None = None) -> Fetched:
@@ -211,7 +211,7 @@ def stream_to_file(resp: httpx.Response, settings: Settings, workdir: Path, star
                     raise Retryable(
                         f"download too slow: {size} of {announced or '?'} bytes after "
                         f"{time.monotonic() - started:.0f} s, over its deadline of {deadline - started:.0f} s "
-                        f"(WAIFU_HTTP_TIMEOUT + size / WAIFU_DOWNLOAD_MIN_RATE {settings.download_min_rate:.0f} B/s)"
+                        f"(WAIFU_HTTP_TIMEOUT_S + size / WAIFU_DOWNLOAD_MIN_RATE {settings.download_min_rate:.0f} B/s)"
                     )
         # raw bytes, not decoded ones: Content-Length counts the body as sent (gzip included)
         if announced and announced.isdigit() and resp.num_bytes_downloaded < int(announced):

@@ -45,13 +45,13 @@ def stored_original(session: Session, post: Post) -> Post | None:
 def backoff(settings: Settings, attempts: int, retry_after: float | None) -> float:
     if retry_after is not None:
         return retry_after
-    return settings.download_backoff * (2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
+    return settings.download_backoff_s * (2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
 
 
 def download_post(post_id: int, settings: Settings, token: str | None = None) -> StepOutcome:
     """Fetches, verifies and stores one post; records every outcome on its row."""
     token = token or new_token()
-    post = claim(Post, post_id, WAITING, token, settings.claim_timeout, on_claim=count_attempt)
+    post = claim(Post, post_id, WAITING, token, settings.claim_timeout_s, on_claim=count_attempt)
     if post is None:
         return state_of(Post, post_id)  # gone, past this step, or another worker has it now: nothing to do
     if post.state != WAITING:

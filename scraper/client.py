@@ -263,7 +263,7 @@ class BooruClient:
             if on_request is not None:
                 on_request()
             try:
-                timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout)
+                timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout_s)
                 async with self.session.get(
                     f"{self.site.url}/index.php",
                     params=params,
@@ -275,7 +275,7 @@ class BooruClient:
                         resp.status,
                         resp.reason or "",
                         resp.headers.get("Retry-After"),
-                        self.settings.retry_after_max,
+                        self.settings.retry_after_max_s,
                         what=f"{self.site.name} API, {what}",
                         subject="API page",
                     )
@@ -305,8 +305,8 @@ class BooruClient:
     def _backoff(self, attempt: int, error: BaseException | None) -> float:
         if isinstance(error, Retryable) and error.retry_after is not None:
             return error.retry_after
-        base = self.settings.api_backoff * (2 ** (attempt - 1))
-        return min(self.settings.api_backoff_max, base * random.uniform(0.5, 1.5))
+        base = self.settings.api_backoff_s * (2 ** (attempt - 1))
+        return min(self.settings.api_backoff_max_s, base * random.uniform(0.5, 1.5))
 
     async def _with_retries(
         self, params: dict[str, str], what: str, parse, on_request: Callable[[], None] | None = None

@@ -1,7 +1,7 @@
 """One scraper at a time: the API limit lives in the scraper process, so a second process would double
 the rate a site sees. The running scraper holds a lock in the broker's Redis, renewed while it runs;
 a second `waifu scrape` (forever or --once) refuses to start and says who holds it. A scraper killed
-with SIGKILL frees the lock when it runs out (LOCK_SECONDS)."""
+with SIGKILL frees the lock when it runs out (LOCK_S)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from core.logs import kv
 from db.models import utcnow
 
 KEY = "waifu:scraper-lock"
-LOCK_SECONDS = 30
+LOCK_S = 30
 RENEW_EVERY = 10
 
 
@@ -34,7 +34,7 @@ async def only_scraper(redis_url: str) -> AsyncIterator[None]:
 
     log = logging.getLogger("waifu.scraper")
     client = client_for(redis_url)
-    lock = Lock(client, KEY, timeout=LOCK_SECONDS, thread_local=False)  # renewed from a worker thread
+    lock = Lock(client, KEY, timeout=LOCK_S, thread_local=False)  # renewed from a worker thread
     if not lock.acquire(blocking=False, token=holder_description()):
         holder = client.get(KEY)
         raise Unavailable(

@@ -320,7 +320,7 @@ def describe(exc: BaseException) -> str:
 
 
 async def run_forever(settings: Settings, stop: asyncio.Event, enqueue: Enqueue) -> None:
-    """Polls every `poll_interval` seconds until `stop` is set; one client (and limiter) a site for the whole
+    """Polls every `poll_interval_s` seconds until `stop` is set; one client (and limiter) a site for the whole
     life."""
     async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as http:
         clients: dict[str, BooruClient] = {}
@@ -337,9 +337,9 @@ async def run_forever(settings: Settings, stop: asyncio.Event, enqueue: Enqueue)
             try:
                 poll.result()
             except Exception:  # the pass could not run (the database unreachable...): seen, tried again
-                log.exception(kv("poll pass failed", retry_in=settings.poll_interval))
+                log.exception(kv("poll pass failed", retry_in=settings.poll_interval_s))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=settings.poll_interval)
+                await asyncio.wait_for(stop.wait(), timeout=settings.poll_interval_s)
 
 
 def run(settings: Settings, once: bool, enqueue: Enqueue) -> PollReport | None:
@@ -365,7 +365,7 @@ def run(settings: Settings, once: bool, enqueue: Enqueue) -> PollReport | None:
                 await asyncio.gather(task, return_exceptions=True)
                 return None
             return task.result()
-        log.info(kv("scraper started", interval=settings.poll_interval, rps=settings.requests_per_second))
+        log.info(kv("scraper started", interval=settings.poll_interval_s, rps=settings.requests_per_second))
         await run_forever(settings, stop, enqueue)
         log.info(kv("scraper stopped"))
         return None

@@ -1,7 +1,7 @@
 """The fake safebooru on its own, for trying `make run` or the README's quick start without the internet:
 
     .venv/bin/python -m tests.serve_fake_safebooru --port 18765
-    WAIFU_SAFEBOORU_URL=http://127.0.0.1:18765 make run CHARACTERS="nishikino_maki sakurauchi_riko"
+    WAIFU_DEFAULT_SITE_URL=http://127.0.0.1:18765 make run CHARACTERS="nishikino_maki sakurauchi_riko"
 
 It serves the real test illustrations (tests/support/testdata.py: the copy WAIFU_TEST_DATA names, the
 download cache, or a fetch of the pinned set), 107 posts of three characters with faces to find; when they

@@ -71,7 +71,7 @@ async def test_characters_add_list_remove_and_the_options_reach_the_site(
     comic = drawn_post(fake, "comic nishikino_maki", "comic")
     racy = drawn_post(fake, "nishikino_maki swimsuit", "racy", rating="questionable")
     riko = drawn_post(fake, "sakurauchi_riko", "riko", rating="questionable")
-    env = {**service_env, **WIDE, "WAIFU_SAFEBOORU_URL": fake.base_url}
+    env = {**service_env, **WIDE, "WAIFU_DEFAULT_SITE_URL": fake.base_url}
 
     code, out, err = await run_cli(env, "characters", "add", "nishikino_maki", "sakurauchi_riko")
     assert code == 0, err
@@ -129,7 +129,7 @@ async def test_characters_add_list_remove_and_the_options_reach_the_site(
 
 
 async def test_scrape_once_exits_1_when_every_tag_fails(fake: FakeSafebooru, service_env: dict[str, str]) -> None:
-    env = {**service_env, **WIDE, "WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_API_RETRIES": "0"}
+    env = {**service_env, **WIDE, "WAIFU_DEFAULT_SITE_URL": fake.base_url, "WAIFU_API_RETRIES": "0"}
     drawn_post(fake, "nishikino_maki", "a")
     drawn_post(fake, "sakurauchi_riko", "b")
     assert (await run_cli(env, "characters", "add", "nishikino_maki", "sakurauchi_riko"))[0] == 0
@@ -163,7 +163,7 @@ def make_post(
 
 
 def test_status_table_retry_failed_and_reconcile(service_env: dict[str, str], redis_client) -> None:
-    env = {**service_env, "WAIFU_STUCK_AFTER": "600"}
+    env = {**service_env, "WAIFU_STUCK_AFTER_S": "600"}
     with session_scope() as session:
         session.add_all(
             [
@@ -208,7 +208,7 @@ def test_status_table_retry_failed_and_reconcile(service_env: dict[str, str], re
     assert messages(redis_client, "cpu") == [("worker.tasks.detect", [3], {})]
     assert messages(redis_client, "io") == [("worker.tasks.download", [2], {})]
 
-    reconciled = waifu(env, "reconcile")  # default: rows unchanged for WAIFU_STUCK_AFTER (600 s here)
+    reconciled = waifu(env, "reconcile")  # default: rows unchanged for WAIFU_STUCK_AFTER_S (600 s here)
     assert reconciled.returncode == 0, reconciled.stderr
     assert "discovered: 1 re-enqueued" in reconciled.stdout and "downloaded: 0 re-enqueued" in reconciled.stdout
     assert sorted(messages(redis_client, "io")) == [

@@ -98,7 +98,7 @@ def test_bad_settings_through_the_real_cli(service_env, tmp_path: Path) -> None:
         "WAIFU_DATABASE_URL": "no-scheme-at-all",
         "WAIFU_BROKER_URL": "http://127.0.0.1:1/0",
         "WAIFU_DETECTOR_ANGLES": "left,right",
-        "WAIFU_HTTP_TIMEOUT": "-3",
+        "WAIFU_HTTP_TIMEOUT_S": "-3",
         "WAIFU_WEB_PORT": "99999",
     }
     for name, value in cases.items():

@@ -67,9 +67,9 @@ async def fake() -> StreamingFake:
 
 @pytest.fixture
 def dl_settings(service_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("WAIFU_SAFEBOORU_URL", fake.base_url)
+    monkeypatch.setenv("WAIFU_DEFAULT_SITE_URL", fake.base_url)
     monkeypatch.setenv("WAIFU_DOWNLOAD_RETRIES", "2")
-    monkeypatch.setenv("WAIFU_DOWNLOAD_BACKOFF", "0.01")
+    monkeypatch.setenv("WAIFU_DOWNLOAD_BACKOFF_S", "0.01")
     reset_settings_cache()
     return get_settings()
 
@@ -164,7 +164,7 @@ async def test_two_messages_for_one_post_at_once_fetch_it_once(dl_settings, fake
 
 
 def test_download_backoff_doubles_with_jitter_and_honours_retry_after() -> None:
-    settings = Settings(_env_file=None, download_backoff=1.0)
+    settings = Settings(_env_file=None, download_backoff_s=1.0)
     for attempts in (1, 2, 3, 4):
         waits = [backoff(settings, attempts, None) for _ in range(200)]
         base = 2 ** (attempts - 1)

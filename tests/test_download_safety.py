@@ -54,7 +54,7 @@ def configure(monkeypatch: pytest.MonkeyPatch, **values: str) -> Settings:
     for key, value in values.items():
         monkeypatch.setenv(f"WAIFU_{key.upper()}", value)
     monkeypatch.setenv("WAIFU_DOWNLOAD_RETRIES", "2")
-    monkeypatch.setenv("WAIFU_DOWNLOAD_BACKOFF", "0.01")
+    monkeypatch.setenv("WAIFU_DOWNLOAD_BACKOFF_S", "0.01")
     reset_settings_cache()
     return get_settings()
 
@@ -86,7 +86,7 @@ async def test_a_byte_drip_is_cut_at_the_deadline_and_fails_the_row_after_the_re
     good = load_drawn(fake, {"maki": 1}, size=(64, 64))[0]
     post = fake.add(FakePost(id=fake.next_id(), tags="maki", data=b"\x89PNG" + bytes(16), image="drip.png"))
     post.fault = "drip"
-    settings = configure(monkeypatch, safebooru_url=fake.base_url, http_timeout="1", download_min_rate="20")
+    settings = configure(monkeypatch, default_site_url=fake.base_url, http_timeout_s="1", download_min_rate="20")
     assert deadline_for(settings, 0.0, 20) == 2.0
     row = await run_download(list_post(fake, post), settings)
     assert row.state == PostState.failed, row.reason
@@ -98,7 +98,7 @@ async def test_a_byte_drip_is_cut_at_the_deadline_and_fails_the_row_after_the_re
 
 
 def test_the_deadline_follows_the_announced_size_and_the_cap() -> None:
-    settings = Settings(_env_file=None, http_timeout=30, download_min_rate=65536, max_download_bytes=50 * 2**20)
+    settings = Settings(_env_file=None, http_timeout_s=30, download_min_rate=65536, max_download_bytes=50 * 2**20)
     assert deadline_for(settings, 100.0, 2 * 2**20) == 100 + 30 + 32  # 2 MiB at 64 KiB/s
     assert deadline_for(settings, 100.0, None) == 100 + 30 + 800  # nothing announced: the cap
     assert deadline_for(settings, 100.0, 10**12) == 100 + 30 + 800  # a lie over the cap changes nothing
@@ -142,7 +142,7 @@ async def test_a_download_from_a_name_at_a_loopback_address_fails_the_row(
 ) -> None:
     """`localhost` is on the allow-list (the site's URL) but not in WAIFU_LOCAL_HOSTS: nothing is fetched."""
     port = fake.base_url.rsplit(":", 1)[1]
-    settings = configure(monkeypatch, safebooru_url=f"http://localhost:{port}", local_hosts="some.mirror.lan")
+    settings = configure(monkeypatch, default_site_url=f"http://localhost:{port}", local_hosts="some.mirror.lan")
     post = load_drawn(fake, {"maki": 1}, size=(64, 64))[0]
     row = await run_download(list_post(fake, post, host="localhost"), settings)
     assert row.state == PostState.failed and row.attempts == 1
@@ -171,7 +171,7 @@ async def test_the_connection_goes_to_the_address_that_was_checked(
 
     port = fake.base_url.rsplit(":", 1)[1]
     settings = configure(
-        monkeypatch, safebooru_url=f"http://rebind.test:{port}", local_hosts="rebind.test", http_timeout="2"
+        monkeypatch, default_site_url=f"http://rebind.test:{port}", local_hosts="rebind.test", http_timeout_s="2"
     )
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     post = load_drawn(fake, {"maki": 1}, size=(64, 64))[0]

@@ -81,14 +81,14 @@ async def test_full_run_downloads_every_image_once(
     gone = fake.add(
         FakePost(id=fake.next_id(), tags=f"1girl {tags[1]}", data=posts[2].data + b"y", image="gone.jpg", fault="404")
     )
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_BACKFILL_PAGES": "10"}
+    env = {**service_env, "WAIFU_DEFAULT_SITE_URL": fake.base_url, "WAIFU_BACKFILL_PAGES": "10"}
 
     code, out, err = await run_cli(env, "characters", "add", *tags)
     assert code == 0, err
     code, out, err = await run_cli(env, "scrape", "--once")
     assert code == 0, err
 
-    start_worker(extra_env={"WAIFU_SAFEBOORU_URL": fake.base_url})
+    start_worker(extra_env={"WAIFU_DEFAULT_SITE_URL": fake.base_url})
     total = len(posts) + 2
     await wait_for(all_settled(total), 400, "every post to reach a terminal state")
 
@@ -153,7 +153,7 @@ async def test_lost_messages_are_reconciled(
 ) -> None:
     posts = load_drawn(fake, dict.fromkeys(TAGS, 4))  # no face needed: drawn pictures end done with 0 faces
     tags = sorted({p.tags.split()[1] for p in posts})
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
+    env = {**service_env, "WAIFU_DEFAULT_SITE_URL": fake.base_url}
     assert (await run_cli(env, "characters", "add", *tags))[0] == 0
     code, _, err = await run_cli(env, "scrape", "--once")
     assert code == 0, err
@@ -169,7 +169,7 @@ async def test_lost_messages_are_reconciled(
     assert "discovered: 0 re-enqueued" in out
     assert redis_client.llen("io") == len(posts)
 
-    start_worker(extra_env={"WAIFU_SAFEBOORU_URL": fake.base_url})
+    start_worker(extra_env={"WAIFU_DEFAULT_SITE_URL": fake.base_url})
     await wait_for(all_settled(len(posts)), 240, "reconciled posts to be processed")
     assert posts_by_state() == {PostState.done: len(posts)}
     assert all(fake.file_hits[p.id] == 1 for p in posts)
@@ -185,10 +185,10 @@ async def test_messages_lost_after_download_and_mid_crop_are_reconciled(
 
     posts = load_illustrations(fake, limit_per_tag=2)  # real faces: the crop step needs them
     tags = sorted({p.tags.split()[1] for p in posts})
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
+    env = {**service_env, "WAIFU_DEFAULT_SITE_URL": fake.base_url}
     assert (await run_cli(env, "characters", "add", *tags))[0] == 0
     assert (await run_cli(env, "scrape", "--once"))[0] == 0
-    start_worker(queues="io", extra_env={"WAIFU_SAFEBOORU_URL": fake.base_url})  # downloads only
+    start_worker(queues="io", extra_env={"WAIFU_DEFAULT_SITE_URL": fake.base_url})  # downloads only
     await wait_for(lambda: posts_by_state() == {PostState.downloaded: len(posts)}, 180, "every post downloaded")
     redis_client.flushdb()  # the detect messages are lost
 
@@ -215,7 +215,7 @@ async def test_messages_lost_after_download_and_mid_crop_are_reconciled(
     assert "completed: 1" in out, out
     assert redis_client.llen("cpu") == 2 + waiting
 
-    start_worker(queues="cpu", extra_env={"WAIFU_SAFEBOORU_URL": fake.base_url})
+    start_worker(queues="cpu", extra_env={"WAIFU_DEFAULT_SITE_URL": fake.base_url})
     await wait_for(lambda: posts_by_state() == {PostState.done: len(posts)}, 240, "every post done")
     with session_scope() as session:
         states = {f.id: f.state for f in session.exec(select(Face)).all()}
@@ -235,10 +235,10 @@ async def test_busy_and_rate_limited_files_are_retried_by_the_task_after_their_w
     busy, limited = posts[0], posts[1]
     busy.fault, limited.fault = "503_once", "429_once"
     fake.retry_after = "2"
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_DOWNLOAD_BACKOFF": "1"}
+    env = {**service_env, "WAIFU_DEFAULT_SITE_URL": fake.base_url, "WAIFU_DOWNLOAD_BACKOFF_S": "1"}
     assert (await run_cli(env, "characters", "add", "nishikino_maki", "sakurauchi_riko"))[0] == 0
     assert (await run_cli(env, "scrape", "--once"))[0] == 0
-    start_worker(extra_env={"WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_DOWNLOAD_BACKOFF": "1"})
+    start_worker(extra_env={"WAIFU_DEFAULT_SITE_URL": fake.base_url, "WAIFU_DOWNLOAD_BACKOFF_S": "1"})
     await wait_for(all_settled(len(posts)), 120, "every post to reach a terminal state")
     assert posts_by_state() == {PostState.done: len(posts)}
     assert {p.id: fake.file_hits[p.id] for p in posts} == {p.id: 2 if p in (busy, limited) else 1 for p in posts}
@@ -247,7 +247,7 @@ async def test_busy_and_rate_limited_files_are_retried_by_the_task_after_their_w
         first, second = [r.at for r in fake.file_requests() if r.path.endswith(f"/{post.image}")]
         return second - first
 
-    # first backoff: WAIFU_DOWNLOAD_BACKOFF x 0.8..1.2; a 429 waits what the server asked for
+    # first backoff: WAIFU_DOWNLOAD_BACKOFF_S x 0.8..1.2; a 429 waits what the server asked for
     assert gap(busy) >= 0.8, f"the 503 was retried after {gap(busy):.2f} s"
     assert gap(limited) >= 1.95, f"the 429 was retried after {gap(limited):.2f} s, not after Retry-After: 2"
     with session_scope() as session:
@@ -264,7 +264,7 @@ async def test_scrape_polls_until_sigterm_and_stops_cleanly(
 
     posts = load_drawn(fake, dict.fromkeys(TAGS, 2))
     tags = sorted({p.tags.split()[1] for p in posts})
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url, "WAIFU_POLL_INTERVAL": "0.5"}
+    env = {**service_env, "WAIFU_DEFAULT_SITE_URL": fake.base_url, "WAIFU_POLL_INTERVAL_S": "0.5"}
     assert (await run_cli(env, "characters", "add", *tags))[0] == 0
     log_path = tmp_path / "scrape.log"
     with log_path.open("wb") as log_file:

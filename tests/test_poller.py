@@ -29,7 +29,7 @@ from waifu.cli import enqueue_downloads
 
 @pytest.fixture
 def scrape_env(service_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("WAIFU_SAFEBOORU_URL", fake.base_url)
+    monkeypatch.setenv("WAIFU_DEFAULT_SITE_URL", fake.base_url)
     monkeypatch.setenv("WAIFU_PAGE_SIZE", "20")
     monkeypatch.setenv("WAIFU_BACKFILL_PAGES", "10")
     reset_settings_cache()
@@ -245,7 +245,7 @@ async def test_polite_with_several_tags(scrape_env, fake: FakeSafebooru, monkeyp
 
 
 async def test_run_forever_stops_promptly(scrape_env, fake: FakeSafebooru, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WAIFU_POLL_INTERVAL", "3600")
+    monkeypatch.setenv("WAIFU_POLL_INTERVAL_S", "3600")
     reset_settings_cache()
     add_characters(["maki"])
     new_post(fake, "maki", "a")
@@ -266,7 +266,7 @@ async def test_run_forever_stopped_mid_poll_ends_at_once_and_loses_nothing(
     """The stop arrives while a catch-up waits out a 429's one-minute Retry-After between its first and
     second page: the run ends at once, the committed page stays, and the cursor is not moved past the posts
     of the pages never fetched, so the next poll gets them."""
-    monkeypatch.setenv("WAIFU_POLL_INTERVAL", "3600")
+    monkeypatch.setenv("WAIFU_POLL_INTERVAL_S", "3600")
     reset_settings_cache()
     add_characters(["maki"])
     first = new_post(fake, "maki", "before")
@@ -453,7 +453,7 @@ async def test_run_forever_logs_a_failed_pass_and_polls_again(
     polls again at the next interval: it stores the posts once the table is back."""
     from sqlalchemy import text
 
-    monkeypatch.setenv("WAIFU_POLL_INTERVAL", "0.2")
+    monkeypatch.setenv("WAIFU_POLL_INTERVAL_S", "0.2")
     reset_settings_cache()
     add_characters(["maki"])
     post = new_post(fake, "maki", "a")
@@ -570,7 +570,7 @@ async def test_scrape_once_cli_stores_a_gap_with_a_malformed_entry(fake: FakeSaf
     a malformed md5 on the newest full page. One `waifu scrape --once` (100 a page) makes every one a row."""
     from tests.support.cli import run_cli
 
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
+    env = {**service_env, "WAIFU_DEFAULT_SITE_URL": fake.base_url}
     for i in range(901, 1001):
         fake.add(FakePost(id=i, tags="miku", data=f"post{i}".encode(), image=f"{i}.jpg"))
     assert (await run_cli(env, "characters", "add", "miku"))[0] == 0
@@ -808,7 +808,7 @@ async def test_scrape_once_cli_stores_a_post_published_after_a_bogus_id(fake: Fa
     next one."""
     from tests.support.cli import run_cli
 
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
+    env = {**service_env, "WAIFU_DEFAULT_SITE_URL": fake.base_url}
     add_posts(fake, "miku", [*range(1001, 1011), BOGUS_ID])
     assert (await run_cli(env, "characters", "add", "miku"))[0] == 0
     code, out, err = await run_cli(env, "scrape", "--once")

@@ -163,7 +163,7 @@ def test_two_workers_detect_at_the_same_time_on_sqlite(sqlite_env, tmp_path) -> 
 
 
 def test_a_write_that_meets_database_is_locked_is_retried_and_finishes(sqlite_env, tmp_path, monkeypatch) -> None:
-    env = {**sqlite_env, "WAIFU_SQLITE_BUSY_TIMEOUT": "0.2", "WAIFU_DETECTOR_FALLBACKS": "false"}
+    env = {**sqlite_env, "WAIFU_SQLITE_BUSY_TIMEOUT_S": "0.2", "WAIFU_DETECTOR_FALLBACKS": "false"}
     store_downloaded(1, raw_image("nishikino_maki/1.png").read_bytes())
     database = sqlite_env["WAIFU_DATABASE_URL"].removeprefix("sqlite:///")
     holder = sqlite3.connect(database, isolation_level=None)
@@ -200,13 +200,13 @@ async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_
 ) -> None:
     # the claim must outlast one detection of the slow picture even on a loaded machine, or a live worker's
     # row would be taken up again too (harmless, the compare-and-set keeps one result, but slow)
-    claim_timeout, interval = 20.0, 1.0
+    claim_timeout_s, interval = 20.0, 1.0
     env = {
         **service_env,
-        "WAIFU_SAFEBOORU_URL": fake.base_url,
-        "WAIFU_CLAIM_TIMEOUT": str(claim_timeout),
-        "WAIFU_RECONCILE_INTERVAL": str(interval),
-        "WAIFU_STUCK_AFTER": "1",
+        "WAIFU_DEFAULT_SITE_URL": fake.base_url,
+        "WAIFU_CLAIM_TIMEOUT_S": str(claim_timeout_s),
+        "WAIFU_RECONCILE_INTERVAL_S": str(interval),
+        "WAIFU_STUCK_AFTER_S": "1",
         "WAIFU_BACKFILL_PAGES": "1",
         # every pass on the full picture: about 3 s on an idle core, so the detection is still under way
         # when it is looked for (on the default 250,000-pixel working copy it takes 0.4 s and can be missed)
@@ -240,8 +240,8 @@ async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_
     second = start_logged(celery_worker("io,cpu", 2), env, tmp_path / "second.log")
     beat = start_logged([sys.executable, "-m", "waifu.cli", "beat"], env, tmp_path / "beat.log")
     try:
-        # stated recovery: a dead worker's claim runs out after WAIFU_CLAIM_TIMEOUT, the next reconcile
-        # (every WAIFU_RECONCILE_INTERVAL) re-enqueues the row; then the step itself runs again
+        # stated recovery: a dead worker's claim runs out after WAIFU_CLAIM_TIMEOUT_S, the next reconcile
+        # (every WAIFU_RECONCILE_INTERVAL_S) re-enqueues the row; then the step itself runs again
         await wait_for(
             lambda: post(slow).state == PostState.done and post(7002).state == PostState.done,
             240,
@@ -252,7 +252,7 @@ async def test_worker_killed_mid_download_and_mid_detection_recovers_within_the_
         stop(beat)
         stop(second)
     detection = 60.0  # generous: the slow picture's detection (all fallbacks) on a loaded 2-core machine
-    assert recovered_in < claim_timeout + interval + 2 + detection, recovered_in
+    assert recovered_in < claim_timeout_s + interval + 2 + detection, recovered_in
     assert fake.file_hits[slow_file.id] == 2, "downloaded again after the kill, and only once more"
 
 
@@ -264,14 +264,14 @@ async def test_an_original_that_fails_hands_its_repost_over(
         FakePost(id=8001, tags="sakurauchi_riko", data=illustration, image="x.jpg", fault="redirect_offsite")
     )
     repost = fake.add(FakePost(id=8002, tags="sakurauchi_riko", data=illustration, image="y.jpg"))
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
+    env = {**service_env, "WAIFU_DEFAULT_SITE_URL": fake.base_url}
     add_characters(["sakurauchi_riko"])
     assert (await run_cli(env, "scrape", "--once"))[0] == 0
     with session_scope() as session:
         rows = {p.remote_id: p for p in session.exec(select(Post)).all()}
     assert rows[repost.id].state == PostState.skipped and rows[repost.id].duplicate_of == rows[original.id].id
 
-    start_worker(extra_env={"WAIFU_SAFEBOORU_URL": fake.base_url})
+    start_worker(extra_env={"WAIFU_DEFAULT_SITE_URL": fake.base_url})
     await wait_for(lambda: post(rows[repost.id].id).state == PostState.done, 240, "the repost to be collected")
     failed, collected = post(rows[original.id].id), post(rows[repost.id].id)
     assert failed.state == PostState.failed and "redirect to disallowed host" in failed.reason

@@ -47,7 +47,7 @@ def run_env(fake: FakeSafebooru, data_dir: Path) -> dict[str, str]:
         "WAIFU_DATABASE_URL": "",  # the embedded default: SQLite under the data dir
         "WAIFU_BROKER_URL": "redis://127.0.0.1:1/0",  # nothing listens there: embedded Redis must start
         "WAIFU_EMBEDDED_REDIS": "true",
-        "WAIFU_SAFEBOORU_URL": fake.base_url,
+        "WAIFU_DEFAULT_SITE_URL": fake.base_url,
         "WAIFU_REQUESTS_PER_SECOND": "20",
         "WAIFU_DOWNLOADS_PER_SECOND": "50",
         "WAIFU_LOG_LEVEL": "INFO",

@@ -34,7 +34,7 @@ def post(post_id: int, state: PostState, reason: str | None = None, age: float =
 def test_status_groups_the_latest_failures_and_knows_the_next_poll(
     service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("WAIFU_POLL_INTERVAL", "300")
+    monkeypatch.setenv("WAIFU_POLL_INTERVAL_S", "300")
     reset_settings_cache()
     add_characters(["nishikino_maki", "sakurauchi_riko"])
     polled = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -20,10 +20,10 @@ COUNTS = {"nishikino_maki": 4, "sakurauchi_riko": 3, "takimoto_hifumi": 5}
 
 def settings_for(fake: FakeSafebooru, **overrides) -> Settings:
     values = {
-        "safebooru_url": fake.base_url,
+        "default_site_url": fake.base_url,
         "requests_per_second": 50,
-        "api_backoff": 0.01,
-        "api_backoff_max": 5,
+        "api_backoff_s": 0.01,
+        "api_backoff_max_s": 5,
         "api_retries": 3,
         "page_size": 100,
     } | overrides
@@ -79,7 +79,7 @@ async def test_burst_of_503_then_success(fake: FakeSafebooru) -> None:
     load_drawn(fake, dict.fromkeys(COUNTS, 1))
     fake.api_faults.extend(["503"] * 3)
     # a first backoff well above the limiter's spacing (1/50 s), so the gaps measure the backoff alone
-    posts, client = await fetch(fake, "nishikino_maki", api_backoff=0.1)
+    posts, client = await fetch(fake, "nishikino_maki", api_backoff_s=0.1)
     assert len(posts) == 1 and client.requests == 4
     gaps = [b.at - a.at for a, b in zip(fake.api_requests(), fake.api_requests()[1:], strict=False)]
     # the n-th wait is 0.1 * 2**n jittered by x0.5..x1.5: at least 0.05, 0.1, 0.2 s. A constant backoff

@@ -423,7 +423,7 @@ async def run_script(script: Script) -> None:
     site = Site(script, fake)
     fake.page_hook = site.hook
     poll_settings = get_settings().model_copy(
-        update={"safebooru_url": fake.base_url, "api_retries": script.api_retries}
+        update={"default_site_url": fake.base_url, "api_retries": script.api_retries}
     )
     try:
         for count in script.batches:
@@ -445,9 +445,9 @@ def fuzz_env(service_env, monkeypatch: pytest.MonkeyPatch):
         "WAIFU_PAGE_SIZE": "5",
         "WAIFU_BACKFILL_PAGES": "100",
         "WAIFU_REQUESTS_PER_SECOND": "1000",
-        "WAIFU_API_BACKOFF": "0",
+        "WAIFU_API_BACKOFF_S": "0",
         "WAIFU_API_MAX_PAGE_BYTES": str(64 * 1024),
-        "WAIFU_HTTP_TIMEOUT": "10",
+        "WAIFU_HTTP_TIMEOUT_S": "10",
     }.items():
         monkeypatch.setenv(key, value)
     from core.settings import reset_settings_cache

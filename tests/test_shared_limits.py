@@ -32,11 +32,11 @@ async def test_a_second_scraper_refuses_to_start_while_one_runs(
     env = {
         **os.environ,
         **service_env,
-        "WAIFU_SAFEBOORU_URL": fake.base_url,
+        "WAIFU_DEFAULT_SITE_URL": fake.base_url,
         "WAIFU_REQUESTS_PER_SECOND": "3",
         "WAIFU_PAGE_SIZE": "5",
         "WAIFU_BACKFILL_PAGES": "5",
-        "WAIFU_POLL_INTERVAL": "1",
+        "WAIFU_POLL_INTERVAL_S": "1",
     }
     log = (tmp_path / "first.log").open("wb")
     first = await asyncio.create_subprocess_exec(

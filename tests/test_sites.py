@@ -36,7 +36,7 @@ async def gelbooru() -> FakeSafebooru:
 @pytest.fixture
 def two_sites(service_env, fake: FakeSafebooru, gelbooru: FakeSafebooru, monkeypatch: pytest.MonkeyPatch) -> dict:
     env = {
-        "WAIFU_SAFEBOORU_URL": fake.base_url,
+        "WAIFU_DEFAULT_SITE_URL": fake.base_url,
         "WAIFU_SITES": json.dumps({"gelbooru": {"url": gelbooru.base_url, "api_key": KEY[0], "user_id": KEY[1]}}),
     }
     for key, value in env.items():

@@ -158,7 +158,7 @@ async def test_a_pasted_address_is_fetched_with_the_download_checks(model_env, m
     try:
         data = raw_image(ILLUSTRATIONS["nishikino_maki"]).read_bytes()
         [post] = publish(fake, {"nishikino_maki": [(data, ".jpg")]})
-        monkeypatch.setenv("WAIFU_SAFEBOORU_URL", fake.base_url)
+        monkeypatch.setenv("WAIFU_DEFAULT_SITE_URL", fake.base_url)
         reset_settings_cache()
         scratch = Path(tempfile.mkdtemp(prefix="who-tmp-"))
         monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the fetched file goes for a moment

@@ -123,7 +123,7 @@ async def test_worker_for_io_and_cpu_runs_a_threads_and_a_prefork_worker(
     fake: FakeSafebooru, service_env: dict[str, str], tmp_path: Path
 ) -> None:
     posts = load_drawn(fake, {"nishikino_maki": 3, "sakurauchi_riko": 3})  # no face needed: 0 faces is done
-    env = {**service_env, "WAIFU_SAFEBOORU_URL": fake.base_url}
+    env = {**service_env, "WAIFU_DEFAULT_SITE_URL": fake.base_url}
     assert (await run_cli(env, "characters", "add", "nishikino_maki", "sakurauchi_riko"))[0] == 0
     assert (await run_cli(env, "scrape", "--once"))[0] == 0
 
@@ -160,9 +160,9 @@ async def test_beat_schedules_reconcile_and_the_io_worker_runs_it(
     posts = load_drawn(fake, {"nishikino_maki": 2, "sakurauchi_riko": 2})
     env = {
         **service_env,
-        "WAIFU_SAFEBOORU_URL": fake.base_url,
-        "WAIFU_RECONCILE_INTERVAL": "1",
-        "WAIFU_STUCK_AFTER": "1",
+        "WAIFU_DEFAULT_SITE_URL": fake.base_url,
+        "WAIFU_RECONCILE_INTERVAL_S": "1",
+        "WAIFU_STUCK_AFTER_S": "1",
     }
     assert (await run_cli(env, "characters", "add", "nishikino_maki", "sakurauchi_riko"))[0] == 0
     assert (await run_cli(env, "scrape", "--once"))[0] == 0

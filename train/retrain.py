@@ -28,7 +28,7 @@ from train.registry import current_version, inferred_trained_count, labelled_cou
 log = logging.getLogger("waifu.retrain")
 
 LOCK_NAME = "waifu:retrain-lock"
-LOCK_SECONDS = 12 * 3600  # a crashed trainer frees the lock after this at the latest
+LOCK_S = 12 * 3600  # a crashed trainer frees the lock after this at the latest
 MIN_PER_CLASS = 2
 
 
@@ -40,7 +40,7 @@ class NotEnoughData(RuntimeError):
     """Too few labelled faces to train or to evaluate."""
 
 
-def retrain_lock(timeout: float = LOCK_SECONDS):
+def retrain_lock(timeout: float = LOCK_S):
     return redis_client().lock(LOCK_NAME, timeout=timeout, blocking=False)
 
 

@@ -25,7 +25,7 @@ from core.settings import Settings
 from waifu.celery_argv import beat_argv, worker_commands
 from waifu.embedded_redis import broker_reachable, start_embedded_redis
 from waifu.pools import plan_workers
-from waifu.supervisor import GRACE_SECONDS, ChildLog, ChildLogHandler, RestartPolicy, Supervisor, supervise
+from waifu.supervisor import GRACE_S, ChildLog, ChildLogHandler, RestartPolicy, Supervisor, supervise
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -129,7 +129,7 @@ def _run(settings: Settings, concurrency: int, verbose: bool, output: ChildLog, 
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
-            redis_proc.wait(timeout=GRACE_SECONDS)
+            redis_proc.wait(timeout=GRACE_S)
     if supervisor.died is not None:
         name = supervisor.died.name
         console.print(f"[red]{name} exited by itself and used up its restarts; everything was stopped. "

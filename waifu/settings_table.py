@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr
+from pydantic import AliasChoices, SecretStr
 
 from core.settings import Settings
 
@@ -38,6 +38,9 @@ def table() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default_factory() if field.default_factory is not None else field.default
         meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+        if isinstance(field.validation_alias, AliasChoices):  # a renamed setting: its old name is still read
+            old = [f"`{choice}`" for choice in field.validation_alias.choices[1:] if isinstance(choice, str)]
+            meaning += f"; was {', '.join(old)} (still read)" if old else ""
         lines.append(f"| `{prefix}{name.upper()}` | {shown_default(default)} | {meaning} |")
     return "\n".join(lines)
 

@@ -103,11 +103,11 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         recent = recent_failures(session)
         time_limits = time_limit_counts(session)
         last_polls = [c.last_poll_at for c in cursor_rows if c.last_poll_at]
-    # the poller waits poll_interval after a whole pass, and a pass ends with its last tag
+    # the poller waits poll_interval_s after a whole pass, and a pass ends with its last tag
     next_poll = None
     if last_polls:
         last = max(last_polls)
-        next_poll = (last if last.tzinfo else last.replace(tzinfo=UTC)) + timedelta(seconds=settings.poll_interval)
+        next_poll = (last if last.tzinfo else last.replace(tzinfo=UTC)) + timedelta(seconds=settings.poll_interval_s)
     return {
         "posts": {s.value: int(by_state.get(s.value, 0)) for s in PostState},
         "total": int(sum(by_state.values())),

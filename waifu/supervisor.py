@@ -26,8 +26,8 @@ from core.settings import Settings
 
 log = logging.getLogger("waifu.run")
 
-GRACE_SECONDS = 30.0  # the default of WAIFU_SHUTDOWN_GRACE_S
-WATCH_SECONDS = 0.5  # how often the supervisor looks at its children
+GRACE_S = 30.0  # the default of WAIFU_SHUTDOWN_GRACE_S
+WATCH_S = 0.5  # how often the supervisor looks at its children
 TAIL_LINES = 20  # lines of a child's output kept to show when it dies
 
 
@@ -152,7 +152,7 @@ class Supervisor:
     stopping: bool = False
     died: Child | None = None  # the child that exited by itself, which stopped the others
     readers: list[threading.Thread] = field(default_factory=list)
-    grace: float = GRACE_SECONDS  # WAIFU_SHUTDOWN_GRACE_S: how long stop_all waits before it kills
+    grace: float = GRACE_S  # WAIFU_SHUTDOWN_GRACE_S: how long stop_all waits before it kills
 
     def start(self, name: str, argv: list[str], child: Child | None = None) -> None:
         """Start a child; with `child`, start it again in place (views hold the same object)."""
@@ -265,7 +265,7 @@ def supervise(
             if tick is not None and time.monotonic() >= next_tick:
                 tick()
                 next_tick = time.monotonic() + tick_every
-            time.sleep(WATCH_SECONDS)
+            time.sleep(WATCH_S)
     finally:
         supervisor.stop_all()
         for sig, handler in previous.items():

@@ -39,8 +39,8 @@ def celery_config(settings: Settings) -> dict:
         # process, the pool starts another; the row counts the attempt (db.claims) and fails after
         # WAIFU_MAX_ATTEMPTS, so neither a hang nor a crash loops
         "task_annotations": limits.annotations(settings),
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "worker_prefetch_multiplier": 1,
         "task_default_queue": "io",
         "task_queues": [Queue(name) for name in QUEUES],
@@ -53,21 +53,21 @@ def celery_config(settings: Settings) -> dict:
         "beat_schedule": {
             "reconcile": {
                 "task": JOBS["reconcile"].task,
-                "schedule": settings.reconcile_interval,
-                "options": {"queue": JOBS["reconcile"].queue, "expires": settings.reconcile_interval},
+                "schedule": settings.reconcile_interval_s,
+                "options": {"queue": JOBS["reconcile"].queue, "expires": settings.reconcile_interval_s},
             },
             "maybe-retrain": {
                 "task": JOBS["maybe_retrain"].task,
-                "schedule": settings.retrain_interval,
-                "options": {"queue": JOBS["maybe_retrain"].queue, "expires": settings.retrain_interval},
+                "schedule": settings.retrain_interval_s,
+                "options": {"queue": JOBS["maybe_retrain"].queue, "expires": settings.retrain_interval_s},
             },
             # a new collection's first model as soon as it has the labelled faces, not a day later; a no-op
             # (one indexed query) once any model version exists
             "first-model": {
                 "task": JOBS["maybe_retrain"].task,
-                "schedule": settings.reconcile_interval,
+                "schedule": settings.reconcile_interval_s,
                 "kwargs": {"first_only": True},
-                "options": {"queue": JOBS["maybe_retrain"].queue, "expires": settings.reconcile_interval},
+                "options": {"queue": JOBS["maybe_retrain"].queue, "expires": settings.reconcile_interval_s},
             },
         },
         "timezone": "UTC",

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from core.broker import redis_client
 
 # Safety net: a marker whose task vanished without clearing it stops protecting the row after this.
-MARKER_TTL_SECONDS = 6 * 3600
+MARKER_TTL_S = 6 * 3600
 
 
 def _key(kind: str, item_id: int) -> str:
@@ -23,7 +23,7 @@ def _key(kind: str, item_id: int) -> str:
 def mark(kind: str, ids: Iterable[int]) -> None:
     pipe = redis_client().pipeline(transaction=False)
     for item_id in ids:
-        pipe.set(_key(kind, item_id), 1, ex=MARKER_TTL_SECONDS)
+        pipe.set(_key(kind, item_id), 1, ex=MARKER_TTL_S)
     pipe.execute()
 
 

@@ -4,7 +4,7 @@ The hard limit ends the pool process running the task, whatever it is doing (C c
 included); the pool starts a new one. The soft limit, a little earlier, raises `StepOverTime` in the task
 so it can give its row back in order. Celery enforces both only in the prefork pool (the cpu queue and a
 forced prefork worker); threads and solo pools ignore them, so the io steps keep their own deadlines
-(downloads: WAIFU_HTTP_TIMEOUT plus size over WAIFU_DOWNLOAD_MIN_RATE).
+(downloads: WAIFU_HTTP_TIMEOUT_S plus size over WAIFU_DOWNLOAD_MIN_RATE).
 """
 
 from __future__ import annotations

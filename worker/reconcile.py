@@ -3,8 +3,8 @@
 A row waiting for a step (worker.steps) is orphaned when
 - no message for it is queued (no in-flight marker: the broker lost it, or a task died after taking it),
 - no worker holds a live claim on it (db.claims: a claim of a killed worker runs out after
-  WAIFU_CLAIM_TIMEOUT), and
-- it has not changed for WAIFU_STUCK_AFTER seconds.
+  WAIFU_CLAIM_TIMEOUT_S), and
+- it has not changed for WAIFU_STUCK_AFTER_S seconds.
 So a worker killed mid-step costs at most max(claim timeout, stuck after) + the reconcile interval.
 """
 
@@ -30,7 +30,7 @@ log = logging.getLogger("waifu.reconcile")
 def reconcile_stuck(settings: Settings, older_than: float | None = None) -> dict[str, int]:
     """Returns how many rows were re-enqueued per waiting state (and posts completed, reposts handed over)."""
     now = utcnow()
-    cutoff = now - timedelta(seconds=settings.stuck_after if older_than is None else older_than)
+    cutoff = now - timedelta(seconds=settings.stuck_after_s if older_than is None else older_than)
     counts: dict[str, int] = {}
     for step in STEPS.values():
         table = step.table

@@ -1,7 +1,7 @@
 """SOAK-ONLY TEST HOOK, never part of the service: bench/soak.py puts this folder on PYTHONPATH of the `waifu run`
 it starts, with WAIFU_SOAK_HANG_SIZE=WxH. Face detection of an image of exactly that size then hangs the way C code
 does (animeface's k-means loop, issue 17): every catchable signal blocked, so a soft time limit cannot end it;
-only a hard limit (SIGKILL) or WAIFU_SOAK_HANG_SECONDS does. Without the variable this file does nothing."""
+only a hard limit (SIGKILL) or WAIFU_SOAK_HANG_S does. Without the variable this file does nothing."""
 
 import os
 import sys
@@ -16,7 +16,7 @@ def _hang() -> None:
     blocked = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGQUIT}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
-        time.sleep(float(os.environ.get("WAIFU_SOAK_HANG_SECONDS", "3600")))
+        time.sleep(float(os.environ.get("WAIFU_SOAK_HANG_S", "3600")))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 

@@ -79,9 +79,9 @@ def service_env(
         "WAIFU_BROKER_URL": TEST_REDIS_URL,
         "WAIFU_REQUESTS_PER_SECOND": "20",
         "WAIFU_DOWNLOADS_PER_SECOND": "50",
-        "WAIFU_API_BACKOFF": "0.05",
-        "WAIFU_API_BACKOFF_MAX": "2",
-        "WAIFU_DOWNLOAD_BACKOFF": "0.2",
+        "WAIFU_API_BACKOFF_S": "0.05",
+        "WAIFU_API_BACKOFF_MAX_S": "2",
+        "WAIFU_DOWNLOAD_BACKOFF_S": "0.2",
         "WAIFU_BACKBONE_WEIGHTS": "none",
     }
     for key, value in env.items():

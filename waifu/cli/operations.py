@@ -52,7 +52,7 @@ def retry_failed_cmd() -> None:
 
 @app.command("reconcile")
 def reconcile_cmd(
-    older_than: Annotated[float, typer.Option(help="Seconds (default: WAIFU_STUCK_AFTER)")] = -1,
+    older_than: Annotated[float, typer.Option(help="Seconds (default: WAIFU_STUCK_AFTER_S)")] = -1,
 ) -> None:
     """Re-enqueue rows stuck in a non-terminal state whose message was lost."""
     from worker.reconcile import reconcile_stuck

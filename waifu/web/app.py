@@ -22,7 +22,7 @@ from waifu.web import api, collection_page, faces_page, models_page, who_page
 from waifu.web.api_auth import may_upload
 from waifu.web.naming import Namer
 from waifu.web.rendering import error_page, render
-from waifu.web.security import SESSION_COOKIE, SESSION_SECONDS, Guard, Login, local_target
+from waifu.web.security import SESSION_COOKIE, SESSION_S, Guard, Login, local_target
 from waifu.web.shield import Shield
 from waifu.web.shown import Shown
 from waifu.web.throttle import Throttled
@@ -55,7 +55,7 @@ async def login_submit(request: Request) -> Response:
     response.set_cookie(
         SESSION_COOKIE,
         login.open_session(),
-        max_age=SESSION_SECONDS,
+        max_age=SESSION_S,
         httponly=True,
         samesite="strict",
         path="/",

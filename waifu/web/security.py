@@ -27,7 +27,7 @@ VISITOR_COOKIE = "waifu_visitor"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
 SESSION_COOKIE = "waifu_session"
-SESSION_SECONDS = 12 * 3600
+SESSION_S = 12 * 3600
 MIN_PASSWORD = 12  # off loopback
 MAX_NEXT = 2000  # characters of the page to return to after the login
 PUBLIC_PREFIXES = ("/static/", "/login", "/api/openapi.json")
@@ -129,7 +129,7 @@ class Login:
         now = time.monotonic()
         self.sessions = {k: v for k, v in self.sessions.items() if v > now}
         session_id = secrets.token_urlsafe(32)
-        self.sessions[session_id] = now + SESSION_SECONDS
+        self.sessions[session_id] = now + SESSION_S
         return session_id
 
     def close_session(self, session_id: str | None) -> None:

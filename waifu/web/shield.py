@@ -22,7 +22,7 @@ MAX_BODY = 1024 * 1024  # the largest legitimate form (1000 face ids) is about 2
 MAX_LOGIN_BODY = 64 * 1024
 UPLOAD_PATHS = ("/who", "/api/predict")  # where a picture is sent: up to WAIFU_MAX_DOWNLOAD_BYTES
 UPLOAD_SLACK = 64 * 1024  # multipart boundaries, headers, the CSRF token and a URL field around the file
-BODY_SECONDS = 30.0  # a body that takes longer to arrive is cut off (a drip holds a connection open)
+BODY_S = 30.0  # a body that takes longer to arrive is cut off (a drip holds a connection open)
 # no inline script or style, nothing from elsewhere, never inside another site's frame (keyboard actions)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
@@ -50,7 +50,7 @@ class Shield:
     def __init__(
         self,
         app: ASGIApp,
-        body_seconds: float = BODY_SECONDS,
+        body_seconds: float = BODY_S,
         upload_cap: int = MAX_BODY,
         may_upload: Callable[[MutableMapping[str, Any]], bool] | None = None,
     ) -> None:
