@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
+from typing import cast
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -69,7 +70,7 @@ def scaled_grey(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I;16"):
         top = 65535
     else:  # 32-bit: 8-bit values stored wide keep their scale, anything larger is taken as 16-bit
-        _low, high = image.getextrema()
+        _low, high = cast("tuple[float, float]", image.getextrema())  # one band: (low, high)
         top = 65535 if high > 255 else 255
     grey = np.empty((height, width), dtype=np.uint8)
     for start in range(0, height, rows):
@@ -147,14 +148,14 @@ def open_image(source: Path | str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
 
     Raises `Refused` for a missing file, a directory, something that is not an image in one of
     IMAGE_FORMATS, a truncated or broken image, an image over `max_pixels` and a file it may not read."""
-    path = Path(source) if not isinstance(source, bytes) else None
+    path, data = (None, source) if isinstance(source, bytes) else (Path(source), b"")
     if path is not None and not path.exists():
         raise Refused(f"no such file: {path}")
     if path is not None and path.is_dir():
         raise Refused(f"not an image: {path} is a directory")
     fmt = ""
     try:
-        with own_pixel_check(), Image.open(path if path is not None else BytesIO(source), formats=IMAGE_FORMATS) as im:
+        with own_pixel_check(), Image.open(path if path is not None else BytesIO(data), formats=IMAGE_FORMATS) as im:
             fmt, (width, height) = im.format or "", im.size
             if width * height > max_pixels:
                 raise Refused(
@@ -170,7 +171,7 @@ def open_image(source: Path | str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
     except Refused:
         raise
     except UnidentifiedImageError as exc:
-        head = head_of(path) if path is not None else source[:16]
+        head = head_of(path) if path is not None else data[:16]
         if sniff(head) in IMAGE_FORMATS:  # one of ours by its first bytes, but its header is damaged
             raise Refused(f"broken image ({sniff(head)}): its header cannot be read (damaged or cut short)") from exc
         what = describe(path) if path is not None else describe_head(head)
@@ -178,14 +179,15 @@ def open_image(source: Path | str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
     except OSError as exc:
         if exc.errno is not None:  # the file system's answer (permission denied...), not the decoder's
             raise Refused(f"cannot read {path}: {exc.strerror or exc}") from exc
-        raise Refused(broken(fmt, path, source, exc)) from exc
+        raise Refused(broken(fmt, path, data, exc)) from exc
     except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise Refused(broken(fmt, path, source, exc)) from exc
+        raise Refused(broken(fmt, path, data, exc)) from exc
 
 
-def broken(fmt: str, path: Path | None, source: Path | str | bytes, exc: BaseException) -> str:
-    """`fmt` is empty when Pillow failed while still reading the header: the first bytes name it then."""
-    fmt = fmt or sniff(head_of(path) if path is not None else source[:16]) or "unknown format"
+def broken(fmt: str, path: Path | None, data: bytes, exc: BaseException) -> str:
+    """`fmt` is empty when Pillow failed while still reading the header: the first bytes (of the file at
+    `path`, else of `data`) name it then."""
+    fmt = fmt or sniff(head_of(path) if path is not None else data[:16]) or "unknown format"
     return f"broken image ({fmt}): {why_broken(exc)}"
 
 

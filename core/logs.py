@@ -26,7 +26,7 @@ class CurrentStderr(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time of the record, not the one at set-up: a test runner
     (click's CliRunner) swaps and closes it, and a handler holding the old one prints "Logging error"."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):
         return sys.stderr
 

@@ -74,12 +74,10 @@ KNOWN_SITES: dict[str, Site] = {
 def configured(site: Site, url: str | None = None, api_key: str | None = None, user_id: str | None = None) -> Site:
     """The site with a settings override applied: another URL (its host joins the allow-list; the known
     file hosts stay only while the URL is the real one) and credentials."""
-    changes: dict[str, object] = {}
     if url and url.rstrip("/") != site.url:
-        changes["url"] = url.rstrip("/")
-        changes["file_hosts"] = frozenset({(urlsplit(url).hostname or "").lower()})
+        site = replace(site, url=url.rstrip("/"), file_hosts=frozenset({(urlsplit(url).hostname or "").lower()}))
     if api_key:
-        changes["api_key"] = api_key
+        site = replace(site, api_key=api_key)
     if user_id:
-        changes["user_id"] = user_id
-    return replace(site, **changes) if changes else site
+        site = replace(site, user_id=user_id)
+    return site

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session
 
 from core import faults
 from core.logs import kv
@@ -23,7 +23,8 @@ from db.models import Face, FaceState, Post, PostState, utcnow
 
 log = logging.getLogger("waifu.claims")
 
-Row = TypeVar("Row", bound=SQLModel)
+# the tables a step claims rows of: both carry state, reason and the claim columns
+Row = TypeVar("Row", Post, Face)
 
 
 def new_token() -> str:
@@ -38,13 +39,13 @@ def as_utc(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC)
 
 
-def held_by_other(row: SQLModel, token: str, now: datetime) -> bool:
+def held_by_other(row: Post | Face, token: str, now: datetime) -> bool:
     until = as_utc(row.claimed_until)
     return row.claim_token not in (None, token) and until is not None and until > now
 
 
 # how a row's reason names the step that waits on it: (table, state it waits in) -> words
-STEP_WORDS = {
+STEP_WORDS: dict[tuple[str, str], str] = {
     ("post", PostState.discovered): "the download",
     ("post", PostState.downloaded): "face detection",
     ("face", FaceState.detected): "the face crop",
@@ -55,7 +56,7 @@ OVER_TIME_MARK = "did not finish within"
 CRASH_MARK = "crashed its worker"
 
 
-def step_words(table: type[SQLModel], state: str) -> str:
+def step_words(table: type[Post | Face], state: str) -> str:
     return STEP_WORDS.get((table.__tablename__, state), f"the step on a {state} {table.__tablename__}")
 
 
@@ -63,7 +64,7 @@ def attempts_text(count: int, limit: int | None = None) -> str:
     return f"attempt {count} of {limit}" if limit is not None else f"{count} attempt{'s' * (count != 1)}"
 
 
-def fail_row(row: SQLModel, reason: str) -> None:
+def fail_row(row: Post | Face, reason: str) -> None:
     """Ends a row in `failed` with `reason` (in the caller's transaction), its claim dropped."""
     from db.states import transition
 

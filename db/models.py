@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import ClassVar
 
 from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, SQLModel, col
 
 from core.sites import DEFAULT_SITE
 
@@ -34,7 +35,7 @@ TERMINAL_STATES = frozenset({PostState.done, PostState.failed, PostState.skipped
 class Character(SQLModel, table=True):
     """A tag tracked on one site (core.sites): the same tag on two sites is two characters."""
 
-    __tablename__ = "character"
+    __tablename__: ClassVar[str] = "character"
     __table_args__ = (UniqueConstraint("site", "tag", name="uq_character_site_tag"),)
 
     id: int | None = Field(default=None, primary_key=True)
@@ -54,7 +55,7 @@ class Character(SQLModel, table=True):
 class PostCharacter(SQLModel, table=True):
     """Links a post to every tracked character whose tag it carries."""
 
-    __tablename__ = "post_character"
+    __tablename__: ClassVar[str] = "post_character"
 
     post_id: int = Field(sa_column=Column(BigInteger, ForeignKey("post.id", ondelete="CASCADE"), primary_key=True))
     character_id: int = Field(
@@ -63,7 +64,7 @@ class PostCharacter(SQLModel, table=True):
 
 
 class Post(SQLModel, table=True):
-    __tablename__ = "post"
+    __tablename__: ClassVar[str] = "post"
     __table_args__ = (UniqueConstraint("site", "remote_id", name="uq_post_site_remote_id"),)
 
     # our own key: posts of several sites share the table (rows older than sites kept their safebooru id)
@@ -121,7 +122,7 @@ class ScrapeCursor(SQLModel, table=True):
     taken (scraper.poller). `history_done`: a walk back reached the tag's oldest post (a page came back not
     full): nothing lies below the floor, and a small character's deeper backfill has nothing left to walk."""
 
-    __tablename__ = "scrape_cursor"
+    __tablename__: ClassVar[str] = "scrape_cursor"
 
     site: str = Field(default=DEFAULT_SITE, sa_column=Column(String(32), primary_key=True, default=DEFAULT_SITE))
     tag: str = Field(sa_column=Column(String(255), primary_key=True))
@@ -163,7 +164,7 @@ class Split(StrEnum):
 class Face(SQLModel, table=True):
     """One detected face; every detection is kept, whatever its label."""
 
-    __tablename__ = "face"
+    __tablename__: ClassVar[str] = "face"
 
     id: int | None = Field(default=None, primary_key=True)
     post_id: int = Field(
@@ -216,7 +217,7 @@ class FaceLabelEvent(SQLModel, table=True):
     """One manual change of one face (`waifu faces label/reject`, the web page): its state, label and label
     source before and after, so it can be undone. A bulk action writes one row per face under one `action`."""
 
-    __tablename__ = "face_label_event"
+    __tablename__: ClassVar[str] = "face_label_event"
 
     id: int | None = Field(default=None, primary_key=True)
     action: str = Field(sa_column=Column(String(32), nullable=False, index=True))
@@ -235,11 +236,11 @@ class FaceLabelEvent(SQLModel, table=True):
 
 
 # the web page's faces grid: filters by label source or suggestion, pages by id (migration 0005)
-Index("ix_face_source_state_id", Face.__table__.c.label_source, Face.__table__.c.state, Face.__table__.c.id)
-Index("ix_face_suggestion", Face.__table__.c.suggestion)
-Index("ix_face_suggestion_score", Face.__table__.c.suggestion_score)
+Index("ix_face_source_state_id", col(Face.label_source), col(Face.state), col(Face.id))
+Index("ix_face_suggestion", col(Face.suggestion))
+Index("ix_face_suggestion_score", col(Face.suggestion_score))
 # the faces grid's "doubtful" filter (migration 0007)
-Index("ix_face_doubt_score", Face.__table__.c.doubt_score)
+Index("ix_face_doubt_score", col(Face.doubt_score))
 
 
 class FaceHashBand(SQLModel, table=True):
@@ -247,7 +248,7 @@ class FaceHashBand(SQLModel, table=True):
     on at least one of their 8 bytes (pigeonhole), so a near-duplicate lookup compares only the faces
     that share a band with the new one instead of every face in the collection."""
 
-    __tablename__ = "face_hash_band"
+    __tablename__: ClassVar[str] = "face_hash_band"
     # SQLite: rows live in the primary-key b-tree, so a band's range scan reads each phash in place
     __table_args__ = {"sqlite_with_rowid": False}
 
@@ -271,7 +272,7 @@ class ModelStatus(StrEnum):
 class ModelVersion(SQLModel, table=True):
     """One retrain: its metrics, data, settings and where its artifacts live."""
 
-    __tablename__ = "model_version"
+    __tablename__: ClassVar[str] = "model_version"
 
     id: int | None = Field(default=None, primary_key=True)
     status: str = Field(default=ModelStatus.candidate, sa_column=Column(String(16), nullable=False, index=True))

@@ -34,7 +34,7 @@ def hand_over_reposts(session: Session, failed: Post) -> int | None:
     A duplicate is final only once its original is stored."""
     reposts = list(
         session.exec(
-            select(Post).where(Post.duplicate_of == failed.id, Post.state == PostState.skipped).order_by(Post.id)
+            select(Post).where(Post.duplicate_of == failed.id, Post.state == PostState.skipped).order_by(col(Post.id))
         ).all()
     )
     if not reposts:

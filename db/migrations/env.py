@@ -16,8 +16,9 @@ def run_migrations_online() -> None:
     engine = engine_for(config.get_main_option("sqlalchemy.url"))
     with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
-        raw = connection.connection.driver_connection if sqlite else None
+        raw = connection.connection.driver_connection
         if sqlite:
+            assert raw is not None  # a live connection's DBAPI connection (sqlite3's)
             # SQLite ALTERs rebuild a table (batch mode): with foreign keys on, dropping the old `post` would
             # cascade into every face. Off outside any transaction (SQLite ignores it inside one), checked after.
             raw.execute("PRAGMA foreign_keys=OFF")
@@ -31,12 +32,12 @@ def run_migrations_online() -> None:
             with context.begin_transaction():
                 context.run_migrations()
             connection.commit()
-            if sqlite:
+            if sqlite and raw is not None:
                 broken = raw.execute("PRAGMA foreign_key_check").fetchall()
                 if broken:
                     raise RuntimeError(f"foreign keys broken by the migration: {broken[:5]}")
         finally:
-            if sqlite:
+            if sqlite and raw is not None:
                 raw.execute("PRAGMA foreign_keys=ON")
 
 
