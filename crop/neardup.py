@@ -13,7 +13,7 @@ from PIL import Image
 from sqlalchemy import union
 from sqlmodel import Session, col, select
 
-from db.models import Face, FaceHashBand, FaceState
+from db.models import Face, FaceHashBand, FaceState, pk
 
 BANDS = 8
 MAX_INDEXED_DISTANCE = BANDS - 1
@@ -69,4 +69,7 @@ def find_near_duplicate(session: Session, face_id: int | None, phash: str, max_d
 
 def index_face(session: Session, face: Face) -> None:
     """Adds a ready face's bands to the index (in the caller's transaction)."""
-    session.add_all(FaceHashBand(band=b, value=v, face_id=face.id, phash=face.phash) for b, v in bands(face.phash))
+    if face.phash is None:  # not cropped: nothing to index
+        return
+    phash = face.phash
+    session.add_all(FaceHashBand(band=b, value=v, face_id=pk(face), phash=phash) for b, v in bands(phash))

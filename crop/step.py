@@ -11,15 +11,16 @@ import os
 import tempfile
 from pathlib import Path
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
+from core.errors import Refused
 from core.images import open_image
 from core.logs import kv
 from core.outcome import StepOutcome
 from core.settings import Settings
 from crop.neardup import find_near_duplicate, index_face, perceptual_hash
 from db.claims import claim, new_token, peek, state_of, still_claimed
-from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, utcnow
+from db.models import Character, Face, FaceState, LabelSource, Post, PostCharacter, PostState, pk, utcnow
 from db.states import transition
 from labels.rules import label_for, split_for, split_for_labelled
 from labels.splits import character_splits
@@ -45,7 +46,7 @@ def tracked_tags(session: Session, post_id: int) -> list[str]:
     return sorted(
         session.exec(
             select(Character.tag)
-            .join(PostCharacter, PostCharacter.character_id == Character.id)
+            .join(PostCharacter, col(PostCharacter.character_id) == Character.id)
             .where(PostCharacter.post_id == post_id)
         ).all()
     )
@@ -61,6 +62,8 @@ def crop_face(face_id: int, settings: Settings, token: str | None = None) -> Ste
         return state_of(Face, face_id)
     post = peek(Post, face.post_id)
     try:
+        if post is None or not post.stored_path:
+            raise Refused("its post has no stored picture")
         image = open_image(settings.data_dir / post.stored_path, settings.max_image_pixels)
         crop = cut(image, (face.crop_left, face.crop_top, face.crop_right, face.crop_bottom), size=settings.face_size)
         buffer = io.BytesIO()
@@ -77,13 +80,13 @@ def crop_face(face_id: int, settings: Settings, token: str | None = None) -> Ste
         if face is None:
             return state_of(Face, face_id)
         # faces of one post finish one at a time: the last one must see the others `ready` to close the post
-        post = session.get(Post, face.post_id, with_for_update=True)
+        post = _post_of(session, face)
         face.sha256, face.path, face.phash = sha256, relative, phash
-        original = find_near_duplicate(session, face.id, phash, settings.near_duplicate_distance)
+        original = find_near_duplicate(session, pk(face), phash, settings.near_duplicate_distance)
         face.duplicate_of = original.id if original else None
         if face.label_source != LabelSource.manual:
             # post.faces counts the faces the check accepted: a filtered detection does not make it ambiguous
-            face.label, face.label_source = label_for(tracked_tags(session, post.id), post.faces or 0)
+            face.label, face.label_source = label_for(tracked_tags(session, pk(post)), post.faces or 0)
         if original and original.split:
             face.split = original.split  # a near-duplicate never sits across the split from its original
         elif face.label:
@@ -108,11 +111,19 @@ def crop_face(face_id: int, settings: Settings, token: str | None = None) -> Ste
         return StepOutcome(face.state)
 
 
+def _post_of(session: Session, face: Face) -> Post:
+    """The face's post, locked (a face never outlives its post: a foreign key)."""
+    post = session.get(Post, face.post_id, with_for_update=True)
+    if post is None:
+        raise LookupError(f"face {face.id}: no post {face.post_id}")
+    return post
+
+
 def record_failed(face_id: int, token: str, reason: str) -> StepOutcome:
     with still_claimed(Face, face_id, WAITING, token) as (session, face):
         if face is None:
             return state_of(Face, face_id)
-        post = session.get(Post, face.post_id, with_for_update=True)
+        post = _post_of(session, face)
         face.state, face.reason, face.updated_at = FaceState.failed, reason[:2000], utcnow()
         log.warning(kv("face failed", face=face.id, post=face.post_id, reason=face.reason))
         finish_post_if_complete(session, post)

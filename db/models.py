@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlmodel import Field, SQLModel, col
@@ -13,6 +13,17 @@ from core.sites import DEFAULT_SITE
 
 # BIGINT, but INTEGER on SQLite: only an INTEGER PRIMARY KEY is the rowid there, and so numbered by itself
 ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class _Stored(Protocol):
+    id: int | None
+
+
+def pk(row: _Stored) -> int:
+    """A stored row's id (None only before its first flush, when using it is a bug)."""
+    if row.id is None:
+        raise ValueError(f"{type(row).__name__} has no id before it is flushed")
+    return row.id
 
 
 def utcnow() -> datetime:

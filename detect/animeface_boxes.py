@@ -100,7 +100,7 @@ def _net(lib: ctypes.CDLL, name: str) -> int:
     return ctypes.addressof(ctypes.c_char.in_dll(lib, name))
 
 
-def _values(matrix: _MatrixP):
+def _values(matrix: ctypes._Pointer[_Matrix]):
     """The matrix's floats as a (rows*cols, step) numpy view (no copy)."""
     import numpy as np
 
@@ -108,7 +108,7 @@ def _values(matrix: _MatrixP):
     return np.ctypeslib.as_array(mat.v, shape=(mat.rows * mat.cols, mat.step))
 
 
-def _gray(lib: ctypes.CDLL, image: Image.Image) -> _MatrixP:
+def _gray(lib: ctypes.CDLL, image: Image.Image) -> ctypes._Pointer[_Matrix]:
     """The grey matrix `_nvxs.c: convert_imaging_to_nv` makes: nvxs's own nv_gray for colour, the value for L."""
     import numpy as np
 

@@ -234,11 +234,14 @@ def fallback_passes(
     """
     large = factor * settings.detector_upscale
     split = detector == "both" and settings.detector_max_pixels > 0
-    passes = [lambda: upscaled_pass(image, "lbpcascade" if split else detector, settings, large)]
-    passes += [
-        lambda a=a: [scaled(d, factor) for d in rotated_pass(work, detector, settings, a)]
-        for a in settings.detector_angles
+
+    def rotated(angle: float) -> Callable[[], list[Detection]]:
+        return lambda: [scaled(d, factor) for d in rotated_pass(work, detector, settings, angle)]
+
+    passes: list[Callable[[], list[Detection]]] = [
+        lambda: upscaled_pass(image, "lbpcascade" if split else detector, settings, large)
     ]
+    passes += [rotated(a) for a in settings.detector_angles]
     if split:
         passes.append(lambda: upscaled_pass(image, "animeface", settings, large))
     return passes

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 KILL_WAIT_S = 5.0  # a SIGKILLed child is gone within this; waited for so no zombie is left
@@ -64,7 +65,7 @@ class Killable:
         self.time_limit_s = time_limit_s
         self.preload = preload
         self._process: multiprocessing.process.BaseProcess | None = None
-        self._conn = None
+        self._conn: Connection | None = None
 
     def __enter__(self) -> Killable:
         return self

@@ -17,7 +17,7 @@ from core.logs import kv
 from core.outcome import StepOutcome
 from core.settings import Settings
 from db.claims import claim, new_token, release, state_of, still_claimed
-from db.models import Face, FaceState, Post, PostState
+from db.models import Face, FaceState, Post, PostState, pk
 
 log = logging.getLogger("waifu.detect")
 
@@ -64,7 +64,7 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
             return state_of(Post, post_id)
         faces = [
             Face(
-                post_id=row.id,
+                post_id=pk(row),
                 detector=det.detector,
                 score=det.score,
                 x=det.x,
@@ -93,4 +93,4 @@ def detect_post(post_id: int, settings: Settings, token: str | None = None) -> S
         if filtered:
             log.info(kv("detections filtered", post=row.id, detections=len(faces), faces=len(accepted)))
         session.flush()
-        return StepOutcome(row.state, row.reason, next_ids=[f.id for f in accepted], work=work)
+        return StepOutcome(row.state, row.reason, next_ids=[pk(f) for f in accepted], work=work)

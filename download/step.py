@@ -20,7 +20,7 @@ from core.logs import kv
 from core.outcome import StepOutcome
 from core.settings import Settings
 from db.claims import claim, new_token, release, state_of, still_claimed
-from db.models import Post, PostState
+from db.models import Post, PostState, pk
 from db.states import hand_over_reposts, transition
 from download.fetch import Fetched, check_image_name, fetch
 from download.verify import FORMAT_EXTENSIONS, verify_image
@@ -38,7 +38,7 @@ def stored_original(session: Session, post: Post) -> Post | None:
     return session.exec(
         select(Post)
         .where(Post.md5 == post.md5, Post.id != post.id, col(Post.state).in_(STORED_STATES))
-        .order_by(Post.id)
+        .order_by(col(Post.id))
     ).first()
 
 
@@ -130,4 +130,4 @@ def record_stored(post_id: int, token: str, relative: Path, width: int, height: 
         post.file_size = (settings.data_dir / relative).stat().st_size
         post.width, post.height = post.width or width, post.height or height
         transition(post, PostState.downloaded)
-        return StepOutcome(post.state, next_ids=[post.id])
+        return StepOutcome(post.state, next_ids=[pk(post)])

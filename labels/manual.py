@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, select
 
 from core.logs import kv
 from db.engine import session_scope
-from db.models import Character, Face, FaceLabelEvent, FaceState, LabelSource, utcnow
+from db.models import Character, Face, FaceLabelEvent, FaceState, LabelSource, pk, utcnow
 
 log = logging.getLogger("waifu.labels")
 
@@ -27,7 +27,7 @@ FIELDS = (("state", "state"), ("label", "label"), ("label_source", "source"))  #
 class Action:
     """What one call changed: the action id (for undo) and each face as it is now."""
 
-    action: str | None
+    action: str
     faces: list[Face] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # undo: why a face was left as it is
 
@@ -44,7 +44,7 @@ def label_faces(face_ids: Iterable[int], tag: str | None, origin: str = "web") -
         faces = _load(session, ids)
         if tag is not None:
             _require_tracked(session, {tag})
-        return _apply(session, {face.id: tag for face in faces}, faces, origin)
+        return _apply(session, {pk(face): tag for face in faces}, faces, origin)
 
 
 def reject_faces(face_ids: Iterable[int], origin: str = "web") -> Action:
@@ -60,8 +60,9 @@ def accept_suggestions(face_ids: Iterable[int], origin: str = "web") -> Action:
         without = [str(face.id) for face in faces if not face.suggestion]
         if without:
             raise ValueError(f"no suggestion for face {', '.join(without)}: label by hand instead")
-        _require_tracked(session, {face.suggestion for face in faces})
-        return _apply(session, {face.id: face.suggestion for face in faces}, faces, origin)
+        suggested = {pk(face): face.suggestion or "" for face in faces}  # none is empty: refused above
+        _require_tracked(session, set(suggested.values()))
+        return _apply(session, suggested, faces, origin)
 
 
 def undo(face_id: int | None = None) -> Action:
@@ -82,7 +83,7 @@ def undo(face_id: int | None = None) -> Action:
                 session.exec(
                     select(FaceLabelEvent)
                     .where(FaceLabelEvent.action == latest.action, col(FaceLabelEvent.undone_at).is_(None))
-                    .order_by(FaceLabelEvent.id)
+                    .order_by(col(FaceLabelEvent.id))
                 ).all()
             )
         )
@@ -130,12 +131,12 @@ def _require_tracked(session: Session, tags: set[str]) -> None:
         raise LookupError(f"{unknown[0]!r} is not a tracked character (add it with `waifu characters add`)")
 
 
-def _apply(session: Session, labels: dict[int, str | None], faces: list[Face], origin: str) -> Action:
+def _apply(session: Session, labels: Mapping[int, str | None], faces: list[Face], origin: str) -> Action:
     action = Action(uuid.uuid4().hex)
     now = utcnow()
     for face in faces:
         before = {suffix: getattr(face, attribute) for attribute, suffix in FIELDS}
-        tag = labels[face.id]
+        tag = labels[pk(face)]
         if tag is None:
             face.state, face.label, face.label_source = FaceState.rejected, None, LabelSource.manual
         else:
@@ -149,7 +150,7 @@ def _apply(session: Session, labels: dict[int, str | None], faces: list[Face], o
         session.add(
             FaceLabelEvent(
                 action=action.action,
-                face_id=face.id,
+                face_id=pk(face),
                 origin=origin,
                 created_at=now,
                 **{f"before_{k}": v for k, v in before.items()},

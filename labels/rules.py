@@ -7,9 +7,12 @@ stored and never computed again; only labels.splits may move a face from test to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from db.models import LabelSource, Split
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 
 def split_for(sha256: str, test_fraction: float) -> Split:
@@ -36,9 +39,7 @@ def label_for(tracked_tags: list[str], faces_in_post: int) -> tuple[str | None, 
     return None, LabelSource.ambiguous
 
 
-def inferred_pairs(
-    scores: Sequence[Sequence[float]], min_margin: float, min_score: float = 0.0
-) -> list[tuple[int, int, float]]:
+def inferred_pairs(scores: ArrayLike, min_margin: float, min_score: float = 0.0) -> list[tuple[int, int, float]]:
     """Which face shows which of a post's tracked characters, from a model's scores (faces x characters,
     probabilities): every character is in the post at least once, each face is at most one of them.
 

@@ -33,7 +33,9 @@ def _counted():
 def character_splits(session: Session, tag: str) -> tuple[int, int]:
     """(train, test) labelled faces of one character."""
     rows = dict(
-        session.exec(select(Face.split, func.count()).where(*_counted(), Face.label == tag).group_by(Face.split)).all()
+        session.exec(
+            select(Face.split, func.count()).where(*_counted(), Face.label == tag).group_by(col(Face.split))
+        ).all()
     )
     return int(rows.get(Split.train, 0)), int(rows.get(Split.test, 0))
 
@@ -42,8 +44,10 @@ def split_counts(session: Session) -> dict[str, dict[str, int]]:
     """{character: {"train": n, "test": n}} over the labelled faces (tag and manual, not doubtful)."""
     out: dict[str, dict[str, int]] = {}
     for label, split, n in session.exec(
-        select(Face.label, Face.split, func.count()).where(*_counted()).group_by(Face.label, Face.split)
+        select(Face.label, Face.split, func.count()).where(*_counted()).group_by(col(Face.label), col(Face.split))
     ).all():
+        if label is None:  # _counted() takes labelled faces only
+            continue
         out.setdefault(label, {"train": 0, "test": 0})[split or "train"] += int(n)
     return out
 

@@ -103,7 +103,7 @@ def post_labels(
     """Per post (open face indices, the classes of its tracked characters still to place): the pairs
     (face index, class, margin) the post's assignment keeps, as labels.rules.inferred_pairs on the spread
     distribution restricted to the post's characters."""
-    out = []
+    out: list[list[tuple[int, int, float]]] = []
     for faces, classes in posts:
         faces, classes = list(faces), list(classes)
         if not faces or not classes:

@@ -18,7 +18,7 @@ from sqlmodel import col, select
 from core.logs import kv
 from core.settings import Settings
 from db.engine import session_scope
-from db.models import Character, Face, FaceState, LabelSource, PostCharacter, utcnow
+from db.models import Character, Face, FaceState, LabelSource, PostCharacter, pk, utcnow
 from labels.rules import inferred_pairs
 
 log = logging.getLogger("waifu.weak")
@@ -59,7 +59,8 @@ def infer_labels(
     counts."""
     with session_scope(readonly=True) as session:
         posts = _open_posts(session)
-        previous = set(session.exec(select(Face.id).where(Face.label_source == LabelSource.inferred)).all())
+        inferred = session.exec(select(Face.id).where(Face.label_source == LabelSource.inferred)).all()
+        previous = {face_id for face_id in inferred if face_id is not None}
     counts: dict[str, Any] = {
         "model": scorer.model if scorer else None,
         "min_margin": min_margin,
@@ -91,7 +92,7 @@ def infer_labels(
         if not characters or len(candidates) < 2 or any(t not in known for t in characters):
             continue
         work.append((candidates, characters))
-    paths = {face_id: path for faces, _ in posts for face_id, _, _, _, path in faces}
+    paths = {face_id: path for faces, _ in posts for face_id, _, _, _, path in faces if path}  # candidates are cropped
 
     decided: dict[int, tuple[str, float]] = {}
     batch: list[tuple[list[int], list[str]]] = []
@@ -103,8 +104,8 @@ def infer_labels(
             row = dict(zip(ids, probabilities, strict=True))
             for face_ids, characters in batch:
                 scores = np.stack([row[i][[known[c] for c in characters]] for i in face_ids])
-                for face, character, margin in inferred_pairs(scores, min_margin, min_probability):
-                    decided[face_ids[face]] = (characters[character], float(margin))
+                for index, character, margin in inferred_pairs(scores, min_margin, min_probability):
+                    decided[face_ids[index]] = (characters[character], float(margin))
             counts["faces_scored"] += len(ids)
             batch = []
     counts["posts"] = len(work)
@@ -112,9 +113,9 @@ def infer_labels(
     # write: only faces that are still open to inference (a person may have labelled one meanwhile)
     now = utcnow()
     touched = sorted(set(decided) | previous)
-    for ids in _chunks(touched):
+    for chunk in _chunks(touched):
         with session_scope() as session:
-            for face in session.exec(select(Face).where(col(Face.id).in_(ids)).with_for_update()).all():
+            for face in session.exec(select(Face).where(col(Face.id).in_(chunk)).with_for_update()).all():
                 if face.state != FaceState.ready or face.label_source not in OPEN:
                     counts["kept_manual"] += face.id in decided
                     continue
@@ -148,17 +149,19 @@ def _open_posts(session) -> list[tuple[list[tuple[int, str, str | None, str | No
     for chunk in _chunks(post_ids):
         faces: dict[int, list] = {}
         for row in session.exec(
-            select(Face.post_id, Face.id, Face.state, Face.label, Face.label_source, Face.path)
+            select(  # type: ignore[call-overload]  # sqlmodel's select() is typed for at most 4 columns
+                Face.post_id, Face.id, Face.state, Face.label, Face.label_source, Face.path
+            )
             .where(col(Face.post_id).in_(chunk))
-            .order_by(Face.id)
+            .order_by(col(Face.id))
         ).all():
             faces.setdefault(row[0], []).append(tuple(row[1:]))
         tags: dict[int, list[str]] = {}
         for post_id, tag in session.exec(
             select(PostCharacter.post_id, Character.tag)
-            .join(Character, Character.id == PostCharacter.character_id)
+            .join(Character, col(Character.id) == PostCharacter.character_id)
             .where(col(PostCharacter.post_id).in_(chunk))
-            .order_by(Character.tag)
+            .order_by(col(Character.tag))
         ).all():
             tags.setdefault(post_id, []).append(tag)
         posts += [(faces[p], sorted(set(tags[p]))) for p in chunk if p in tags and p in faces]
@@ -201,13 +204,15 @@ def flag_doubtful_tags(
     another character with at least `min_probability` is doubtful. Returns counts."""
     with session_scope(readonly=True) as session:
         rows = session.exec(
-            select(Face.id, Face.label, Face.label_source, Face.split, Face.path, Face.duplicate_of)
+            select(  # type: ignore[call-overload,misc]  # sqlmodel's select() is typed for at most 4 columns
+                Face.id, Face.label, Face.label_source, Face.split, Face.path, Face.duplicate_of
+            )
             .where(
                 Face.state == FaceState.ready,
                 col(Face.label).is_not(None),
                 col(Face.label_source).in_([LabelSource.tag, LabelSource.manual]),
             )
-            .order_by(Face.id)
+            .order_by(col(Face.id))
         ).all()
         flagged_before = set(session.exec(select(Face.id).where(col(Face.doubt_score).is_not(None))).all())
     per_class: dict[str, int] = {}
@@ -252,7 +257,7 @@ def flag_doubtful_tags(
     for ids in _chunks(sorted(set(decisions) | flagged_before)):
         with session_scope() as session:
             for face in session.exec(select(Face).where(col(Face.id).in_(ids)).with_for_update()).all():
-                decision = decisions.get(face.id)
+                decision = decisions.get(pk(face))
                 if face.label_source != LabelSource.tag or face.label != labels.get(face.id):
                     decision = None  # relabelled meanwhile: nothing this run judged applies to it
                 reason, score = decision if decision else (None, None)

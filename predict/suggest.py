@@ -9,7 +9,7 @@ from sqlmodel import col, select
 from core.logs import kv
 from core.settings import Settings
 from db.engine import session_scope
-from db.models import Face, FaceState, LabelSource
+from db.models import Face, FaceState, LabelSource, pk
 from train.registry import current_version
 
 log = logging.getLogger("waifu.retrain")
@@ -29,7 +29,7 @@ def suggest_for_ambiguous(settings: Settings, face_ids: list[int] | None = None)
         )
         if face_ids is not None:
             query = query.where(col(Face.id).in_(face_ids))
-        faces = [(f.id, f.path) for f in session.exec(query.order_by(Face.id)).all()]
+        faces = [(pk(f), f.path) for f in session.exec(query.order_by(col(Face.id))).all() if f.path]  # ready: cropped
     if current is None or not current.artifact_dir or not faces:
         return 0
     classifier = load_artifacts(settings.data_dir / current.artifact_dir)
@@ -41,6 +41,8 @@ def suggest_for_ambiguous(settings: Settings, face_ids: list[int] | None = None)
         with session_scope() as session:
             for (face_id, _), row in zip(batch, probabilities, strict=True):
                 face = session.get(Face, face_id)
+                if face is None:  # deleted meanwhile
+                    continue
                 best = int(row.argmax())
                 face.suggestion, face.suggestion_score = classifier.class_names[best], float(row[best])
                 done += 1

@@ -11,7 +11,7 @@ from sqlmodel import col, select
 from core.settings import get_settings
 from core.sites import DEFAULT_SITE
 from db.engine import session_scope
-from db.models import Character, PostCharacter, ScrapeCursor
+from db.models import Character, PostCharacter, ScrapeCursor, pk
 
 
 def normalize_tag(tag: str) -> str:
@@ -78,7 +78,7 @@ def list_characters() -> list[dict[str, Any]]:
             ).all()
         )
         rows = []
-        for c in session.exec(select(Character).order_by(Character.site, Character.tag)).all():
+        for c in session.exec(select(Character).order_by(col(Character.site), col(Character.tag))).all():
             cursor = session.get(ScrapeCursor, (c.site, c.tag))
             rows.append(
                 {
@@ -86,7 +86,7 @@ def list_characters() -> list[dict[str, Any]]:
                     "tag": c.tag,
                     "extra_terms": c.extra_terms,
                     "ratings": c.ratings,
-                    "posts": int(counts.get(c.id, 0)),
+                    "posts": int(counts.get(pk(c), 0)),
                     "newest_id": cursor.newest_id if cursor else None,
                     "last_poll_at": cursor.last_poll_at.isoformat(timespec="seconds")
                     if cursor and cursor.last_poll_at

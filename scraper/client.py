@@ -19,7 +19,7 @@ from xml.etree import ElementTree
 import aiohttp
 from aiolimiter import AsyncLimiter
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from core.errors import DeepPagination, Refused, Retryable
 from core.http import USER_AGENT, check_status
@@ -192,7 +192,7 @@ def _decode_entries(text: str, what: str) -> list[object]:
             root = ElementTree.fromstring(text)
         except ElementTree.ParseError as exc:
             raise Retryable(f"malformed XML from API ({what}): {exc}") from exc
-        entries = []
+        entries: list[object] = []
         for node in root.iter("post"):
             entry = dict(node.attrib)
             entry["rating"] = XML_RATINGS.get(entry.get("rating", ""), entry.get("rating", ""))
@@ -314,14 +314,14 @@ class BooruClient:
         attempts = AsyncRetrying(
             stop=stop_after_attempt(self.settings.api_retries + 1),
             retry=retry_if_exception_type(Retryable),
-            wait=lambda state: self._backoff(state.attempt_number, state.outcome.exception()),
+            wait=lambda state: self._backoff(state.attempt_number, _error(state)),
             before_sleep=lambda state: log.warning(
                 kv(
                     "api retry",
                     what=what,
                     attempt=state.attempt_number,
-                    error=state.outcome.exception(),
-                    wait=round(state.next_action.sleep, 2),
+                    error=_error(state),
+                    wait=round(state.next_action.sleep if state.next_action else 0.0, 2),
                 )
             ),
             reraise=True,
@@ -378,3 +378,8 @@ class BooruClient:
                 raise Retryable(f"malformed XML from API ({what}): {exc}") from exc
 
         return await self._with_retries(self._params(tags, 0, 1, as_json=False), what, parse)
+
+
+def _error(state: RetryCallState) -> BaseException | None:
+    """What the attempt raised (tenacity's outcome is None only before the first attempt ends)."""
+    return state.outcome.exception() if state.outcome is not None else None

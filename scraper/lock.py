@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
+from typing import cast
 
 from redis.lock import Lock
 
@@ -36,7 +37,7 @@ async def only_scraper(redis_url: str) -> AsyncIterator[None]:
     client = client_for(redis_url)
     lock = Lock(client, KEY, timeout=LOCK_S, thread_local=False)  # renewed from a worker thread
     if not lock.acquire(blocking=False, token=holder_description()):
-        holder = client.get(KEY)
+        holder = cast("bytes | None", client.get(KEY))  # redis-py types every reply as sync-or-async
         raise Unavailable(
             f"another scraper is running ({(holder or b'?').decode()}): one scraper keeps the "
             f"site's request limit; stop it first, or wait for its next poll"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
-from sqlmodel import select
+from sqlmodel import col, select
 
 from core.errors import Refused, WaifuError
 from core.http import USER_AGENT
@@ -147,6 +147,8 @@ class TagPoller:
         the cursor or held posts under it that were no rows yet; the cursor moves once the whole walk is
         stored. (The module docstring says why no `id:>NEWEST`.)"""
         mark, floor = cursor.newest_id, self._floor(cursor)
+        if mark is None:
+            raise ValueError("catch_up walks from a cursor a first sync has set (poll checks)")
         newest, upper = mark, None
         went_under = False  # stored posts at or under the cursor that had no row: it stands ahead of real posts
         reached: int | None = None  # the lowest id listed on the pages stored so far
@@ -198,7 +200,7 @@ class TagPoller:
             upper = cursor.oldest_id
             terms = f"id:<{upper}" if upper is not None else ""
             page = await self._fetch(terms)
-            stored = await self._store(page, lambda i, up=upper: up is None or i < up)
+            stored = await self._store(page, _below(upper))
             if stored:
                 cursor.oldest_id = min(stored)
                 cursor.newest_id = max(cursor.newest_id or 0, *stored)
@@ -280,7 +282,7 @@ async def poll_once(
 ) -> PollReport:
     """One pass over every tracked character of every site, all concurrently; one client (and limiter) a site."""
     with session_scope(readonly=True) as db:
-        characters = list(db.exec(select(Character).order_by(Character.site, Character.tag)).all())
+        characters = list(db.exec(select(Character).order_by(col(Character.site), col(Character.tag))).all())
     if not characters:
         log.warning(kv("nothing to poll", hint="add characters with `waifu characters add TAG`"))
         return PollReport()
@@ -371,3 +373,8 @@ def run(settings: Settings, once: bool, enqueue: Enqueue) -> PollReport | None:
         return None
 
     return asyncio.run(main())
+
+
+def _below(upper: int | None) -> Callable[[int], bool]:
+    """Which ids a page walking down from `upper` (exclusive; None: the newest page) may store."""
+    return lambda i: upper is None or i < upper

@@ -16,7 +16,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_rand
 
 from core.logs import kv
 from db.engine import is_transient, session_scope
-from db.models import Character, Post, PostCharacter, PostState, utcnow
+from db.models import Character, Post, PostCharacter, PostState, pk, utcnow
 from db.states import log as transition_log
 from scraper.client import ApiPost, Unusable
 
@@ -75,7 +75,7 @@ def upsert_posts(session: Session, site: str, posts: list[ApiPost], characters: 
         for row in session.exec(
             select(Post)
             .where(col(Post.md5).in_(list({p.md5 for p in unique.values()})), col(Post.state).in_(ACTIVE_STATES))
-            .order_by(Post.id)
+            .order_by(col(Post.id))
         )
         if not (row.site == site and row.remote_id in unique)
     }
@@ -100,13 +100,13 @@ def upsert_posts(session: Session, site: str, posts: list[ApiPost], characters: 
                 kv("transition", post=row.id, site=site, remote=api.id, frm=frm, to=row.state, reason=reason)
             )
             if reason is None:
-                to_download.append(row.id)
+                to_download.append(pk(row))
                 originals.setdefault(api.md5, row)  # a repost later on the same page is a duplicate
         else:
             # what may change on the site; the state belongs to the pipeline
             row.tags, row.score, row.rating, row.change = api.tags, api.score, api.rating, api.change
-        new_links += [(row, character) for character in linked if (row.id, character.id) not in links]
-    session.add_all(PostCharacter(post_id=row.id, character_id=character.id) for row, character in new_links)
+        new_links += [(row, character) for character in linked if (pk(row), pk(character)) not in links]
+    session.add_all(PostCharacter(post_id=pk(row), character_id=pk(character)) for row, character in new_links)
     session.flush()
     return to_download
 
@@ -123,7 +123,7 @@ def rows_listed(site: str, remote_ids: Iterable[int]) -> dict[int, bool]:
                 Post.site == site, col(Post.remote_id).in_(wanted)
             )
         )
-        return {remote: _stub(state, md5, url) for remote, state, md5, url in found}
+        return {remote: _stub(state, md5, url) for remote, state, md5, url in found if remote is not None}
 
 
 def _worth_another_go(error: BaseException) -> bool:

@@ -25,7 +25,7 @@ def character_report(session: Session, settings: Settings) -> list[dict[str, Any
     for label, source, split, n in session.exec(
         select(Face.label, Face.label_source, Face.split, func.count())
         .where(Face.state == FaceState.ready, col(Face.label).is_not(None))
-        .group_by(Face.label, Face.label_source, Face.split)
+        .group_by(col(Face.label), col(Face.label_source), col(Face.split))
     ).all():
         available[label] = available.get(label, 0) + int(n)
         if source == LabelSource.inferred and split == "train":

@@ -30,7 +30,7 @@ def labelled_faces(session: Session, settings: Settings, split: str) -> list[tup
             col(Face.doubt_score).is_(None),
             Face.split == split,
         )
-        .order_by(Face.id)
+        .order_by(col(Face.id))
     ).all()
     return [(settings.data_dir / path, label) for path, label in rows]
 

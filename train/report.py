@@ -27,7 +27,7 @@ def growth_series(settings: Settings) -> dict[str, list[tuple]]:
                 col(Face.label).is_not(None),
                 col(Face.label_source).in_(TRAINABLE),
             )
-            .order_by(Face.created_at)
+            .order_by(col(Face.created_at))
         ).all()
     series: dict[str, list[tuple]] = {}
     for label, created in rows:
@@ -51,7 +51,7 @@ def test_split_grid(settings: Settings, version: ModelVersion, out: Path) -> Pat
                 col(Face.label).is_not(None),
                 col(Face.label_source).in_(TRAINABLE),
             )
-            .order_by(Face.id)
+            .order_by(col(Face.id))
             .limit(GRID_FACES)
         ).all()
     if not faces:

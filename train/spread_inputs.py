@@ -59,7 +59,7 @@ def spreading_scorer(settings: Settings, scorer: Scorer, config: SpreadConfig | 
                 col(Face.label).is_not(None),
                 Face.split == "train",
             )
-            .order_by(Face.id)
+            .order_by(col(Face.id))
         ).all()
         posts = _open_posts(session)  # the posts infer_labels judges, read the same way
     per_class: dict[str, int] = {}

@@ -61,13 +61,13 @@ def character_key(site: str, tag: str) -> str:
 
 def collect_status(settings: Settings) -> dict[str, Any]:
     with session_scope(readonly=True) as session:
-        by_state = dict(session.exec(select(Post.state, func.count()).group_by(Post.state)).all())
+        by_state = dict(session.exec(select(Post.state, func.count()).group_by(col(Post.state))).all())
         per_character: dict[str, dict[str, int]] = {}
         rows = session.exec(
             select(Character.site, Character.tag, Post.state, func.count())
-            .join(PostCharacter, PostCharacter.character_id == Character.id)
-            .join(Post, Post.id == PostCharacter.post_id)
-            .group_by(Character.site, Character.tag, Post.state)
+            .join(PostCharacter, col(PostCharacter.character_id) == Character.id)
+            .join(Post, col(Post.id) == PostCharacter.post_id)
+            .group_by(col(Character.site), col(Character.tag), col(Post.state))
         ).all()
         for site, tag, state, count in rows:
             per_character.setdefault(character_key(site, tag), {})[state] = count
@@ -85,7 +85,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         faces = face_summary(session)
         characters_model = character_report(session, settings)
         models = model_summary(session)
-        cursor_rows = session.exec(select(ScrapeCursor).order_by(ScrapeCursor.site, ScrapeCursor.tag)).all()
+        cursor_rows = session.exec(select(ScrapeCursor).order_by(col(ScrapeCursor.site), col(ScrapeCursor.tag))).all()
         cursors = [
             {
                 "site": c.site,
@@ -188,10 +188,12 @@ def recent_failures(session: Session, limit: int = RECENT_FAILURES) -> list[dict
 def face_summary(session: Session) -> dict[str, Any]:
     """Faces per state, per label source, per character and split (tag and manual labels; inferred ones
     apart), doubtful tag labels; posts where no face was found."""
-    by_state = dict(session.exec(select(Face.state, func.count()).group_by(Face.state)).all())
+    by_state = dict(session.exec(select(Face.state, func.count()).group_by(col(Face.state))).all())
     by_source = dict(
         session.exec(
-            select(Face.label_source, func.count()).where(Face.state == FaceState.ready).group_by(Face.label_source)
+            select(Face.label_source, func.count())
+            .where(Face.state == FaceState.ready)
+            .group_by(col(Face.label_source))
         ).all()
     )
     per_label: dict[str, dict[str, int]] = {}
@@ -199,7 +201,7 @@ def face_summary(session: Session) -> dict[str, Any]:
     for label, source, split, count in session.exec(
         select(Face.label, Face.label_source, Face.split, func.count())
         .where(Face.state == FaceState.ready, col(Face.label).is_not(None))
-        .group_by(Face.label, Face.label_source, Face.split)
+        .group_by(col(Face.label), col(Face.label_source), col(Face.split))
     ).all():
         if source == LabelSource.inferred:  # the model's own guesses: counted apart from tag and manual labels
             inferred[label] = inferred.get(label, 0) + int(count)

@@ -83,7 +83,7 @@ def _test_faces(settings: Settings, class_names: list[str]) -> tuple[np.ndarray,
         rows = session.exec(
             select(Face.path, Face.label)
             .where(Face.state == FaceState.ready, Face.split == "test", col(Face.label).in_(class_names))
-            .order_by(Face.id)
+            .order_by(col(Face.id))
             .limit(SELF_CHECK_FACES)
         ).all()
     rows = [(p, label) for p, label in rows if (settings.data_dir / p).is_file()]

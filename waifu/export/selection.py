@@ -98,9 +98,9 @@ def select_faces(session: Session, flt: ExportFilter) -> list[FaceRecord]:
     states = [FaceState.ready] + ([FaceState.rejected] if "rejected" in flt.sources else [])
     query = (
         select(Face, Post)
-        .join(Post, Post.id == Face.post_id)
+        .join(Post, col(Post.id) == Face.post_id)
         .where(col(Face.state).in_(states), col(Face.path).is_not(None), col(Face.split).is_not(None))
-        .order_by(Face.id)
+        .order_by(col(Face.id))
     )
     if flt.characters and "rejected" not in flt.sources:
         query = query.where(col(Face.label).in_(sorted(flt.characters)))

@@ -223,7 +223,7 @@ def faces_page(session: Session, f: FaceFilter) -> FacePage:
         more_after = bool(rows) and _exists(session, conditions, Face.id > rows[-1][0])
     else:
         start = query.where(Face.id > f.after) if f.after is not None else query
-        rows = list(session.exec(start.order_by(Face.id).limit(f.size + 1)))
+        rows = list(session.exec(start.order_by(col(Face.id)).limit(f.size + 1)))
         more_after, rows = len(rows) > f.size, rows[: f.size]
         more_before = bool(rows) and f.after is not None and _exists(session, conditions, Face.id < rows[0][0])
     capped = select(Face.id).where(*conditions).limit(COUNT_CAP + 1).subquery()
@@ -259,7 +259,7 @@ def usefulness_column(session: Session):
             col(Face.doubt_score).is_(None),
             col(Face.label).is_not(None),
         )
-        .group_by(Face.label)
+        .group_by(col(Face.label))
         .subquery()
     )
     open_face = or_(col(Face.label_source).is_(None), Face.label_source == LabelSource.ambiguous)
@@ -267,7 +267,7 @@ def usefulness_column(session: Session):
     # instead of a probe per face (PostgreSQL: 760 -> 150 ms at 100,000 faces, bench/web.py)
     post_tags = (
         select(PostCharacter.post_id.label("post_id"), Character.tag.label("tag"))
-        .join(Character, Character.id == PostCharacter.character_id)
+        .join(Character, col(Character.id) == PostCharacter.character_id)
         .subquery()
     )
     tagged = col(post_tags.c.post_id).is_not(None)
@@ -349,7 +349,7 @@ def _exists(session: Session, conditions: list, extra: ColumnElement[bool]) -> b
 
 
 def tracked_characters(session: Session) -> list[str]:
-    return list(session.exec(select(Character.tag).order_by(Character.tag)).all())
+    return list(session.exec(select(Character.tag).order_by(col(Character.tag))).all())
 
 
 def post_tags(session: Session, post_ids: set[int]) -> dict[int, list[str]]:
@@ -358,9 +358,9 @@ def post_tags(session: Session, post_ids: set[int]) -> dict[int, list[str]]:
         return {}
     rows = session.exec(
         select(PostCharacter.post_id, Character.tag)
-        .join(Character, Character.id == PostCharacter.character_id)
+        .join(Character, col(Character.id) == PostCharacter.character_id)
         .where(col(PostCharacter.post_id).in_(post_ids))
-        .order_by(Character.tag)
+        .order_by(col(Character.tag))
     ).all()
     tags: dict[int, list[str]] = {}
     for post_id, tag in rows:
@@ -370,5 +370,5 @@ def post_tags(session: Session, post_ids: set[int]) -> dict[int, list[str]]:
 
 def face_cards(session: Session, face_ids: list[int]) -> list[dict[str, Any]]:
     """Faces as the page's script redraws them after an action."""
-    rows = session.exec(select(*CARD_COLUMNS).where(col(Face.id).in_(face_ids)).order_by(Face.id)).all()
+    rows = session.exec(select(*CARD_COLUMNS).where(col(Face.id).in_(face_ids)).order_by(col(Face.id))).all()
     return [FaceCard(*row).to_json() for row in rows]
