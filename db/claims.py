@@ -173,13 +173,13 @@ def release(table: type[Row], row_id: int, token: str, reason: str | None = None
             row.reason = reason[:2000]
 
 
-def over_time(table: type[Row], row_id: int, state: str, token: str, seconds: float) -> bool:
+def over_time(table: type[Post] | type[Face], row_id: int, state: str, token: str, seconds: float) -> bool:
     """A delivery under our claim ran out of time. Fails the row once its attempts are spent ("face detection
     did not finish within 60 s (3 attempts)"); else gives the claim back with the reason, and True: enqueue
     it again. A row no longer ours (or no longer waiting) is left alone."""
     with session_scope() as session:
         row = session.get(table, row_id, with_for_update=True)
-        if row is None or row.state != state:
+        if not isinstance(row, Post | Face) or row.state != state:  # None: gone (the check also narrows)
             return False
         if row.claim_token != token:
             # not claimed by this delivery (it ran out of time before its claim): enqueue it again if no one

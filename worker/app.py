@@ -38,7 +38,7 @@ def celery_config(settings: Settings) -> dict:
         # every task bounded in time (worker.limits; enforced by the prefork pool): the hard limit ends the
         # process, the pool starts another; the row counts the attempt (db.claims) and fails after
         # WAIFU_MAX_ATTEMPTS, so neither a hang nor a crash loops
-        "task_annotations": limits.annotations(settings),
+        "task_annotations": limits.task_annotations(settings),
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "worker_prefetch_multiplier": 1,

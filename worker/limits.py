@@ -36,7 +36,7 @@ def hard_limit(settings: Settings, task_name: str) -> float:
     return float(getattr(settings, LIMIT_SETTING[task_name]))
 
 
-def annotations(settings: Settings) -> dict[str, dict[str, float]]:
+def task_annotations(settings: Settings) -> dict[str, dict[str, float]]:
     """Celery's task_annotations: both limits of every task."""
     return {
         name: {"time_limit": hard_limit(settings, name), "soft_time_limit": soft_of(hard_limit(settings, name))}

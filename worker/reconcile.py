@@ -18,7 +18,7 @@ from sqlmodel import col, or_, select
 from core.logs import kv
 from core.settings import Settings
 from db.engine import session_scope
-from db.models import Post, PostState, utcnow
+from db.models import Post, PostState, pk, utcnow
 from db.states import hand_over_reposts, orphaned_reposts, transition
 from worker import inflight
 from worker.queue import enqueue
@@ -35,7 +35,7 @@ def reconcile_stuck(settings: Settings, older_than: float | None = None) -> dict
     for step in STEPS.values():
         table = step.table
         with session_scope(readonly=True) as session:
-            ids = list(
+            found = list(
                 session.exec(
                     select(table.id)
                     .where(
@@ -43,9 +43,10 @@ def reconcile_stuck(settings: Settings, older_than: float | None = None) -> dict
                         col(table.updated_at) <= cutoff,
                         or_(col(table.claimed_until).is_(None), col(table.claimed_until) < now),
                     )
-                    .order_by(table.id)
+                    .order_by(col(table.id))
                 ).all()
             )
+        ids = [i for i in found if i is not None]
         in_flight = inflight.marked(step.name, ids)
         orphaned = [i for i in ids if i not in in_flight]
         if orphaned:
@@ -94,11 +95,12 @@ def retry_failed(settings: Settings) -> int:
     """Moves every failed post back to its waiting state and enqueues it (`waifu retry-failed`)."""
     with session_scope() as session:
         failed = session.exec(select(Post).where(Post.state == PostState.failed)).all()
-        to_download, to_detect = [], []
+        to_download: list[int] = []
+        to_detect: list[int] = []
         for post in failed:
             # a post whose file is stored failed later, at detection: it resumes there
             resume = PostState.downloaded if post.stored_path else PostState.discovered
             transition(post, resume, reason=f"retry requested after: {post.reason}")
             post.attempts = post.claims = 0
-            (to_detect if post.stored_path else to_download).append(post.id)
+            (to_detect if post.stored_path else to_download).append(pk(post))
     return enqueue("download", to_download) + enqueue("detect", to_detect)

@@ -7,6 +7,7 @@ last request's task id is kept in Redis so every client (CLI, page, another term
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from core.broker import redis_client
 from worker.steps import JOBS
@@ -24,7 +25,7 @@ class RetrainRequest:
 
 
 def last_task_id() -> str | None:
-    raw = redis_client().get(LAST_TASK_KEY)
+    raw = cast("bytes | None", redis_client().get(LAST_TASK_KEY))  # redis-py types replies as sync-or-async
     return raw.decode() if raw else None
 
 
@@ -41,7 +42,7 @@ def request_retrain(force: bool) -> RetrainRequest:
             return RetrainRequest(False, "a retrain is already running", last)
         job = JOBS["retrain"]
         # a PENDING task that is in no queue and not running was lost (a flushed broker): ask again
-        if last and app.AsyncResult(last).state in WAITING_STATES and client.llen(job.queue) > 0:
+        if last and app.AsyncResult(last).state in WAITING_STATES and cast(int, client.llen(job.queue)) > 0:
             return RetrainRequest(False, "a retrain is already queued or running", last)
         result = app.send_task(job.task, kwargs={"force": force})
         client.set(LAST_TASK_KEY, result.id, ex=24 * 3600)

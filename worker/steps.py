@@ -11,8 +11,6 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlmodel import SQLModel
-
 from db.models import Face, FaceState, Post, PostState
 
 
@@ -21,7 +19,7 @@ class Step:
     name: str  # also the kind of in-flight marker (worker.inflight)
     task: str  # public contract: Flower's async-apply, scripts
     queue: str
-    table: type[SQLModel]
+    table: type[Post] | type[Face]
     waits_in: str  # the state a row sits in while it waits for this step
     function: str  # "module:function" doing the work; imported on first use (keeps Celery start-up light)
     next: str | None  # the step that takes the rows this one hands on
