@@ -27,6 +27,8 @@ def character_report(session: Session, settings: Settings) -> list[dict[str, Any
         .where(Face.state == FaceState.ready, col(Face.label).is_not(None))
         .group_by(col(Face.label), col(Face.label_source), col(Face.split))
     ).all():
+        if label is None:  # filtered out above
+            continue
         available[label] = available.get(label, 0) + int(n)
         if source == LabelSource.inferred and split == "train":
             inferred[label] = inferred.get(label, 0) + int(n)

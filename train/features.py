@@ -113,9 +113,9 @@ def hog_features(grey: np.ndarray, orientations: int, cell: int, block: int) -> 
     total = n * cy * cx * orientations
     hist = np.bincount((base + b0).ravel(), (mag * (1 - frac)).ravel(), total)
     hist += np.bincount((base + b1).ravel(), (mag * frac).ravel(), total)
-    hist = hist.reshape(n, cy, cx, orientations) / (cell * cell)
+    cells = hist.reshape(n, cy, cx, orientations) / (cell * cell)
     by, bx = cy - block + 1, cx - block + 1
-    blocks = np.stack([hist[:, i : i + by, j : j + bx] for i in range(block) for j in range(block)], axis=3).reshape(
+    blocks = np.stack([cells[:, i : i + by, j : j + bx] for i in range(block) for j in range(block)], axis=3).reshape(
         n, by, bx, -1
     )
     eps = 1e-5

@@ -32,7 +32,7 @@ def labelled_faces(session: Session, settings: Settings, split: str) -> list[tup
         )
         .order_by(col(Face.id))
     ).all()
-    return [(settings.data_dir / path, label) for path, label in rows]
+    return [(settings.data_dir / path, label) for path, label in rows if path and label]  # ready, labelled
 
 
 def labelled_count(session: Session) -> int:

@@ -31,6 +31,8 @@ def growth_series(settings: Settings) -> dict[str, list[tuple]]:
         ).all()
     series: dict[str, list[tuple]] = {}
     for label, created in rows:
+        if label is None:  # filtered out above
+            continue
         points = series.setdefault(label, [])
         points.append((created, len(points) + 1))
     return series
@@ -54,12 +56,13 @@ def test_split_grid(settings: Settings, version: ModelVersion, out: Path) -> Pat
             .order_by(col(Face.id))
             .limit(GRID_FACES)
         ).all()
-    if not faces:
+    pictures = [(path, label) for path, label in faces if path and label]  # ready and labelled: both set
+    if not pictures or not version.artifact_dir:
         return None
     classifier = load_artifacts(settings.data_dir / version.artifact_dir)
-    images = load_images([str(settings.data_dir / p) for p, _ in faces], settings.face_size)
+    images = load_images([str(settings.data_dir / p) for p, _ in pictures], settings.face_size)
     predicted = np.asarray(predict(classifier, images)).argmax(axis=1)
-    captions = [(classifier.class_names[i], label) for i, (_, label) in zip(predicted, faces, strict=True)]
+    captions = [(classifier.class_names[i], label) for i, (_, label) in zip(predicted, pictures, strict=True)]
     return face_grid_png(list(images), captions, out / "test_predictions.png")
 
 

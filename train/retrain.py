@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from core import __version__
 from core.broker import redis_client
 from core.logs import kv
 from core.settings import Settings
 from db.engine import session_scope
-from db.models import ModelStatus, ModelVersion, utcnow
+from db.models import ModelStatus, ModelVersion, pk, utcnow
 from train.registry import current_version, inferred_trained_count, labelled_count, labelled_faces
 
 log = logging.getLogger("waifu.retrain")
@@ -181,7 +181,7 @@ def _retrain(settings: Settings, progress, overrides, loop_round: int = 0) -> di
         trained = fit_and_evaluate(settings, data, config, version_id, progress)
     except Exception as exc:
         with session_scope() as session:
-            row = session.get(ModelVersion, version_id)
+            row = _version(session, version_id)
             row.status, row.reason = ModelStatus.failed, f"{type(exc).__name__}: {exc}"[:2000]
         raise
     summary = promote(settings, data, config, version_id, trained)
@@ -210,7 +210,7 @@ def record_inferred_change(version_id: int, counts: dict[str, Any]) -> None:
     from train.selftrain import inferred_change
 
     with session_scope() as session:
-        row = session.get(ModelVersion, version_id)
+        row = _version(session, version_id)
         row.inferred_changed = None if "reason" in counts else inferred_change(counts)[0]
 
 
@@ -257,7 +257,7 @@ def register_candidate(data: RetrainData, config, loop_round: int = 0) -> int:
         )
         session.add(version)
         session.flush()
-        version_id = version.id
+        version_id = pk(version)
     log.info(
         kv(
             "retrain started",
@@ -306,8 +306,9 @@ def promote(settings: Settings, data: RetrainData, config, version_id: int, trai
         trained.current_accuracy,
     )
     current = data.current
+    was = f"v{current.id}" if current else "none"
     with session_scope() as session:
-        row = session.get(ModelVersion, version_id)
+        row = _version(session, version_id)
         row.accuracy, row.macro_f1, row.current_accuracy = accuracy, metrics.macro_f1, current_accuracy
         row.metrics = json.dumps(metrics.to_dict(), default=float)
         row.hyperparameters = json.dumps(hyperparameters(result), default=float)
@@ -320,12 +321,12 @@ def promote(settings: Settings, data: RetrainData, config, version_id: int, trai
             row.reason = (
                 f"{trained.unreadable}first model"
                 if current_accuracy is None
-                else f"beat v{current.id}: {accuracy:.3f} vs {current_accuracy:.3f} on today's test split"
+                else f"beat {was}: {accuracy:.3f} vs {current_accuracy:.3f} on today's test split"
             )
         else:
             row.status = ModelStatus.candidate
             row.reason = (
-                f"did not beat current v{current.id}: {accuracy:.3f} vs {current_accuracy:.3f} "
+                f"did not beat current {was}: {accuracy:.3f} vs {current_accuracy:.3f} "
                 f"on today's test split ({len(data.true_names)} faces)"
             )
         weights = _weights_reason(config, result)
@@ -378,3 +379,11 @@ def hyperparameters(result) -> dict[str, Any]:
         seconds={k: info[k] for k in ("classical_s", "cnn_s", "fit_s") if k in info},
     )
     return out
+
+
+def _version(session: Session, version_id: int) -> ModelVersion:
+    """The registered version (this retrain's own row: never deleted while it runs)."""
+    row = session.get(ModelVersion, version_id)
+    if row is None:
+        raise LookupError(f"model version {version_id} is gone")
+    return row

@@ -65,7 +65,7 @@ def spreading_scorer(settings: Settings, scorer: Scorer, config: SpreadConfig | 
     per_class: dict[str, int] = {}
     seeds = []
     for path, label in seed_rows:
-        if label in known and per_class.get(label, 0) < MAX_SEEDS_PER_CLASS:
+        if path and label in known and per_class.get(label, 0) < MAX_SEEDS_PER_CLASS:
             per_class[label] = per_class.get(label, 0) + 1
             seeds.append((path, known[label]))
     # the faces and characters of each post as labels.weak.infer_labels chooses them
@@ -75,7 +75,9 @@ def spreading_scorer(settings: Settings, scorer: Scorer, config: SpreadConfig | 
             continue
         taken = {label for _, state, label, source, _ in faces if state == FaceState.ready and source not in OPEN}
         characters = [t for t in tags if t not in taken]
-        candidates = [path for _, state, _, source, path in faces if state == FaceState.ready and source in OPEN]
+        candidates = [
+            path for _, state, _, source, path in faces if state == FaceState.ready and source in OPEN and path
+        ]
         if characters and len(candidates) >= 2 and all(t in known for t in characters):
             work.append((candidates, [known[t] for t in characters]))
     open_paths = sorted({p for paths, _ in work for p in paths})

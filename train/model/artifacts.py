@@ -24,7 +24,7 @@ def save_artifacts(classifier: Classifier, directory: str | Path, metrics: Metri
     if classifier.keras_model is not None:
         classifier.keras_model.save(d / KERAS_FILE)
     if classifier.linear is not None:
-        np.savez(d / LINEAR_FILE, **classifier.linear.arrays(""))
+        np.savez(d / LINEAR_FILE, **classifier.linear.arrays(""))  # type: ignore[arg-type]  # numpy's stub matches **kwds against allow_pickle
     (d / LABELS_FILE).write_text(json.dumps(classifier.class_names, indent=2))
     manifest = {
         "format": FORMAT,

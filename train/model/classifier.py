@@ -42,6 +42,8 @@ class Classifier:
         tta = self.config.tta if tta is None else tta
         if self._infer_fn is None:
             model = self.keras_model
+            if model is None:
+                raise ValueError("this classifier has no CNN")
             # a traced call: model.predict() costs ~40 ms per call, this a few ms
             self._infer_fn = tf.function(lambda x: tf.nn.softmax(model(x, training=False)), reduce_retracing=True)
         x = _cnn_input(images, self.cnn_size)
@@ -58,6 +60,8 @@ class Classifier:
     def classical_proba(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
         tta = self.config.tta if tta is None else tta
         feats = _features(images, self.config.features, mirror=tta)
+        if self.linear is None:
+            raise ValueError("this classifier has no classical model")
         return _linear_proba(self.linear, feats)
 
     def predict_proba(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
@@ -90,7 +94,7 @@ def _features(images: np.ndarray, cfg: FeatureConfig, mirror: bool = True, chunk
 
 
 def _linear_proba(linear: LinearModel, feats: list[np.ndarray]) -> np.ndarray:
-    return sum(softmax(linear.logits(f)) for f in feats) / len(feats)
+    return np.mean([softmax(linear.logits(f)) for f in feats], axis=0)
 
 
 def _fit_linear(feats: list[np.ndarray], labels: np.ndarray, k: int, config: TrainConfig) -> LinearModel:

@@ -184,7 +184,9 @@ def _ensemble(
         clf.cnn_weight = config.cnn_weight if config.cnn_weight is not None else choose_weight(p_cnn, p_cls, y)
     else:
         clf.cnn_weight = 1.0 if p_cnn is not None else 0.0
-    p = sum(w * q for w, q in ((clf.cnn_weight, p_cnn), (1 - clf.cnn_weight, p_cls)) if q is not None and w > 0)
+    p = np.sum(
+        [w * q for w, q in ((clf.cnn_weight, p_cnn), (1 - clf.cnn_weight, p_cls)) if q is not None and w > 0], axis=0
+    )
     clf.threshold = unknown_threshold(p, y, config.unknown_percentile)
     n_right = int((p.argmax(1) == y).sum())
     info.update(
