@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,6 +41,12 @@ class Detection:
     h: int
     detector: str
     score: float | None = None  # animeface: likelihood 0..1; lbpcascade: neighbour count
+
+    @classmethod
+    def from_box(cls, box: Sequence[int], detector: str) -> Detection:
+        """From a stored or reported (x, y, w, h) box."""
+        x, y, w, h = box
+        return cls(x, y, w, h, detector)
 
     @property
     def area(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,7 +102,7 @@ def next_poll_text(s: Snapshot) -> str:
     return f"{local} (in {_duration(left)})" if left > 0 else f"{local} (polling now)"
 
 
-def _counts(counts: dict[str, int]) -> Text:
+def _counts(counts: Mapping[str, int | str]) -> Text:
     text = Text()
     for i, (state, n) in enumerate(counts.items()):
         if i:

@@ -4,6 +4,7 @@ under the model's threshold), show the top 3."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -30,9 +31,9 @@ def predict_paths(paths: list[Path], as_json: bool, annotate_dir: Path | None, c
         # the detection ran bounded in a child; the naming stays here, where the model is loaded
         faces = classify_image(classifier, image, settings, detections=detections)
         size = {"width": image.width, "height": image.height}
-        entry = {"path": str(path), "model": f"v{version.id}", **size, "faces": faces}
+        entry: dict[str, Any] = {"path": str(path), "model": f"v{version.id}", **size, "faces": faces}
         if out:
-            boxes = [Detection(*f["box"], f["detector"]) for f in faces]
+            boxes = [Detection.from_box(f["box"], f["detector"]) for f in faces]
             annotate(image, boxes, [_label(f) for f in faces]).save(out)
             entry["annotated"] = str(out)
         return entry

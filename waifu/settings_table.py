@@ -36,7 +36,7 @@ def table() -> str:
     prefix = Settings.model_config.get("env_prefix", "")
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = field.default_factory() if field.default_factory is not None else field.default
+        default = field.get_default(call_default_factory=True, validated_data={})
         meaning = " ".join((field.description or "").split()).replace("|", "\\|")
         if isinstance(field.validation_alias, AliasChoices):  # a renamed setting: its old name is still read
             old = [f"`{choice}`" for choice in field.validation_alias.choices[1:] if isinstance(choice, str)]

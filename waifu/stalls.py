@@ -26,12 +26,12 @@ QUERY_TIMEOUT_MS = 10_000
 def _handed_on(step: str) -> ColumnElement[bool]:
     """Rows a step has taken and moved on: past its waiting state by its own doing."""
     if step == "download":  # every download claim counts an attempt; the scraper's own skips carry none
-        return and_(Post.state != PostState.discovered, col(Post.attempts) > 0)
+        return and_(col(Post.state) != PostState.discovered, col(Post.attempts) > 0)
     if step == "detect":  # detected, done, or failed at detection (which keeps the stored file)
         # spelt with NOT IN so that no state index applies: the updated_at index, newest first, answers
         return and_(
             col(Post.state).not_in([PostState.discovered, PostState.downloaded, PostState.skipped]),
-            or_(Post.state != PostState.failed, col(Post.stored_path).is_not(None)),
+            or_(col(Post.state) != PostState.failed, col(Post.stored_path).is_not(None)),
         )
     if step == "crop":
         return col(Face.state).in_([FaceState.ready, FaceState.failed])
@@ -95,7 +95,7 @@ def find_stalls(stall_after_s: float, queues: Iterable[str] | None = None, now: 
     wanted = None if queues is None else set(queues)
     with session_scope(readonly=True) as session:
         if session.get_bind().dialect.name == "postgresql":  # a check that waits on a sick server ends itself
-            session.exec(text(f"SET LOCAL statement_timeout = {QUERY_TIMEOUT_MS}"))
+            session.connection().execute(text(f"SET LOCAL statement_timeout = {QUERY_TIMEOUT_MS}"))
         found = [
             step_stall(session, step, now, stall_after_s)
             for step in STEPS.values()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from datetime import UTC, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
@@ -49,7 +49,7 @@ def queue_lengths(settings: Settings) -> dict[str, int | None]:
 
     try:
         client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=2)
-        return {q: int(client.llen(q)) for q in QUEUES}
+        return {q: int(cast(int, client.llen(q))) for q in QUEUES}  # redis-py types replies as sync-or-async
     except redis.RedisError:
         return dict.fromkeys(QUEUES)
 
@@ -79,6 +79,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             select(Post.reason).where(Post.state == PostState.failed, col(Post.reason).is_not(None))
         ).all()
         for reason in failed_reasons:
+            if reason is None:  # selected not null
+                continue
             category = reason_category(reason)
             reasons[category] += 1
             examples.setdefault(category, reason)
@@ -196,13 +198,15 @@ def face_summary(session: Session) -> dict[str, Any]:
             .group_by(col(Face.label_source))
         ).all()
     )
-    per_label: dict[str, dict[str, int]] = {}
+    per_label: dict[str, dict[str | None, int]] = {}  # split None: not split yet
     inferred: dict[str, int] = {}
     for label, source, split, count in session.exec(
         select(Face.label, Face.label_source, Face.split, func.count())
         .where(Face.state == FaceState.ready, col(Face.label).is_not(None))
         .group_by(col(Face.label), col(Face.label_source), col(Face.split))
     ).all():
+        if label is None:  # selected not null
+            continue
         if source == LabelSource.inferred:  # the model's own guesses: counted apart from tag and manual labels
             inferred[label] = inferred.get(label, 0) + int(count)
         else:

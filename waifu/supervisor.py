@@ -111,6 +111,11 @@ class Child:
     restart_at: float | None = None  # when a crashed child is due to start again
 
     @property
+    def returncode(self) -> int | None:
+        """The exit code of its process (None: not started, or still running)."""
+        return self.proc.returncode if self.proc is not None else None
+
+    @property
     def state(self) -> str:
         if self.proc is None:
             return "not started"
@@ -156,7 +161,8 @@ class Supervisor:
 
     def start(self, name: str, argv: list[str], child: Child | None = None) -> None:
         """Start a child; with `child`, start it again in place (views hold the same object)."""
-        captured = self.output is not None
+        output = self.output
+        captured = output is not None
         # a session of its own: a terminal Ctrl-C reaches only us, and we stop children in order
         proc = subprocess.Popen(
             argv,
@@ -171,10 +177,8 @@ class Supervisor:
             self.children.append(Child(name, argv, proc))
         else:
             child.proc, child.restart_at = proc, None
-        if captured:
-            reader = threading.Thread(
-                target=self.output.pump, args=(name, proc.stdout), name=f"log-{name}", daemon=True
-            )
+        if output is not None:
+            reader = threading.Thread(target=output.pump, args=(name, proc.stdout), name=f"log-{name}", daemon=True)
             reader.start()
             self.readers.append(reader)
         log.info(kv("started", child=name, pid=proc.pid))
@@ -253,14 +257,12 @@ def supervise(
                 if delay is None:
                     supervisor.died = exited
                     why = "no restarts left" if restart is not None and restart.limit else "restarts off"
-                    log.error(kv("child exited", child=exited.name, code=exited.proc.returncode, then=why))
+                    log.error(kv("child exited", child=exited.name, code=exited.returncode, then=why))
                     code = 1
                     break
                 exited.restart_at = now + delay
                 last = " | ".join(supervisor.output.tail(exited.name)[-3:]) if supervisor.output else ""
-                log.error(
-                    kv("child exited", child=exited.name, code=exited.proc.returncode, restart_in_s=delay, last=last)
-                )
+                log.error(kv("child exited", child=exited.name, code=exited.returncode, restart_in_s=delay, last=last))
             supervisor.restart_due(now)
             if tick is not None and time.monotonic() >= next_tick:
                 tick()

@@ -45,7 +45,7 @@ def _pid_alive(pid: int) -> bool:
 def clean_leftovers(destination: Path) -> list[Path]:
     """Removes staging trees of exports to `destination` whose process is gone (killed mid-export), and
     puts back an old tree a crash left aside mid-swap. Returns what it removed."""
-    removed = []
+    removed: list[Path] = []
     aside = _aside(destination)
     if aside.exists() and not destination.exists():
         os.rename(aside, destination)

@@ -19,7 +19,7 @@ from sqlmodel import col, select
 from core.logs import kv
 from core.settings import Settings
 from db.engine import session_scope
-from db.models import Face, FaceState, ModelStatus, ModelVersion
+from db.models import Face, FaceState, ModelStatus, ModelVersion, pk
 from waifu.export.atomic import clean_leftovers, staging_dir, swap_in
 
 log = logging.getLogger("waifu.export")
@@ -86,9 +86,9 @@ def _test_faces(settings: Settings, class_names: list[str]) -> tuple[np.ndarray,
             .order_by(col(Face.id))
             .limit(SELF_CHECK_FACES)
         ).all()
-    rows = [(p, label) for p, label in rows if (settings.data_dir / p).is_file()]
-    images = load_images([str(settings.data_dir / p) for p, _ in rows], settings.face_size)
-    return images, [label for _, label in rows]
+    found = [(p, label) for p, label in rows if p and label and (settings.data_dir / p).is_file()]
+    images = load_images([str(settings.data_dir / p) for p, _ in found], settings.face_size)
+    return images, [label for _, label in found]
 
 
 def _self_check(expected: np.ndarray, got: np.ndarray, what: str) -> dict[str, Any]:
@@ -203,6 +203,7 @@ def export_model(settings: Settings, destination: Path, version: int | None = No
     from waifu.export.graph import EnsembleGraph, NotExportable
 
     clean_leftovers(destination)
+    assert row.artifact_dir  # _version_row refuses a version without artifacts
     artifacts = settings.data_dir / row.artifact_dir
     try:
         clf = load_artifacts(artifacts)
@@ -214,7 +215,7 @@ def export_model(settings: Settings, destination: Path, version: int | None = No
         raise ModelExportError(f"model version {row.id}: {exc}") from exc
     faces, _ = _test_faces(settings, clf.class_names)
     expected = waifu_predict(clf, faces) if len(faces) else np.zeros((0, len(clf.class_names)))
-    result = ModelExportResult(destination, int(row.id))
+    result = ModelExportResult(destination, pk(row))
     checks: dict[str, Any] = {}
     staging = staging_dir(destination)
     try:

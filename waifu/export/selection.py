@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from db.models import Face, FaceState, LabelSource, Post
+from db.models import Face, FaceState, LabelSource, Post, pk
 
 # what an export takes unless asked otherwise: labels from the post's tag, by hand, or inferred by the model
 DEFAULT_SOURCES = frozenset({LabelSource.tag.value, LabelSource.manual.value, LabelSource.inferred.value})
@@ -137,7 +137,7 @@ def _record(face: Face, post: Post, source: str) -> FaceRecord:
         "collected_at": face.created_at.isoformat() if face.created_at else None,
     }
     return FaceRecord(
-        face_id=int(face.id),
+        face_id=pk(face),
         source_path=str(face.path),
         character=str(character),
         split=str(face.split),

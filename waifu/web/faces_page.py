@@ -10,6 +10,7 @@ from starlette.routing import Route
 
 from core.errors import Refused
 from db.engine import session_scope
+from db.models import pk
 from labels import manual as labels
 from waifu.web.pictures import NotFound, crop_path, source_png
 from waifu.web.queries import COUNT_CAP, SOURCES, STATES, BadInput, face_cards, faces_page, parse_filter, parse_id
@@ -125,7 +126,7 @@ def _apply(kind: str, ids: list[int], tag: str) -> labels.Action:
 
 def _cards(result: labels.Action) -> list[dict]:
     with session_scope(readonly=True) as session:
-        return face_cards(session, [face.id for face in result.faces])
+        return face_cards(session, [pk(face) for face in result.faces])
 
 
 async def undo(request: Request) -> Response:

@@ -20,6 +20,7 @@ from core.errors import Refused
 from core.images import open_image
 from core.logs import kv
 from core.settings import Settings
+from db.models import pk
 
 log = logging.getLogger("waifu.web")
 
@@ -121,7 +122,7 @@ class Namer:
             raise NoModel("no model has been trained yet: retrain on the Models page (or `waifu retrain --wait`)")
         if self._loaded is None or self._loaded[0] != version.id:
             pin_opencv_threads()  # as `waifu predict`: detection on one core, TensorFlow takes the others
-            self._loaded = (version.id, load_version(version, self.settings))
+            self._loaded = (pk(version), load_version(version, self.settings))
             self.loads += 1
             log.info(kv("model loaded for the web page", version=f"v{version.id}"))
         return self._loaded

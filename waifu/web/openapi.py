@@ -69,7 +69,7 @@ def description(settings: Settings) -> dict[str, Any]:
         ),
         _query("size", "faces per page", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE, "default": 200}),
     ]
-    secured = [{"bearer": []}, {"session": []}, {"basic": []}]
+    secured: list[dict[str, list[str]]] = [{"bearer": []}, {"session": []}, {"basic": []}]
     return {
         "openapi": "3.1.0",
         "info": {

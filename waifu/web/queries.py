@@ -140,11 +140,11 @@ def _conditions(f: FaceFilter) -> list[ColumnElement[bool]]:
     if f.source == "none":
         conditions.append(col(Face.label_source).is_(None))
     elif f.source:
-        conditions.append(Face.label_source == f.source)
+        conditions.append(col(Face.label_source) == f.source)
     if f.character:
-        conditions.append(or_(Face.label == f.character, Face.suggestion == f.character))
+        conditions.append(or_(col(Face.label) == f.character, col(Face.suggestion) == f.character))
     if f.split:
-        conditions.append(Face.split == f.split)
+        conditions.append(col(Face.split) == f.split)
     if f.suggested is not None:
         conditions.append(col(Face.suggestion).is_not(None) if f.suggested else col(Face.suggestion).is_(None))
     if f.doubtful is not None:
@@ -153,7 +153,7 @@ def _conditions(f: FaceFilter) -> list[ColumnElement[bool]]:
     if f.below is not None:
         conditions.append(col(Face.suggestion_score) < f.below)
     if f.post is not None:
-        conditions.append(Face.post_id == f.post)
+        conditions.append(col(Face.post_id) == f.post)
     return conditions
 
 
@@ -216,16 +216,16 @@ def faces_page(session: Session, f: FaceFilter) -> FacePage:
     if f.order == "useful":
         return useful_page(session, f)
     conditions = _conditions(f)
-    query = select(*CARD_COLUMNS).where(*conditions)
+    query = select(*CARD_COLUMNS).where(*conditions)  # type: ignore[call-overload]  # sqlmodel types select() for 4 columns at most
     if f.before is not None:
-        rows = list(session.exec(query.where(Face.id < f.before).order_by(col(Face.id).desc()).limit(f.size + 1)))
+        rows = list(session.exec(query.where(col(Face.id) < f.before).order_by(col(Face.id).desc()).limit(f.size + 1)))
         more_before, rows = len(rows) > f.size, rows[: f.size][::-1]
-        more_after = bool(rows) and _exists(session, conditions, Face.id > rows[-1][0])
+        more_after = bool(rows) and _exists(session, conditions, col(Face.id) > rows[-1][0])
     else:
-        start = query.where(Face.id > f.after) if f.after is not None else query
+        start = query.where(col(Face.id) > f.after) if f.after is not None else query
         rows = list(session.exec(start.order_by(col(Face.id)).limit(f.size + 1)))
         more_after, rows = len(rows) > f.size, rows[: f.size]
-        more_before = bool(rows) and f.after is not None and _exists(session, conditions, Face.id < rows[0][0])
+        more_before = bool(rows) and f.after is not None and _exists(session, conditions, col(Face.id) < rows[0][0])
     capped = select(Face.id).where(*conditions).limit(COUNT_CAP + 1).subquery()
     total = session.exec(select(func.count()).select_from(capped)).one()
     page = _page(session, f, [FaceCard(*row) for row in rows], int(total))
@@ -252,9 +252,9 @@ def usefulness_column(session: Session):
 
     one = literal(1.0, Float)
     labelled = (
-        select(Face.label.label("character"), cast(func.count(), Float).label("n"))
+        select(col(Face.label).label("character"), cast(func.count(), Float).label("n"))
         .where(
-            Face.state == FaceState.ready,
+            col(Face.state) == FaceState.ready,
             col(Face.label_source).in_([LabelSource.tag, LabelSource.manual, LabelSource.inferred]),
             col(Face.doubt_score).is_(None),
             col(Face.label).is_not(None),
@@ -262,11 +262,11 @@ def usefulness_column(session: Session):
         .group_by(col(Face.label))
         .subquery()
     )
-    open_face = or_(col(Face.label_source).is_(None), Face.label_source == LabelSource.ambiguous)
+    open_face = or_(col(Face.label_source).is_(None), col(Face.label_source) == LabelSource.ambiguous)
     # the post's tracked characters as (post, tag) rows, joined on the face's suggestion: one hash join
     # instead of a probe per face (PostgreSQL: 760 -> 150 ms at 100,000 faces, bench/web.py)
     post_tags = (
-        select(PostCharacter.post_id.label("post_id"), Character.tag.label("tag"))
+        select(col(PostCharacter.post_id).label("post_id"), col(Character.tag).label("tag"))
         .join(Character, col(Character.id) == PostCharacter.character_id)
         .subquery()
     )
@@ -280,14 +280,14 @@ def usefulness_column(session: Session):
             ),
         ),
         (
-            Face.label_source == LabelSource.inferred,
+            col(Face.label_source) == LabelSource.inferred,
             case(
                 (func.coalesce(Face.inferred_margin, 0.0) >= one, literal(0.0, Float)),
                 else_=one - func.coalesce(Face.inferred_margin, 0.0),
             ),
         ),
         (
-            and_(Face.label_source == LabelSource.tag, col(Face.doubt_score).is_not(None)),
+            and_(col(Face.label_source) == LabelSource.tag, col(Face.doubt_score).is_not(None)),
             one - Face.doubt_score,
         ),
         else_=literal(0.0, Float),
@@ -309,7 +309,7 @@ def useful_page(session: Session, f: FaceFilter) -> FacePage:
     the end) skips no other face."""
     value, joins = usefulness_column(session)
     conditions = _conditions(f)
-    query = select(*CARD_COLUMNS, value).select_from(Face)
+    query = select(*CARD_COLUMNS, value).select_from(Face)  # type: ignore[call-overload]  # sqlmodel types select() for 4 columns at most
     for table, on in joins:
         query = query.outerjoin(table, on)
     query = query.where(*conditions)
@@ -317,7 +317,7 @@ def useful_page(session: Session, f: FaceFilter) -> FacePage:
     if f.before is not None:
         rows = list(
             session.exec(
-                query.where(or_(value > at, and_(value == at, Face.id < f.before)))
+                query.where(or_(value > at, and_(value == at, col(Face.id) < f.before)))
                 .order_by(value, col(Face.id).desc())
                 .limit(f.size + 1)
             )
@@ -325,7 +325,9 @@ def useful_page(session: Session, f: FaceFilter) -> FacePage:
         more_before, rows = len(rows) > f.size, rows[: f.size][::-1]
         more_after = bool(rows)
     else:
-        start = query.where(or_(value < at, and_(value == at, Face.id > f.after))) if f.after is not None else query
+        start = (
+            query.where(or_(value < at, and_(value == at, col(Face.id) > f.after))) if f.after is not None else query
+        )
         rows = list(session.exec(start.order_by(value.desc(), Face.id).limit(f.size + 1)))
         more_after, rows = len(rows) > f.size, rows[: f.size]
         more_before = bool(rows) and f.after is not None
@@ -370,5 +372,5 @@ def post_tags(session: Session, post_ids: set[int]) -> dict[int, list[str]]:
 
 def face_cards(session: Session, face_ids: list[int]) -> list[dict[str, Any]]:
     """Faces as the page's script redraws them after an action."""
-    rows = session.exec(select(*CARD_COLUMNS).where(col(Face.id).in_(face_ids)).order_by(col(Face.id))).all()
+    rows = session.exec(select(*CARD_COLUMNS).where(col(Face.id).in_(face_ids)).order_by(col(Face.id))).all()  # type: ignore[call-overload]  # sqlmodel types select() for 4 columns at most
     return [FaceCard(*row).to_json() for row in rows]

@@ -13,6 +13,7 @@ import ipaddress
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import TypeGuard
 from urllib.parse import parse_qs, quote, urlsplit
 
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -170,8 +171,8 @@ def local_target(target: str | None) -> str:
     return target if not parts.scheme and not parts.netloc else "/"
 
 
-def _visitor_format(value: str | None) -> bool:
-    return bool(value) and 20 <= len(value) <= 100 and value.replace("-", "").replace("_", "").isalnum()
+def _visitor_format(value: str | None) -> TypeGuard[str]:
+    return value is not None and 20 <= len(value) <= 100 and value.replace("-", "").replace("_", "").isalnum()
 
 
 class Guard(BaseHTTPMiddleware):
@@ -184,9 +185,12 @@ class Guard(BaseHTTPMiddleware):
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         if not self.login.required and not is_loopback(request.url.hostname or ""):
             return PlainTextResponse("this server answers to loopback names only (it has no login)", 400)
-        visitor = request.cookies.get(VISITOR_COOKIE)
-        fresh = None if _visitor_format(visitor) else secrets.token_urlsafe(32)
-        visitor = visitor if fresh is None else fresh
+        cookie = request.cookies.get(VISITOR_COOKIE)
+        fresh: str | None = None  # a new visitor id, set as a cookie on the response
+        if _visitor_format(cookie):
+            visitor = cookie
+        else:
+            visitor = fresh = secrets.token_urlsafe(32)
         try:
             response = await self._guarded(request, call_next, visitor)
         except Throttled as exc:

@@ -30,7 +30,7 @@ def boxed_picture(named: Named) -> bytes:
     factor = min(1.0, SHOWN_MAX_SIDE / max(image.size))
     if factor < 1:
         image = image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))))
-    boxes = [Detection(*(round(v * factor) for v in face["box"]), face["detector"]) for face in named.faces]
+    boxes = [Detection.from_box([round(v * factor) for v in face["box"]], face["detector"]) for face in named.faces]
     labels = [f"{n} {face['name']}" for n, face in enumerate(named.faces, start=1)]
     buffer = io.BytesIO()
     annotate(image, boxes, labels).save(buffer, format="JPEG", quality=88)
