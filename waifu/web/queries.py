@@ -211,12 +211,17 @@ CARD_COLUMNS = (
 )
 
 
+def _select_cards(*extra: Any) -> Any:
+    """SELECT of the card columns (and `extra`): untyped, as sqlmodel types select() for 4 columns at most."""
+    return select(*CARD_COLUMNS, *extra)  # type: ignore[call-overload]
+
+
 def faces_page(session: Session, f: FaceFilter) -> FacePage:
     """One page of faces in id order (keyset: `after`/`before` an id), the total matching, paging links."""
     if f.order == "useful":
         return useful_page(session, f)
     conditions = _conditions(f)
-    query = select(*CARD_COLUMNS).where(*conditions)  # type: ignore[call-overload]  # sqlmodel types select() for 4 columns at most
+    query = _select_cards().where(*conditions)
     if f.before is not None:
         rows = list(session.exec(query.where(col(Face.id) < f.before).order_by(col(Face.id).desc()).limit(f.size + 1)))
         more_before, rows = len(rows) > f.size, rows[: f.size][::-1]
@@ -309,7 +314,7 @@ def useful_page(session: Session, f: FaceFilter) -> FacePage:
     the end) skips no other face."""
     value, joins = usefulness_column(session)
     conditions = _conditions(f)
-    query = select(*CARD_COLUMNS, value).select_from(Face)  # type: ignore[call-overload]  # sqlmodel types select() for 4 columns at most
+    query = _select_cards(value).select_from(Face)
     for table, on in joins:
         query = query.outerjoin(table, on)
     query = query.where(*conditions)
@@ -372,5 +377,5 @@ def post_tags(session: Session, post_ids: set[int]) -> dict[int, list[str]]:
 
 def face_cards(session: Session, face_ids: list[int]) -> list[dict[str, Any]]:
     """Faces as the page's script redraws them after an action."""
-    rows = session.exec(select(*CARD_COLUMNS).where(col(Face.id).in_(face_ids)).order_by(col(Face.id))).all()  # type: ignore[call-overload]  # sqlmodel types select() for 4 columns at most
+    rows = session.exec(_select_cards().where(col(Face.id).in_(face_ids)).order_by(col(Face.id))).all()
     return [FaceCard(*row).to_json() for row in rows]
