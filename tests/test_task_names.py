@@ -57,10 +57,10 @@ def test_earlier_task_names_still_run_their_step() -> None:
     import worker.tasks  # noqa: F401  (registers the shells)
     from core.settings import Settings
     from worker.app import app
-    from worker.limits import annotations
+    from worker.limits import task_annotations
     from worker.steps import STEPS
 
-    limits = annotations(Settings())
+    limits = task_annotations(Settings())
     for step_name, old in (("detect", "worker.tasks.detect_faces"), ("crop", "worker.tasks.resize_face")):
         step = STEPS[step_name]
         assert step.task == f"worker.tasks.{step_name}"
