@@ -28,6 +28,7 @@ COPY scraper ./scraper
 COPY download ./download
 COPY detect ./detect
 COPY crop ./crop
+COPY labels ./labels
 COPY train ./train
 COPY predict ./predict
 COPY worker ./worker

@@ -248,6 +248,15 @@ def test_the_image_installs_exactly_the_lock() -> None:
     assert "!deploy/requirements.lock" in (ROOT / ".dockerignore").read_text()
 
 
+def test_the_image_copies_every_package_of_the_project() -> None:
+    """Each package pyproject.toml installs is copied into the image: a missing one (labels/, once) builds
+    fine and fails at the first import in every container."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, re.MULTILINE))
+    assert {p.rstrip("*") for p in packages} == copied
+
+
 def test_the_lock_pins_every_dependency_within_pyproject_ranges() -> None:
     """`make lock` must be rerun when pyproject.toml's dependencies change: every requirement of the image
     (base, train, flower) is pinned, with a version its range allows, and carries hashes."""
