@@ -1,8 +1,8 @@
 """The test session: the environment every test starts from, and the shared fixtures (tests/support/fixtures.py).
 
 The broker for tests is a dedicated Redis database (default 127.0.0.1:6379/14, override with
-WAIFU_TEST_REDIS_URL); PostgreSQL tests create a throw-away database next to `test`
-(override the server with WAIFU_TEST_POSTGRES_URL).
+WAIFU_TEST_REDIS_URL; each pytest-xdist worker takes the next one, tests/support/env.py); PostgreSQL
+tests create a throw-away database next to `test` (override the server with WAIFU_TEST_POSTGRES_URL).
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ os.environ.setdefault("WAIFU_LOG_LEVEL", "INFO")
 os.environ["WAIFU_EMBEDDED_REDIS"] = "false"
 # tests train from scratch (weights=none) on small real data: no ImageNet download, same result everywhere
 os.environ["WAIFU_BACKBONE_WEIGHTS"] = "none"
+# pytest-xdist's workers (execnet) set COLUMNS=80 and LINES=24: a `waifu run` started from a test in a real
+# terminal (tmux) would lay its screen out for those, not for the terminal it runs in
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 from tests.support.browser import browser  # noqa: F401 - a fixture, found by name
 from tests.support.fixtures import (  # noqa: F401 - fixtures are found by name

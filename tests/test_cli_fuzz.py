@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from core.settings import Settings, reset_settings_cache, settings_problem
 from tests.support.env import PROJECT_ROOT, TEST_REDIS_URL
+from tests.support.summary import show_summary
 from waifu.cli import app
 
 EXAMPLES = int(os.environ.get("WAIFU_FUZZ_EXAMPLES", "30"))
@@ -172,7 +173,7 @@ def bind(attempt, path, command):
 
 
 @sqlite_only
-def test_every_argument_gets_an_answer_never_a_traceback(service_env, tmp_path, monkeypatch, capsys) -> None:
+def test_every_argument_gets_an_answer_never_a_traceback(service_env, tmp_path, monkeypatch, capsys, request) -> None:
     monkeypatch.chdir(tmp_path)  # anything a fuzzed value names lands here
     reset_settings_cache()
     runner = CliRunner()
@@ -214,10 +215,11 @@ def test_every_argument_gets_an_answer_never_a_traceback(service_env, tmp_path, 
             if case[: len(path)] == path:
                 test = example(case)(test)
         run(test)()
-    with capsys.disabled():
-        print(f"\ncli fuzz: {sum(tried.values())} command lines")
-        for label, n in sorted(tried.items()):
-            print(f"  waifu {label:20} {n:3} tried, exit codes {dict(sorted(codes.get(label, {}).items()))}")
+    lines = [
+        f"  waifu {label:20} {n:3} tried, exit codes {dict(sorted(codes.get(label, {}).items()))}"
+        for label, n in sorted(tried.items())
+    ]
+    show_summary(request, capsys, f"cli fuzz: {sum(tried.values())} command lines", lines)
 
 
 @sqlite_only

@@ -31,6 +31,7 @@ from starlette.routing import Mount, Route
 
 import waifu.web
 from core.settings import get_settings, reset_settings_cache
+from tests.support.summary import show_summary
 from tests.support.web import make_collection
 from waifu.web.app import create_app
 from waifu.web.queries import FaceFilter
@@ -244,7 +245,7 @@ PINNED = [
 ]
 
 
-def test_no_route_answers_5xx_and_every_4xx_says_why(service_env, redis_client, monkeypatch, capsys) -> None:
+def test_no_route_answers_5xx_and_every_4xx_says_why(service_env, redis_client, monkeypatch, capsys, request) -> None:
     monkeypatch.setenv("WAIFU_WEB_USER", "curator")
     monkeypatch.setenv("WAIFU_WEB_PASSWORD", PASSWORD)
     reset_settings_cache()
@@ -292,10 +293,11 @@ def test_no_route_answers_5xx_and_every_4xx_says_why(service_env, redis_client, 
                     if case["endpoint"].label == endpoint.label and case["logged_in"] == logged_in:
                         test = example(case)(test)
                 run(test)()
-    with capsys.disabled():
-        print(f"\nweb fuzz ({service_env['WAIFU_DATABASE_URL'].split(':')[0]}): {sum(tried.values())} requests")
-        for endpoint in routes:
-            for logged_in in (True, False):
-                key = (endpoint.label, logged_in)
-                seen = ", ".join(f"{code}x{n}" for code, n in sorted(statuses.get(key, {}).items()))
-                print(f"  {endpoint.label:38} {'in ' if logged_in else 'out'} {tried[key]:3} requests: {seen}")
+    lines = []
+    for endpoint in routes:
+        for logged_in in (True, False):
+            key = (endpoint.label, logged_in)
+            seen = ", ".join(f"{code}x{n}" for code, n in sorted(statuses.get(key, {}).items()))
+            lines.append(f"  {endpoint.label:38} {'in ' if logged_in else 'out'} {tried[key]:3} requests: {seen}")
+    database = service_env["WAIFU_DATABASE_URL"].split(":")[0]
+    show_summary(request, capsys, f"web fuzz ({database}): {sum(tried.values())} requests", lines)

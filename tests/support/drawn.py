@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import random
@@ -9,6 +10,8 @@ import random
 from PIL import Image, ImageDraw
 
 
+# the same seed always draws the same bytes, and the big ones take most of a second: drawn once a run
+@functools.lru_cache(maxsize=64)
 def drawn_image(seed: int | str, size: tuple[int, int] = (160, 120), fmt: str = "PNG") -> bytes:
     """A decodable picture of random shapes on grain; two seeds never give the same bytes (no accidental reposts)."""
     rng = random.Random(str(seed))

@@ -63,7 +63,8 @@ def raw_detections(config: pytest.Config, settings: Settings) -> dict[str, dict]
     """str(file) -> {"animeface": [...], "lbpcascade": [...], "size": (w, h)} for every raw illustration."""
     images = [path for _tag, path in raw_images()]  # read and checked even when the result is cached
     key = cache_key(settings)
-    cached = config.cache.get(CACHE_NAME, None) if config.cache is not None else None
+    cache = getattr(config, "cache", None)  # None with `-p no:cacheprovider`
+    cached = cache.get(CACHE_NAME, None) if cache is not None else None
     if cached and cached.get("key") == key:
         by_name = {
             name: {
@@ -75,12 +76,12 @@ def raw_detections(config: pytest.Config, settings: Settings) -> dict[str, dict]
         }
     else:
         by_name = _detect_all(images, settings)
-        if config.cache is not None:
+        if cache is not None:
             plain = {
                 name: {k: [dataclasses.asdict(d) for d in v] if k != "size" else v for k, v in r.items()}
                 for name, r in by_name.items()
             }
-            config.cache.set(CACHE_NAME, {"key": key, "detections": plain})
+            cache.set(CACHE_NAME, {"key": key, "detections": plain})
     return {
         str(path): {**by_name[name], "size": tuple(by_name[name]["size"])}
         for name, path in zip(raw_names(), images, strict=True)
