@@ -173,7 +173,7 @@ def bind(attempt, path, command):
 
 
 @sqlite_only
-def test_every_argument_gets_an_answer_never_a_traceback(service_env, tmp_path, monkeypatch, capsys, request) -> None:
+def test_every_argument_gets_an_answer_never_a_traceback(service_env, tmp_path, monkeypatch, request) -> None:
     monkeypatch.chdir(tmp_path)  # anything a fuzzed value names lands here
     reset_settings_cache()
     runner = CliRunner()
@@ -219,7 +219,7 @@ def test_every_argument_gets_an_answer_never_a_traceback(service_env, tmp_path, 
         f"  waifu {label:20} {n:3} tried, exit codes {dict(sorted(codes.get(label, {}).items()))}"
         for label, n in sorted(tried.items())
     ]
-    show_summary(request, capsys, f"cli fuzz: {sum(tried.values())} command lines", lines)
+    show_summary(request, f"cli fuzz: {sum(tried.values())} command lines", lines)
 
 
 @sqlite_only

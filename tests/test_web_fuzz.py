@@ -245,7 +245,7 @@ PINNED = [
 ]
 
 
-def test_no_route_answers_5xx_and_every_4xx_says_why(service_env, redis_client, monkeypatch, capsys, request) -> None:
+def test_no_route_answers_5xx_and_every_4xx_says_why(service_env, redis_client, monkeypatch, request) -> None:
     monkeypatch.setenv("WAIFU_WEB_USER", "curator")
     monkeypatch.setenv("WAIFU_WEB_PASSWORD", PASSWORD)
     reset_settings_cache()
@@ -300,4 +300,4 @@ def test_no_route_answers_5xx_and_every_4xx_says_why(service_env, redis_client, 
             seen = ", ".join(f"{code}x{n}" for code, n in sorted(statuses.get(key, {}).items()))
             lines.append(f"  {endpoint.label:38} {'in ' if logged_in else 'out'} {tried[key]:3} requests: {seen}")
     database = service_env["WAIFU_DATABASE_URL"].split(":")[0]
-    show_summary(request, capsys, f"web fuzz ({database}): {sum(tried.values())} requests", lines)
+    show_summary(request, f"web fuzz ({database}): {sum(tried.values())} requests", lines)
