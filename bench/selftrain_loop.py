@@ -101,7 +101,9 @@ def main() -> None:
         }
         changed, share = inferred_change(counts)
         right = sum(tracked[c] == faces[i][1] for i, c in new.items())
-        print(f"round {round_}: trained on {len(ids)} inferred; accuracy {accuracy:.3f}; then inferred {len(new)} "
+        # the ensemble's CNN share, chosen on validation: 0 means the round was the classical model alone
+        print(f"round {round_}: trained on {len(ids)} inferred; CNN weight {model.cnn_weight:.2f}; "
+              f"accuracy {accuracy:.3f}; then inferred {len(new)} "
               f"({right} right, {right / max(1, len(new)):.1%}), changed {changed} ({share:.1%}) "
               f"({time.perf_counter() - start:.0f}s)")  # fmt: skip
         inferred = new
