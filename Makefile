@@ -27,14 +27,14 @@ ifneq ($(strip $(CHARACTERS)),)
 endif
 	$(VENV)/bin/waifu run $(RUN_ARGS)
 
-# deploy/test-services.sh starts Redis and PostgreSQL when they are down and, as root, installs the Debian
-# packages a few tests use; otherwise it says what is missing and which tests fail without it
 # TEST_WORKERS pytest-xdist processes share the tests (each its own Redis database, tests/support/env.py),
 # a whole file to one worker, so a module's expensive fixture (the detection rates, a trained model) is made
 # once. TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile
 
+# deploy/test-services.sh starts Redis and PostgreSQL when they are down and, as root, installs the Debian
+# packages a few tests use; otherwise it says what is missing and which tests fail without it
 test: install
 	bash deploy/test-services.sh
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
