@@ -241,6 +241,14 @@ def test_retrain_force_enqueues_one_message_unless_one_runs(tmp_path: Path, redi
     again = waifu(env, "retrain", "--force")
     assert again.returncode == 1 and f"already queued or running (task {task_id})" in again.stdout, again.stdout
     assert redis_client.llen("train") == 1
+
+    # a worker has taken it (kombu moves it to its `unacked` hash until the ack) and has not started it yet:
+    # still one retrain, not a lost one (a browser test once saw a second retrain enqueued in that window)
+    redis_client.hset("unacked", "tag-1", redis_client.rpop("train"))
+    taken = waifu(env, "retrain", "--force")
+    assert taken.returncode == 1 and f"already queued or running (task {task_id})" in taken.stdout, taken.stdout
+    assert redis_client.llen("train") == 0
+    redis_client.delete("unacked")
     redis_client.delete("train")  # the broker flushed: that request is lost, a new one may be made
     after_flush = waifu(env, "retrain", "--force")
     assert after_flush.returncode == 0 and redis_client.llen("train") == 1, after_flush.stdout

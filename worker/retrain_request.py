@@ -15,6 +15,9 @@ from worker.steps import JOBS
 LAST_TASK_KEY = "waifu:retrain:last-task"  # the retrain last requested, for every client and after a reload
 REQUEST_LOCK = "waifu:retrain:request-lock"  # two requests at once enqueue one task
 WAITING_STATES = ("PENDING", "RECEIVED", "STARTED", "PROGRESS", "RETRY")
+# kombu's Redis transport keeps a message a worker has taken here until it is acked (task_acks_late: when the
+# task ends), so a retrain taken but not yet started is found in it
+UNACKED_KEY = "unacked"
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,13 @@ def last_task_id() -> str | None:
     return raw.decode() if raw else None
 
 
+def _queued_or_held(client, queue: str, task_id: str) -> bool:
+    if cast(int, client.llen(queue)) > 0:
+        return True
+    held = cast("list[bytes]", client.hvals(UNACKED_KEY))
+    return any(task_id.encode() in message for message in held)
+
+
 def request_retrain(force: bool) -> RetrainRequest:
     """Enqueue the retrain job (JOBS["retrain"]) unless one is queued or running. Raises the broker's errors (redis,
     kombu) when Redis does not answer."""
@@ -41,8 +51,9 @@ def request_retrain(force: bool) -> RetrainRequest:
         if retrain_running():
             return RetrainRequest(False, "a retrain is already running", last)
         job = JOBS["retrain"]
-        # a PENDING task that is in no queue and not running was lost (a flushed broker): ask again
-        if last and app.AsyncResult(last).state in WAITING_STATES and cast(int, client.llen(job.queue)) > 0:
+        # a PENDING task that is in no queue, held by no worker and not running was lost (a flushed broker):
+        # ask again
+        if last and app.AsyncResult(last).state in WAITING_STATES and _queued_or_held(client, job.queue, last):
             return RetrainRequest(False, "a retrain is already queued or running", last)
         result = app.send_task(job.task, kwargs={"force": force})
         client.set(LAST_TASK_KEY, result.id, ex=24 * 3600)
