@@ -2,7 +2,7 @@
 
 The broker for tests is a dedicated Redis database (default 127.0.0.1:6379/14, override with
 WAIFU_TEST_REDIS_URL; each pytest-xdist worker takes the next one, tests/support/env.py); PostgreSQL
-tests create a throw-away database next to `test` (override the server with WAIFU_TEST_POSTGRES_URL).
+tests create throw-away databases next to `test` (override the server with WAIFU_TEST_POSTGRES_URL).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from tests.support.browser import browser  # noqa: F401 - a fixture, found by name
 from tests.support.fixtures import (  # noqa: F401 - fixtures are found by name
+    _migrated_postgres,
     db_url,
     fake,
     labelled_db,
