@@ -97,7 +97,8 @@ def test_detect_reports_the_stalled_image_and_goes_on(tmp_path) -> None:
     env = {
         "WAIFU_DATA_DIR": str(tmp_path / "data"),
         "WAIFU_DETECTOR": "both",
-        "WAIFU_IMAGE_TIME_LIMIT_S": "15",
+        # each real image takes well under a second (both detectors); 5 s leaves room for a loaded machine
+        "WAIFU_IMAGE_TIME_LIMIT_S": "5",
         "WAIFU_TEST_STALL_FILE": stalled.name,
     }
     result = run_cli_blocking(env, "detect", "--json", *paths, timeout=900)
@@ -107,6 +108,6 @@ def test_detect_reports_the_stalled_image_and_goes_on(tmp_path) -> None:
     assert [e["path"] for e in entries] == [str(p) for p in paths]
     for entry in entries:
         if entry["path"] == str(stalled):
-            assert entry["error"] == "face detection did not finish within 15 s", entry
+            assert entry["error"] == "face detection did not finish within 5 s", entry
         else:
             assert "error" not in entry and entry["faces"], entry
