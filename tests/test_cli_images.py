@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -26,10 +25,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.settings import get_settings, reset_settings_cache
 from tests.support.cli import json_lines, run_cli_blocking
-from tests.support.env import PROJECT_ROOT, TEST_REDIS_URL
+from tests.support.env import PROJECT_ROOT
 from tests.support.testdata import IMAGE_SUFFIXES, crop_dirs, raw_image
+from tests.support.trained import copy_of, trained_collection
 
 pytestmark = pytest.mark.processes
 
@@ -166,70 +165,12 @@ def detect_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def model_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A current model trained (few epochs) on the real crops of `resized_for_training`, evaluated on
-    `resized_for_test`; SQLite. The registry query itself runs on both databases in tests/test_retrain.py."""
-    from db.engine import session_scope
-    from db.migrate import upgrade
-    from db.models import Face, FaceState, LabelSource, ModelStatus, Post
-    from train.retrain import run_retrain
-
-    data_dir = tmp_path_factory.mktemp("model-data")
-    env = {
-        "WAIFU_DATA_DIR": str(data_dir),
-        "WAIFU_DATABASE_URL": f"sqlite:///{data_dir / 'waifu.db'}",
-        "WAIFU_BROKER_URL": TEST_REDIS_URL,
-        "WAIFU_TRAIN_EPOCHS": "10",
-        "WAIFU_TRAIN_THREADS": "2",
-        "WAIFU_DETECTOR": "both",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        reset_settings_cache()
-        settings = get_settings()
-        upgrade(settings.database_url)
-        with session_scope() as session:
-            post_id = 0
-            for folder, split in zip(crop_dirs(), ("train", "test"), strict=True):
-                for path in sorted(p for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES):
-                    post_id += 1
-                    relative = f"faces/{split}/{path.parent.name}/{path.name}"
-                    (data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(path, data_dir / relative)
-                    session.add(
-                        Post(
-                            id=post_id,
-                            md5=f"{post_id:032x}",
-                            file_url="https://safebooru.org//x",
-                            state="done",
-                            faces=1,
-                        )
-                    )
-                    session.flush()
-                    session.add(
-                        Face(
-                            post_id=post_id,
-                            detector="animeface",
-                            x=0,
-                            y=0,
-                            w=96,
-                            h=96,
-                            crop_left=0,
-                            crop_top=0,
-                            crop_right=96,
-                            crop_bottom=96,
-                            state=FaceState.ready,
-                            path=relative,
-                            label=path.parent.name,
-                            label_source=LabelSource.tag,
-                            split=split,
-                        )
-                    )
-        summary = run_retrain(settings)
-        assert summary["status"] == ModelStatus.current, summary
-    reset_settings_cache()
-    return env
+def model_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A copy of the run's trained collection (tests/support/trained.py): a current model trained (few epochs)
+    on the real crops of `resized_for_training`, evaluated on `resized_for_test`; SQLite. The registry query
+    itself runs on both databases in tests/test_retrain.py."""
+    env, _summary = copy_of(trained_collection(tmp_path_factory), tmp_path_factory.mktemp("model") / "data")
+    return {**env, "WAIFU_DETECTOR": "both"}
 
 
 def good_paths(pictures: dict[tuple[str, str], Path]) -> list[Path]:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import get_settings
 from tests.support.cli import json_lines, run_cli_blocking
-from tests.support.testdata import crop_dirs, data_files, names_under
-from train.retrain import run_retrain
+from tests.support.testdata import crop_counts, crop_dirs, data_files, names_under
+from tests.support.trained import copy_of, trained_collection
 
 pytestmark = pytest.mark.processes
 
@@ -73,16 +72,18 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the database only finds the version here
-def test_exported_model_names_faces_like_predict_without_the_package(labelled_db, service_env, tmp_path: Path) -> None:
-    settings = get_settings()
-    summary = run_retrain(settings)
+def test_exported_model_names_faces_like_predict_without_the_package(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    # the run's trained collection (tests/support/trained.py); the database only finds the version here
+    service_env, summary = copy_of(trained_collection(tmp_path_factory), tmp_path / "data")
     assert summary["status"] == "current", summary
+    characters = sorted(crop_counts()[0])
     out = tmp_path / "exported"
     result = run_cli_blocking(service_env, "model", "export", out)
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = json.loads((out / "model.json").read_text())
-    assert manifest["version"] == summary["version"] and manifest["class_names"] == labelled_db
+    assert manifest["version"] == summary["version"] and manifest["class_names"] == characters
     assert manifest["unknown"]["threshold"] == pytest.approx(summary["unknown"]["threshold"])
     assert manifest["metrics"]["accuracy"] == pytest.approx(summary["accuracy"])
     for name in ("model.keras", "model.onnx", "saved_model/saved_model.pb"):
@@ -108,7 +109,7 @@ def test_exported_model_names_faces_like_predict_without_the_package(labelled_db
     )
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     got = json.loads(fresh.stdout.strip().splitlines()[-1])
-    assert got["imported"] == [] and got["cnn_outputs"] == len(labelled_db)
+    assert got["imported"] == [] and got["cnn_outputs"] == len(characters)
     expected = [f["top"][0]["name"] for a in answers for f in a["faces"]]
     assert got["onnx"] == expected
     assert got["keras"] == expected

@@ -22,10 +22,9 @@ from PIL import Image
 from core.images import open_image
 from core.settings import get_settings, reset_settings_cache
 from tests.support.browser import Screens
-from tests.support.env import TEST_REDIS_URL
 from tests.support.fake_safebooru import FakeSafebooru, publish
-from tests.support.fixtures import add_faces
 from tests.support.testdata import raw_image
+from tests.support.trained import copy_of, trained_collection
 from tests.support.web import Web
 from waifu.web.app import create_app
 from waifu.web.naming import Busy, Namer
@@ -45,20 +44,10 @@ ILLUSTRATIONS = {
 
 @pytest.fixture(scope="module")
 def model_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A current model (v1) trained on the real crops' train split, SQLite, a login and an API token."""
-    from db.migrate import upgrade
-    from db.models import ModelStatus
-    from train.retrain import run_retrain
-
-    data_dir = tmp_path_factory.mktemp("who-data")
-    env = {
-        "WAIFU_DATA_DIR": str(data_dir),
-        "WAIFU_DATABASE_URL": f"sqlite:///{data_dir / 'waifu.db'}",
-        "WAIFU_BROKER_URL": TEST_REDIS_URL,
-        "WAIFU_TRAIN_EPOCHS": "10",
-        "WAIFU_TRAIN_THREADS": "2",
-        "WAIFU_BACKBONE_WEIGHTS": "none",
-        "WAIFU_WEAK_LABELS": "false",
+    """A copy of the run's trained collection (tests/support/trained.py: v1 current, trained on the real crops'
+    train split, SQLite), a login and an API token."""
+    env, _summary = copy_of(trained_collection(tmp_path_factory), tmp_path_factory.mktemp("who") / "data")
+    env |= {
         "WAIFU_DETECTOR": "both",
         "WAIFU_WEB_USER": USER,
         "WAIFU_WEB_PASSWORD": PASSWORD,
@@ -68,10 +57,6 @@ def model_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         for key, value in env.items():
             mp.setenv(key, value)
         reset_settings_cache()
-        upgrade(get_settings().database_url)
-        assert add_faces() > 100
-        summary = run_retrain(get_settings())
-        assert summary["status"] == ModelStatus.current, summary
         yield env
     reset_settings_cache()
 
