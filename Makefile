@@ -28,10 +28,10 @@ endif
 	$(VENV)/bin/waifu run $(RUN_ARGS)
 
 # TEST_WORKERS pytest-xdist processes share the tests (each its own Redis database, tests/support/env.py),
-# a whole file to one worker, so a module's expensive fixture (the detection rates, a trained model) is made
-# once. TEST_WORKERS=0 runs them in one process.
+# a whole file to one worker, so a module's expensive fixture (the detection rates) is made once; the longest
+# files first, in the order of the last run's times (tests/support/ordering.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # deploy/test-services.sh starts Redis and PostgreSQL when they are down and, as root, installs the Debian
 # packages a few tests use; otherwise it says what is missing and which tests fail without it
