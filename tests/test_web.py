@@ -33,6 +33,7 @@ from db.models import (
 )
 from labels.manual import label_faces, undo
 from labels.priority import usefulness
+from tests.support.cli import run_cli_blocking
 from tests.support.env import PROJECT_ROOT
 from tests.support.web import BOX, Web, face, make_collection, store_file
 from train.registry import labelled_count
@@ -312,6 +313,15 @@ def test_undo_keeps_what_changed_since(service_env, faces) -> None:
         undo()
 
 
+def test_cli_refuses_a_face_id_an_integer_column_cannot_hold(service_env) -> None:
+    """Face ids are INTEGER: a larger one is a usage error on both databases (was PostgreSQL's "integer out of
+    range" as a traceback; the CLI fuzz runs on SQLite only)."""
+    for args in (["reject", 2**31], ["label", 2**31, "x"], ["undo", 2**31]):
+        result = run_cli_blocking(service_env, "faces", *map(str, args))
+        assert result.returncode == 2, (args, result.stdout, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "2147483647" in result.stderr, (args, result.stderr[-2000:])
+
+
 def test_cli_label_reject_undo_share_the_history(service_env, faces) -> None:
     a1, a2 = faces["ambiguous"][:2]
 
@@ -419,6 +429,13 @@ BAD_GETS = [
     ("/faces/%C2%B2/source.png", 404, "face id must be a positive whole number"),
     ("/models/%C2%B2/training_curves.png", 404, "model version must be a positive whole number"),
     ("/faces?post=" + "0" * 30 + "1", 400, "post must be a positive whole number"),  # length bound
+    # face and model version ids are INTEGER: a larger number was a 500 on PostgreSQL (found by test_web_fuzz)
+    (f"/faces/{2**31}/crop.png", 404, f"face id must be a positive whole number up to {2**31 - 1}"),
+    ("/faces/5067740794708055040/source.png", 404, "face id must be a positive whole number up to"),
+    (f"/faces?after={2**31}", 400, "after must be a positive whole number up to"),
+    (f"/faces?before={2**40}", 400, "before must be a positive whole number up to"),
+    (f"/models/{2**31}/training_curves.png", 404, "model version must be a positive whole number up to"),
+    (f"/faces/{2**31 - 1}/crop.png", 404, f"no face with id {2**31 - 1}"),  # the largest is an id
 ]
 
 
@@ -437,6 +454,7 @@ def test_bad_form_values_get_a_4xx_with_a_message(web: Web, faces) -> None:
         ({"action": "reject", "ids": ""}, 400, "no face selected"),
         ({"action": "reject", "ids": "1,two"}, 400, "face id must be a positive whole number, not 'two'"),
         ({"action": "reject", "ids": str(2**80)}, 400, "face id must be a positive whole number"),
+        ({"action": "reject", "ids": f"{a1},{2**31}"}, 400, "face id must be a positive whole number up to"),
         ({"action": "reject", "ids": "²"}, 400, "face id must be a positive whole number, not '²'"),
         ({"action": "reject", "ids": ",".join(map(str, range(1, 1502)))}, 400, "1501 faces selected: at most 1000"),
         ({"action": "reject", "ids": "1," * 12_000}, 400, "too many face ids"),

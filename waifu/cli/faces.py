@@ -7,10 +7,11 @@ from typing import Annotated
 
 import typer
 
+from db.models import MAX_INTEGER_ID
 from waifu.cli.base import console, ensure_db, exits_on, faces_app
 
-# a database id: BIGINT, so a larger number is a usage error rather than an overflow in the driver
-FACE_ID = typer.Argument(min=1, max=2**63 - 1, help="face id (waifu status, the web page)")
+# a face id is INTEGER: a larger number is a usage error rather than an overflow in the driver
+FACE_ID = typer.Argument(min=1, max=MAX_INTEGER_ID, help="face id (waifu status, the web page)")
 
 
 @faces_app.command("label")
@@ -37,7 +38,9 @@ def faces_reject(face_id: Annotated[int, FACE_ID]) -> None:
 
 @faces_app.command("undo")
 def faces_undo(
-    face_id: Annotated[int | None, typer.Argument(min=1, max=2**63 - 1, help="only this face's latest change")] = None,
+    face_id: Annotated[
+        int | None, typer.Argument(min=1, max=MAX_INTEGER_ID, help="only this face's latest change")
+    ] = None,
 ) -> None:
     """Undo the latest label/reject/accept (all faces of a bulk action), or FACE_ID's latest change."""
     from labels.manual import undo

@@ -20,7 +20,7 @@ from db.engine import session_scope
 from db.models import ModelStatus, ModelVersion
 from waifu.web import openapi
 from waifu.web.naming import Busy, Namer, NoModel
-from waifu.web.queries import COUNT_CAP, BadInput, faces_page, parse_filter, parse_id
+from waifu.web.queries import COUNT_CAP, MAX_INTEGER_ID, BadInput, faces_page, parse_filter, parse_id
 from waifu.web.uploads import BadUpload, picture_bytes
 from waifu.web.versions import MODEL_PICTURES, json_object
 
@@ -123,7 +123,7 @@ async def models(request: Request) -> Response:
         status = (params.get("status") or "").strip() or None
         if status is not None and status not in {s.value for s in ModelStatus}:
             raise BadInput(f"status must be one of {', '.join(s.value for s in ModelStatus)}, not {status[:40]!r}")
-        before = parse_id(params["before"], "before") if (params.get("before") or "").strip() else None
+        before = parse_id(params["before"], "before", MAX_INTEGER_ID) if (params.get("before") or "").strip() else None
         size = parse_id(params["size"], "size") if (params.get("size") or "").strip() else MODELS_PAGE
         if size > MAX_MODELS_PAGE:
             raise BadInput(f"size must be at most {MAX_MODELS_PAGE}")

@@ -13,7 +13,17 @@ from db.engine import session_scope
 from db.models import pk
 from labels import manual as labels
 from waifu.web.pictures import NotFound, crop_path, source_png
-from waifu.web.queries import COUNT_CAP, SOURCES, STATES, BadInput, face_cards, faces_page, parse_filter, parse_id
+from waifu.web.queries import (
+    COUNT_CAP,
+    MAX_INTEGER_ID,
+    SOURCES,
+    STATES,
+    BadInput,
+    face_cards,
+    faces_page,
+    parse_filter,
+    parse_id,
+)
 from waifu.web.rendering import done, refuse, render, same_site_only
 
 ACTIONS = ("accept", "label", "reject")
@@ -44,7 +54,7 @@ async def faces(request: Request) -> Response:
 
 def _face_id(request: Request) -> int:
     try:
-        return parse_id(request.path_params["face_id"], "face id")
+        return parse_id(request.path_params["face_id"], "face id", MAX_INTEGER_ID)
     except BadInput as exc:
         raise refuse(404, str(exc)) from exc
 
@@ -83,7 +93,7 @@ def parse_ids(form) -> list[int]:
     parts = [p for p in text.replace(" ", ",").split(",") if p]
     if not parts:
         raise BadInput("no face selected")
-    ids = list(dict.fromkeys(parse_id(p, "face id") for p in parts))
+    ids = list(dict.fromkeys(parse_id(p, "face id", MAX_INTEGER_ID) for p in parts))
     if len(ids) > labels.MAX_FACES_PER_ACTION:
         raise BadInput(f"{len(ids)} faces selected: at most {labels.MAX_FACES_PER_ACTION} per action")
     return ids

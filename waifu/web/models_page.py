@@ -11,7 +11,7 @@ from starlette.routing import Route
 from db.engine import session_scope
 from train.characters import character_report
 from waifu.web.pictures import NotFound, model_picture
-from waifu.web.queries import BadInput, parse_id
+from waifu.web.queries import MAX_INTEGER_ID, BadInput, parse_id
 from waifu.web.rendering import done, refuse, render
 from waifu.web.retraining import BrokerUnreachable, retrain_status, start_retrain
 from waifu.web.versions import model_versions
@@ -31,7 +31,7 @@ async def models(request: Request) -> Response:
 
 def picture(request: Request) -> Response:
     try:
-        version_id = parse_id(request.path_params["version_id"], "model version")
+        version_id = parse_id(request.path_params["version_id"], "model version", MAX_INTEGER_ID)
         with session_scope(readonly=True) as session:
             path = model_picture(session, request.app.state.settings, version_id, request.path_params["name"])
     except (BadInput, NotFound) as exc:

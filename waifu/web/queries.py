@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Float, and_, case, cast, func, literal, or_
 from sqlmodel import Session, col, select
 
-from db.models import Character, Face, FaceState, LabelSource, PostCharacter, Split
+from db.models import MAX_INTEGER_ID, Character, Face, FaceState, LabelSource, PostCharacter, Split
 
 PAGE_SIZE = 200
 MAX_PAGE_SIZE = 500
@@ -26,12 +26,14 @@ class BadInput(ValueError):
     """A query or form value that cannot be used; the message says which and why."""
 
 
-def parse_id(value: str | None, what: str = "id") -> int:
-    """A positive database id from text, or BadInput. ASCII digits only (`str.isdigit` also takes `²` and
-    `①`, which `int` refuses), at most 19 of them (BIGINT)."""
+def parse_id(value: str | None, what: str = "id", maximum: int = MAX_ID) -> int:
+    """A positive database id from text, at most `maximum`, or BadInput. ASCII digits only (`str.isdigit`
+    also takes `²` and `①`, which `int` refuses), at most 19 of them (BIGINT)."""
     text = (value or "").strip()
-    if not re.fullmatch(r"[0-9]{1,19}", text) or not 0 < int(text) <= MAX_ID:
+    if not re.fullmatch(r"[0-9]{1,19}", text) or int(text) == 0:
         raise BadInput(f"{what} must be a positive whole number, not {text[:40]!r}")
+    if int(text) > maximum:
+        raise BadInput(f"{what} must be a positive whole number up to {maximum}, not {text}")
     return int(text)
 
 
@@ -112,8 +114,8 @@ def parse_filter(params: Mapping[str, str]) -> FaceFilter:
     if character is not None and len(character) > 255:
         raise BadInput("character is too long")
     optional_id = {
-        key: parse_id(params[key], key) if (params.get(key) or "").strip() else None
-        for key in ("post", "after", "before")
+        key: parse_id(params[key], key, maximum) if (params.get(key) or "").strip() else None
+        for key, maximum in (("post", MAX_ID), ("after", MAX_INTEGER_ID), ("before", MAX_INTEGER_ID))
     }
     return FaceFilter(
         source=source,
