@@ -55,13 +55,14 @@ def test_a_step_stuck_in_c_is_ended_at_its_hard_limit_and_fails_after_its_attemp
     start_worker, service_env: dict[str, str]
 ) -> None:
     post_id = downloaded_post()
-    fault = {"WAIFU_TEST_FAULT": "post:downloaded:hang", "WAIFU_DETECT_TIME_LIMIT_S": "10", "WAIFU_MAX_ATTEMPTS": "2"}
+    # the fault strikes right after the claim, so a short limit is all the step needs
+    fault = {"WAIFU_TEST_FAULT": "post:downloaded:hang", "WAIFU_DETECT_TIME_LIMIT_S": "5", "WAIFU_MAX_ATTEMPTS": "2"}
     start_worker(queues="cpu", concurrency=1, extra_env=fault)
     enqueue("detect", [post_id])
     # one pool process: the second attempt ran in the process the pool started after the first was ended
     wait_until(lambda: failed(post_id), 120, message="the hung detection to fail")
     post = row(post_id)
-    assert post.reason == "face detection did not finish within 10 s (2 attempts)"
+    assert post.reason == "face detection did not finish within 5 s (2 attempts)"
     assert post.claim_token is None
 
     status = run_cli_blocking(service_env, "status", columns=200)
@@ -73,11 +74,11 @@ def test_a_soft_limit_is_an_attempt_not_a_broken_image(start_worker, service_env
     attempts are spent. (Celery's SoftTimeLimitExceeded is an ordinary exception: a step's `except Exception`
     would record it as a broken image, and raised outside one it left the row claimed with no outcome.)"""
     post_id = downloaded_post()
-    fault = {"WAIFU_TEST_FAULT": "post:downloaded:sleep", "WAIFU_DETECT_TIME_LIMIT_S": "10", "WAIFU_MAX_ATTEMPTS": "2"}
+    fault = {"WAIFU_TEST_FAULT": "post:downloaded:sleep", "WAIFU_DETECT_TIME_LIMIT_S": "5", "WAIFU_MAX_ATTEMPTS": "2"}
     start_worker(queues="cpu", concurrency=1, extra_env=fault)
     enqueue("detect", [post_id])
     wait_until(lambda: failed(post_id), 120, message="the slow detection to fail")
-    assert row(post_id).reason == "face detection did not finish within 9 s (2 attempts)"
+    assert row(post_id).reason == "face detection did not finish within 4.5 s (2 attempts)"
 
 
 @pytest.mark.parametrize("how", ["exit", "kill"])
