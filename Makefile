@@ -30,7 +30,7 @@ endif
 # TEST_WORKERS pytest-xdist processes share the tests (each its own Redis database, tests/support/env.py),
 # a whole file to one worker, so a module's expensive fixture (the detection rates) is made once; the longest
 # files first, in the order of the last run's times (tests/support/ordering.py). TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # deploy/test-services.sh starts Redis and PostgreSQL when they are down and, as root, installs the Debian
@@ -39,7 +39,7 @@ test: install
 	bash deploy/test-services.sh
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
-# the tests that start no process (Celery workers, `waifu run`, services, browsers): about 3.5 minutes
+# the tests that start no process (Celery workers, `waifu run`, services, browsers): about 2 minutes
 test-fast: install
 	bash deploy/test-services.sh
 	$(PY) -m pytest $(XDIST) -m "not processes" $(PYTEST_ARGS)

@@ -8,7 +8,7 @@
 # It never stops anything it did not start, and starts nothing that already answers.
 set -euo pipefail
 
-REDIS_URL="${WAIFU_TEST_REDIS_URL:-redis://127.0.0.1:6379/14}"
+REDIS_URL="${WAIFU_TEST_REDIS_URL:-redis://127.0.0.1:6379/13}"
 POSTGRES_URL="${WAIFU_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/test}"
 
 # host and port of scheme://[user[:password]@]host[:port][/path]
@@ -78,7 +78,7 @@ for _ in $(seq 1 30); do
   sleep 1
 done
 if ! redis_up; then
-  say "Redis does not answer at $REDIS_HOST:$REDIS_PORT: nearly every test needs it (the broker, database 14)."
+  say "Redis does not answer at $REDIS_HOST:$REDIS_PORT: nearly every test needs it (the broker, databases 13 to 15)."
   say "  install it (apt-get install redis-server) and run this as root to start it, or start one yourself,"
   say "  or point WAIFU_TEST_REDIS_URL at one"
   failed=1

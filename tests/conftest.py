@@ -1,8 +1,8 @@
 """The test session: the environment every test starts from, and the shared fixtures (tests/support/fixtures.py).
 
-The broker for tests is a dedicated Redis database (default 127.0.0.1:6379/14, override with
+The broker for tests is a dedicated Redis database (default 127.0.0.1:6379/13, override with
 WAIFU_TEST_REDIS_URL; each pytest-xdist worker takes the next one, tests/support/env.py); PostgreSQL
-tests create throw-away databases next to `test` (override the server with WAIFU_TEST_POSTGRES_URL).
+tests create their databases next to `test` (override the server with WAIFU_TEST_POSTGRES_URL).
 """
 
 from __future__ import annotations

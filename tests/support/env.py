@@ -22,7 +22,7 @@ def _own_redis_database(url: str, worker: str | None) -> str:
 
 # the broker for tests is a dedicated Redis database (override per concurrent run: tests flush it)
 TEST_REDIS_URL = _own_redis_database(
-    os.environ.get("WAIFU_TEST_REDIS_URL", "redis://127.0.0.1:6379/14"), os.environ.get("PYTEST_XDIST_WORKER")
+    os.environ.get("WAIFU_TEST_REDIS_URL", "redis://127.0.0.1:6379/13"), os.environ.get("PYTEST_XDIST_WORKER")
 )
 # PostgreSQL tests create a throw-away database beside this one
 TEST_POSTGRES_URL = os.environ.get("WAIFU_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
