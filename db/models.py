@@ -13,8 +13,6 @@ from core.sites import DEFAULT_SITE
 
 # BIGINT, but INTEGER on SQLite: only an INTEGER PRIMARY KEY is the rowid there, and so numbered by itself
 ID = BigInteger().with_variant(Integer(), "sqlite")
-# the largest id of an INTEGER key (faces, model versions): PostgreSQL refuses a larger number in a query
-MAX_INTEGER_ID = 2**31 - 1
 
 
 class _Stored(Protocol):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from db.models import MAX_INTEGER_ID
+from db.ids import MAX_INTEGER_ID
 from waifu.cli.base import console, ensure_db, exits_on, faces_app
 
 # a face id is INTEGER: a larger number is a usage error rather than an overflow in the driver

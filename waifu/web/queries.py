@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy import ColumnElement, Float, and_, case, cast, func, literal, or_
 from sqlmodel import Session, col, select
 
-from db.models import MAX_INTEGER_ID, Character, Face, FaceState, LabelSource, PostCharacter, Split
+from db.ids import MAX_BIGINT_ID, MAX_INTEGER_ID
+from db.models import Character, Face, FaceState, LabelSource, PostCharacter, Split
 
 PAGE_SIZE = 200
 MAX_PAGE_SIZE = 500
-MAX_ID = 2**63 - 1  # post ids are BIGINT; a larger number is no id at all
 SOURCES = ("ambiguous", "inferred", "tag", "manual", "none")
 STATES = (FaceState.ready.value, FaceState.rejected.value)
 COUNT_CAP = 10_000  # counting stops here: "more than 10,000 match" costs the same at any size
@@ -26,7 +26,7 @@ class BadInput(ValueError):
     """A query or form value that cannot be used; the message says which and why."""
 
 
-def parse_id(value: str | None, what: str = "id", maximum: int = MAX_ID) -> int:
+def parse_id(value: str | None, what: str = "id", maximum: int = MAX_BIGINT_ID) -> int:
     """A positive database id from text, at most `maximum`, or BadInput. ASCII digits only (`str.isdigit`
     also takes `²` and `①`, which `int` refuses), at most 19 of them (BIGINT)."""
     text = (value or "").strip()
@@ -115,7 +115,7 @@ def parse_filter(params: Mapping[str, str]) -> FaceFilter:
         raise BadInput("character is too long")
     optional_id = {
         key: parse_id(params[key], key, maximum) if (params.get(key) or "").strip() else None
-        for key, maximum in (("post", MAX_ID), ("after", MAX_INTEGER_ID), ("before", MAX_INTEGER_ID))
+        for key, maximum in (("post", MAX_BIGINT_ID), ("after", MAX_INTEGER_ID), ("before", MAX_INTEGER_ID))
     }
     return FaceFilter(
         source=source,
