@@ -27,8 +27,8 @@ def rows_of(db: Path) -> dict[int, str]:
 def test_short_soak_counts_what_the_database_holds_and_a_withheld_post_as_lost(tmp_path) -> None:
     raw_images()  # the real test images, or the one line saying how to provide them
     work = tmp_path / "soak"
-    argv = [sys.executable, "-m", "bench.soak", "--minutes", "1.5", "--db", "sqlite", "--workdir", str(work)]
-    argv += ["--kill-every", "30", "--publish-every", "6", "--initial-posts", "6", "--big-png", "0"]
+    argv = [sys.executable, "-m", "bench.soak", "--minutes", "1", "--db", "sqlite", "--workdir", str(work)]
+    argv += ["--kill-every", "20", "--publish-every", "6", "--initial-posts", "6", "--big-png", "0"]
     argv += ["--lost-after", "30", "--withhold-one"]
     done = subprocess.run(argv, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 1), done.stdout + done.stderr  # 1: a verdict failed, the harness worked
