@@ -13,6 +13,8 @@ from core.sites import DEFAULT_SITE
 
 # BIGINT, but INTEGER on SQLite: only an INTEGER PRIMARY KEY is the rowid there, and so numbered by itself
 ID = BigInteger().with_variant(Integer(), "sqlite")
+# a tracked character's tag and extra terms: PostgreSQL refuses a longer value, so it is refused as input first
+TAG_CHARS, EXTRA_TERMS_CHARS = 255, 500
 
 
 class _Stored(Protocol):
@@ -51,9 +53,9 @@ class Character(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     site: str = Field(default=DEFAULT_SITE, sa_column=Column(String(32), nullable=False, default=DEFAULT_SITE))
-    tag: str = Field(sa_column=Column(String(255), nullable=False, index=True))
+    tag: str = Field(sa_column=Column(String(TAG_CHARS), nullable=False, index=True))
     # extra search terms appended to the tag, e.g. "-animated -comic"
-    extra_terms: str = Field(default="", sa_column=Column(String(500), nullable=False, default=""))
+    extra_terms: str = Field(default="", sa_column=Column(String(EXTRA_TERMS_CHARS), nullable=False, default=""))
     # comma-separated ratings kept (e.g. "general,safe"); empty keeps every rating
     ratings: str = Field(default="", sa_column=Column(String(100), nullable=False, default=""))
     created_at: datetime = Field(default_factory=utcnow, nullable=False)

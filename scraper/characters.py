@@ -11,7 +11,7 @@ from sqlmodel import col, select
 from core.settings import get_settings
 from core.sites import DEFAULT_SITE
 from db.engine import session_scope
-from db.models import Character, PostCharacter, ScrapeCursor, pk
+from db.models import EXTRA_TERMS_CHARS, TAG_CHARS, Character, PostCharacter, ScrapeCursor, pk
 
 
 def normalize_tag(tag: str) -> str:
@@ -34,12 +34,16 @@ def add_characters(
 ) -> tuple[list[str], list[str]]:
     get_settings().site(site)  # an unknown site is refused before anything is written
     ratings = check_ratings(site, ratings)
+    if len(extra_terms.strip()) > EXTRA_TERMS_CHARS:
+        raise ValueError(f"extra search terms are at most {EXTRA_TERMS_CHARS} characters")
     added, updated = [], []
     with session_scope() as session:
         for raw in tags:
             tag = normalize_tag(raw)
             if not tag or any(c in tag for c in "*:"):
                 raise ValueError(f"not a plain {site} tag: {raw!r}")
+            if len(tag) > TAG_CHARS:
+                raise ValueError(f"a tag is at most {TAG_CHARS} characters, not {len(tag)}: {raw[:40]!r}...")
             existing = session.exec(select(Character).where(Character.site == site, Character.tag == tag)).first()
             if existing is None:
                 session.add(Character(site=site, tag=tag, extra_terms=extra_terms.strip(), ratings=ratings))

@@ -474,6 +474,10 @@ def test_bad_form_values_get_a_4xx_with_a_message(web: Web, faces) -> None:
     assert web.post("/faces/undo").status_code == 409
     assert web.post("/collection/characters", {"tags": "rating:safe"}).status_code == 400
     assert web.post("/collection/characters", {"tags": " "}).status_code == 400
+    # longer than the column: was a 500 on PostgreSQL ("value too long", found by test_web_fuzz)
+    long_tag = web.post("/collection/characters", {"tags": "a" * 256})
+    assert long_tag.status_code == 400 and "a tag is at most 255 characters, not 256" in long_tag.json()["message"]
+    assert web.post("/collection/characters", {"tags": "a" * 255}).status_code == 200  # the longest is a tag
     gone = web.post("/collection/characters/remove", {"tag": "nobody_at_all"})
     assert gone.status_code == 404
     assert gone.json()["message"] == "'nobody_at_all' is not tracked on safebooru: nothing to stop"
