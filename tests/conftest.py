@@ -35,15 +35,16 @@ from tests.support.fixtures import (  # noqa: F401 - fixtures are found by name
     service_env,
     start_worker,
 )
-from tests.support.ordering import FileTimes, longest_files_first
+from tests.support.ordering import TimesPerTest, longest_files_first
 from tests.support.processes import _processes_checked  # noqa: F401 - autouse: the `processes` marker kept true
 from tests.support.testdata import ImagesUnavailable
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(FileTimes(), "waifu-file-times")
+    config.pluginmanager.register(TimesPerTest(), "waifu-test-times")
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` and `-k` deselected: the order of what runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     longest_files_first(config, items)  # pytest-xdist's workers then finish together (tests/support/ordering.py)
 
