@@ -4,8 +4,9 @@ The two detectors run in two threads: each holds its own lock and releases the G
 run takes the slower detector's time instead of the sum. The result is kept in pytest's cache
 (`.pytest_cache`) under a key of everything it depends on: the files of `detect/` (code and cascade) and
 `core/images.py`, the animeface library file, the versions of animeface, OpenCV, Pillow and NumPy, the
-detector settings, and the illustrations' sha256s. Any change to one of them computes it again, as does
-`pytest --cache-clear`; the illustrations are read and checked against their sha256s on every run.
+settings (but the broker, database and data dir), and the illustrations' sha256s. Any change to one of
+them computes it again, as does `pytest --cache-clear`; the illustrations are read and checked against their
+sha256s on every run.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def cache_key(settings: Settings) -> str:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     for name in DISTRIBUTIONS:
         digest.update(f"{name}={importlib.metadata.version(name)}\0".encode())
-    digest.update(settings.model_dump_json().encode())
+    # every setting but where the run's services and files are: the broker differs per pytest-xdist worker, and
+    # with it in the key the result was computed again whenever the file went to another worker
+    digest.update(settings.model_dump_json(exclude={"broker_url", "database_url", "data_dir"}).encode())
     for name in raw_names():
         digest.update(f"{name}={registry()[name]}\0".encode())
     return digest.hexdigest()
