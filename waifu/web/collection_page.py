@@ -9,6 +9,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from core.sites import DEFAULT_SITE, KNOWN_SITES
+from db.models import TAG_CHARS
 from scraper.characters import add_characters, list_characters, remove_characters
 from waifu.status import collect_status
 from waifu.web.pictures import growth_chart
@@ -61,7 +62,7 @@ async def remove(request: Request) -> Response:
     form = await request.form()
     tag = str(form.get("tag") or "").strip()
     site = str(form.get("site") or DEFAULT_SITE)
-    if not tag or len(tag) > 255:
+    if not tag or len(tag) > TAG_CHARS:
         raise refuse(400, "name the tag to stop tracking")
     if site not in KNOWN_SITES:
         raise refuse(400, f"unknown site {site[:40]!r}")
