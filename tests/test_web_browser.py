@@ -91,7 +91,9 @@ def test_a_person_sorts_faces_and_retrains(collection: list[int], browser, start
         driver.find_element(By.ID, "username").send_keys(USER)
         driver.find_element(By.ID, "password").send_keys("wrong password")
         driver.find_element(By.ID, "login-submit").click()
-        assert driver.find_element(By.ID, "login-error").text == "wrong user name or password"
+        # the click returns before the answer loads when the machine is busy: wait for the refusal
+        refusal = wait.until(ec.visibility_of_element_located((By.ID, "login-error")))
+        assert refusal.text == "wrong user name or password"
         driver.find_element(By.ID, "username").send_keys(USER)
         driver.find_element(By.ID, "password").send_keys(PASSWORD)
         driver.find_element(By.ID, "login-submit").click()
