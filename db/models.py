@@ -13,8 +13,8 @@ from core.sites import DEFAULT_SITE
 
 # BIGINT, but INTEGER on SQLite: only an INTEGER PRIMARY KEY is the rowid there, and so numbered by itself
 ID = BigInteger().with_variant(Integer(), "sqlite")
-# a tracked character's tag and extra terms: PostgreSQL refuses a longer value, so it is refused as input first
-TAG_CHARS, EXTRA_TERMS_CHARS = 255, 500
+# a tracked character's tag, extra terms and ratings: PostgreSQL refuses a longer value, so it is refused as input first
+TAG_CHARS, EXTRA_TERMS_CHARS, RATINGS_CHARS = 255, 500, 100
 
 
 class _Stored(Protocol):
@@ -57,7 +57,7 @@ class Character(SQLModel, table=True):
     # extra search terms appended to the tag, e.g. "-animated -comic"
     extra_terms: str = Field(default="", sa_column=Column(String(EXTRA_TERMS_CHARS), nullable=False, default=""))
     # comma-separated ratings kept (e.g. "general,safe"); empty keeps every rating
-    ratings: str = Field(default="", sa_column=Column(String(100), nullable=False, default=""))
+    ratings: str = Field(default="", sa_column=Column(String(RATINGS_CHARS), nullable=False, default=""))
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
 
     @property

@@ -11,7 +11,7 @@ from sqlmodel import col, select
 from core.settings import get_settings
 from core.sites import DEFAULT_SITE
 from db.engine import session_scope
-from db.models import EXTRA_TERMS_CHARS, TAG_CHARS, Character, PostCharacter, ScrapeCursor, pk
+from db.models import EXTRA_TERMS_CHARS, RATINGS_CHARS, TAG_CHARS, Character, PostCharacter, ScrapeCursor, pk
 
 
 def normalize_tag(tag: str) -> str:
@@ -22,10 +22,13 @@ def normalize_tag(tag: str) -> str:
 def check_ratings(site: str, ratings: str) -> str:
     """The rating filter in the site's own words: a word the site does not use would filter out everything."""
     known = get_settings().site(site).ratings
-    words = [r.strip().lower() for r in ratings.split(",") if r.strip()]
+    words = list(dict.fromkeys(r.strip().lower() for r in ratings.split(",") if r.strip()))  # each once
     unknown = [w for w in words if w not in known]
     if unknown:
-        raise ValueError(f"{site} has no rating {', '.join(map(repr, unknown))}; its ratings: {', '.join(known)}")
+        shown = ", ".join(repr(w[:40]) for w in unknown[:5])
+        raise ValueError(f"{site} has no rating {shown}; its ratings: {', '.join(known)}")
+    if len(",".join(words)) > RATINGS_CHARS:
+        raise ValueError(f"ratings are at most {RATINGS_CHARS} characters")
     return ",".join(words)
 
 

@@ -23,6 +23,7 @@ from sqlmodel import select
 from core.settings import get_settings, reset_settings_cache
 from db.engine import session_scope
 from db.models import (
+    Character,
     Face,
     FaceLabelEvent,
     FaceState,
@@ -478,6 +479,16 @@ def test_bad_form_values_get_a_4xx_with_a_message(web: Web, faces) -> None:
     long_tag = web.post("/collection/characters", {"tags": "a" * 256})
     assert long_tag.status_code == 400 and "a tag is at most 255 characters, not 256" in long_tag.json()["message"]
     assert web.post("/collection/characters", {"tags": "a" * 255}).status_code == 200  # the longest is a tag
+    # extra terms and ratings longer than their columns were cut short without a word; now refused or merged
+    long_extra = web.post("/collection/characters", {"tags": "yagami_kou", "extra": "-comic " * 100})
+    assert long_extra.status_code == 400 and "at most 500 characters" in long_extra.json()["message"]
+    cut_word = web.post("/collection/characters", {"tags": "yagami_kou", "ratings": "x" * 98 + ",questionable"})
+    assert cut_word.status_code == 400 and "has no rating 'xxxx" in cut_word.json()["message"]
+    repeated = web.post("/collection/characters", {"tags": "yagami_kou", "ratings": "general, safe," * 20})
+    assert repeated.status_code == 200, repeated.text[:300]
+    with session_scope() as session:
+        kou = session.exec(select(Character).where(Character.tag == "yagami_kou")).one()
+        assert (kou.extra_terms, kou.ratings) == ("", "general,safe")  # the refusals changed nothing
     gone = web.post("/collection/characters/remove", {"tag": "nobody_at_all"})
     assert gone.status_code == 404
     assert gone.json()["message"] == "'nobody_at_all' is not tracked on safebooru: nothing to stop"

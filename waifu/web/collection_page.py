@@ -44,7 +44,8 @@ def growth(request: Request) -> Response:
 async def add(request: Request) -> Response:
     form = await request.form()
     text = str(form.get("tags") or "")
-    extra, ratings = str(form.get("extra") or "")[:500], str(form.get("ratings") or "")[:100]
+    # not cut to the columns' lengths: add_characters refuses what does not fit, saying why
+    extra, ratings = str(form.get("extra") or ""), str(form.get("ratings") or "")
     site = str(form.get("site") or DEFAULT_SITE)
     tags = text.replace(",", " ").split()
     if not tags or len(text) > MAX_TAGS_TEXT:
