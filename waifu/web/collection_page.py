@@ -66,7 +66,7 @@ async def remove(request: Request) -> Response:
     if not tag or len(tag) > TAG_CHARS:
         raise refuse(400, "name the tag to stop tracking")
     if site not in KNOWN_SITES:
-        raise refuse(400, f"unknown site {site[:40]!r}")
+        raise refuse(400, f"unknown site {site[:40]!r}; known: {', '.join(sorted(KNOWN_SITES))}")  # as Settings.site
     removed = await run_in_threadpool(remove_characters, [tag], site)
     if not removed:
         raise refuse(404, f"{tag[:100]!r} is not tracked on {site}: nothing to stop")
