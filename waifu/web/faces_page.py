@@ -10,20 +10,11 @@ from starlette.routing import Route
 
 from core.errors import Refused
 from db.engine import session_scope
+from db.ids import MAX_INTEGER_ID
 from db.models import pk
 from labels import manual as labels
 from waifu.web.pictures import NotFound, crop_path, source_png
-from waifu.web.queries import (
-    COUNT_CAP,
-    MAX_INTEGER_ID,
-    SOURCES,
-    STATES,
-    BadInput,
-    face_cards,
-    faces_page,
-    parse_filter,
-    parse_id,
-)
+from waifu.web.queries import COUNT_CAP, SOURCES, STATES, BadInput, face_cards, faces_page, parse_filter, parse_id
 from waifu.web.rendering import done, refuse, render, same_site_only
 
 ACTIONS = ("accept", "label", "reject")

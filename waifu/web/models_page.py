@@ -9,9 +9,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from db.engine import session_scope
+from db.ids import MAX_INTEGER_ID
 from train.characters import character_report
 from waifu.web.pictures import NotFound, model_picture
-from waifu.web.queries import MAX_INTEGER_ID, BadInput, parse_id
+from waifu.web.queries import BadInput, parse_id
 from waifu.web.rendering import done, refuse, render
 from waifu.web.retraining import BrokerUnreachable, retrain_status, start_retrain
 from waifu.web.versions import model_versions

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.settings import Settings
-from db.models import ModelStatus, Split
+from db.models import TAG_CHARS, ModelStatus, Split
 from waifu.web.queries import MAX_PAGE_SIZE, ORDERS, SOURCES, STATES
 
 
@@ -42,7 +42,9 @@ def description(settings: Settings) -> dict[str, Any]:
     face_params = [
         _query("source", "label source (none: no label source yet)", {"type": "string", "enum": list(SOURCES)}),
         _query(
-            "character", "a tag: faces labelled or suggested as this character", {"type": "string", "maxLength": 255}
+            "character",
+            "a tag: faces labelled or suggested as this character",
+            {"type": "string", "maxLength": TAG_CHARS},
         ),
         _query("split", "train or test", {"type": "string", "enum": [s.value for s in Split]}),
         _query("state", "ready (default), rejected or any", {"type": "string", "enum": [*STATES, "any"]}),

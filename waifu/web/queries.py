@@ -12,7 +12,7 @@ from sqlalchemy import ColumnElement, Float, and_, case, cast, func, literal, or
 from sqlmodel import Session, col, select
 
 from db.ids import MAX_BIGINT_ID, MAX_INTEGER_ID
-from db.models import Character, Face, FaceState, LabelSource, PostCharacter, Split
+from db.models import TAG_CHARS, Character, Face, FaceState, LabelSource, PostCharacter, Split
 
 PAGE_SIZE = 200
 MAX_PAGE_SIZE = 500
@@ -111,7 +111,7 @@ def parse_filter(params: Mapping[str, str]) -> FaceFilter:
         if size > MAX_PAGE_SIZE:
             raise BadInput(f"size must be at most {MAX_PAGE_SIZE}")
     character = (params.get("character") or "").strip() or None
-    if character is not None and len(character) > 255:
+    if character is not None and len(character) > TAG_CHARS:
         raise BadInput("character is too long")
     optional_id = {
         key: parse_id(params[key], key, maximum) if (params.get(key) or "").strip() else None
